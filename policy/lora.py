@@ -1,0 +1,168 @@
+"""Named LoRA adapters on one frozen UNet, and their versioned, serialisable state.
+
+One base, two peft adapters: "policy" (trained) and "ref" (only when the reference moves); a frozen reference
+is the base with adapters disabled, so it costs no memory and is never sent (DESIGN.md, weight-sync rules).
+A state travels as safetensors bytes tagged with a version. Loading checks names and shapes, copies in place
+and returns ``(version, keys matched, checksum)`` computed from what the module now holds, so a sync that
+silently did nothing is caught by comparing checksums (the bug RAY_PATTERNS.md §4 reports most).
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import torch
+from peft import LoraConfig
+from safetensors.torch import load as st_load
+from safetensors.torch import save as st_save
+
+POLICY = "policy"
+REF = "ref"
+
+
+class AdapterMismatchError(ValueError):
+    """A weight state does not fit the module it is loaded into (names or shapes differ)."""
+
+
+@dataclass(frozen=True)
+class LoraSettings:
+    """LoRA hyper-parameters; defaults follow D3PO/SPO (rank 4 on the attention projections)."""
+
+    rank: int = 4
+    alpha: float = 4.0
+    target_modules: tuple[str, ...] = ("to_q", "to_k", "to_v", "to_out.0")
+
+    def __post_init__(self) -> None:
+        if self.rank < 1:
+            raise ValueError(f"lora.rank must be >= 1, got {self.rank}")
+        if self.alpha <= 0:
+            raise ValueError(f"lora.alpha must be > 0, got {self.alpha}")
+        if not self.target_modules:
+            raise ValueError("lora.target_modules must name at least one module")
+
+
+def add_adapter(unet: torch.nn.Module, name: str, settings: LoraSettings) -> None:
+    """Add a LoRA adapter ``name`` (B initialised to zero, so it starts equal to the base)."""
+    config = LoraConfig(r=settings.rank, lora_alpha=settings.alpha, target_modules=list(settings.target_modules),
+                        init_lora_weights=True)
+    unet.add_adapter(config, adapter_name=name)
+
+
+def adapter_names(unet: torch.nn.Module) -> list[str]:
+    config = getattr(unet, "peft_config", None) or {}
+    return list(config)
+
+
+def adapter_parameters(unet: torch.nn.Module, name: str | None) -> dict[str, torch.nn.Parameter]:
+    """Parameters of adapter ``name`` keyed by peft's adapter-free names; ``None`` = every base weight."""
+    if name is None:
+        return {k: p for k, p in unet.named_parameters() if "lora_" not in k}
+    tag = f".{name}."
+    params = {k.replace(tag, ".", 1): p for k, p in unet.named_parameters() if "lora_" in k and tag in k}
+    if not params:
+        raise AdapterMismatchError(f"module has no adapter {name!r}; adapters: {adapter_names(unet) or 'none'}")
+    return params
+
+
+@contextmanager
+def use_adapter(unet: torch.nn.Module, name: str | None) -> Iterator[None]:
+    """Run the UNet under adapter ``name`` (None = the base, adapters disabled), then restore.
+
+    peft's set_adapter also flips requires_grad to the active adapter; the flags are restored on exit so the
+    trained adapter stays trainable whatever was evaluated in between.
+    """
+    names = adapter_names(unet)
+    if not names:
+        if name is not None:
+            raise AdapterMismatchError(f"module has no adapter {name!r}; add it first")
+        yield
+        return
+    flags = {id(p): p.requires_grad for p in unet.parameters()}
+    active = getattr(unet, "active_adapters", lambda: names[:1])()
+    try:
+        if name is None:
+            unet.disable_adapters()
+        else:
+            if name not in names:
+                raise AdapterMismatchError(f"module has no adapter {name!r}; adapters: {names}")
+            unet.set_adapter(name)
+        yield
+    finally:
+        unet.enable_adapters()
+        unet.set_adapter(active[0] if isinstance(active, list) else active)
+        for p in unet.parameters():
+            p.requires_grad_(flags[id(p)])
+
+
+def checksum(tensors: dict[str, torch.Tensor]) -> str:
+    """Order-independent content hash (names + bytes), used to prove a load really happened."""
+    h = hashlib.sha256()
+    for key in sorted(tensors):
+        t = tensors[key].detach().contiguous().cpu()
+        h.update(key.encode())
+        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()[:16]
+
+
+@dataclass(frozen=True)
+class WeightState:
+    """A versioned weight state: safetensors bytes of an adapter (or of the whole UNet when ``adapter`` is None)."""
+
+    version: int
+    adapter: str | None
+    blob: bytes
+    checksum: str
+
+    @property
+    def nbytes(self) -> int:
+        return len(self.blob)
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        return st_load(self.blob)
+
+
+@dataclass(frozen=True)
+class LoadReport:
+    version: int
+    keys_matched: int
+    checksum: str
+
+
+def export_state(unet: torch.nn.Module, name: str | None, version: int, dtype: torch.dtype | None = None
+                 ) -> WeightState:
+    """Serialise adapter ``name`` (None: full UNet) cast to ``dtype`` (the rollout dtype) with a version tag."""
+    tensors = {k: p.detach().to(dtype or p.dtype).contiguous().cpu() for k, p in adapter_parameters(unet, name).items()}
+    blob = st_save(tensors, metadata={"version": str(version), "adapter": name or ""})
+    return WeightState(version, name, blob, checksum(tensors))
+
+
+def load_state(unet: torch.nn.Module, state: WeightState, into: str | None = None) -> LoadReport:
+    """Copy ``state`` into adapter ``into`` (default: the adapter it was exported from) without restarting.
+
+    Fails, before touching anything, when names or shapes differ; the returned checksum is computed from the
+    module's parameters after the copy, in the state's dtype, so it equals ``state.checksum`` only if it landed.
+    """
+    target = state.adapter if into is None else into
+    params = adapter_parameters(unet, target)
+    tensors = state.tensors()
+    missing, unexpected = sorted(set(params) - set(tensors)), sorted(set(tensors) - set(params))
+    if missing or unexpected:
+        raise AdapterMismatchError(
+            f"weight state v{state.version} does not fit adapter {target!r}: {len(missing)} missing keys "
+            f"(e.g. {missing[:2]}), {len(unexpected)} unexpected (e.g. {unexpected[:2]}); check lora settings"
+        )
+    bad = [k for k in tensors if tensors[k].shape != params[k].shape]
+    if bad:
+        k = bad[0]
+        raise AdapterMismatchError(
+            f"weight state v{state.version}: shape of {k} is {tuple(tensors[k].shape)}, adapter {target!r} "
+            f"expects {tuple(params[k].shape)} ({len(bad)} tensors differ; check lora.rank)"
+        )
+    with torch.no_grad():
+        for k, t in tensors.items():
+            params[k].copy_(t)
+    held = {k: params[k].detach().to(tensors[k].dtype) for k in tensors}
+    return LoadReport(state.version, len(tensors), checksum(held))

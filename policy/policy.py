@@ -1,0 +1,234 @@
+"""The diffusion policy shared by rollout actors and the learner.
+
+It owns one frozen base model (optionally with LoRA adapters) and exposes the sampler as a stochastic policy:
+``step`` draws x_{t−1} ~ π(·|x_t, c) and returns its log-probability, ``branch`` draws k children of one x_t
+(TailorPO), ``sample`` runs whole chains, ``logprob`` recomputes stored transitions under any adapter.
+Classifier-free guidance is part of the policy: ε̂ = ε_u + w (ε_c − ε_u) at sampling and at recomputation
+alike, so a record's stored log-prob is reproducible under the weights that made it (DESIGN.md).
+Noise comes from one generator per sample, seeded by the record's seed: a sample's chain does not depend on
+what else shares its batch.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from policy.components import Components, load_components
+from policy.lora import POLICY, LoraSettings, adapter_names, add_adapter, use_adapter
+from policy.schedule import (
+    Reduce,
+    StepCoefficients,
+    ddim_mean,
+    gaussian_logprob,
+    logprob_ratio,
+    predict_x0,
+    step_coefficients,
+)
+
+_DEFAULT = object()  # "the policy adapter if there is one, else the base"
+
+
+@dataclass(frozen=True)
+class SamplerConfig:
+    """Sampler settings; the paper presets use 20 (TailorPO, D3PO) or 50 (dense reward) steps with eta=1."""
+
+    num_steps: int = 20
+    guidance_scale: float = 5.0
+    eta: float = 1.0
+    logprob_reduce: Reduce = "mean"
+
+    def __post_init__(self) -> None:
+        if self.num_steps < 1:
+            raise ValueError(f"sampler.num_steps must be >= 1, got {self.num_steps}")
+        if self.eta <= 0:
+            raise ValueError(f"sampler.eta must be > 0 for a stochastic policy with a log-prob, got {self.eta}")
+        if self.guidance_scale < 0:
+            raise ValueError(f"sampler.guidance_scale must be >= 0, got {self.guidance_scale}")
+        if self.logprob_reduce not in ("mean", "sum"):
+            raise ValueError(f"sampler.logprob_reduce must be 'mean' or 'sum', got {self.logprob_reduce!r}")
+
+
+@dataclass
+class PromptEmbeds:
+    """Conditional and unconditional text embeddings, [B, L, D] each."""
+
+    cond: torch.Tensor
+    uncond: torch.Tensor
+
+    def __getitem__(self, idx: slice | torch.Tensor | list[int]) -> PromptEmbeds:
+        return PromptEmbeds(self.cond[idx], self.uncond[idx])
+
+    def repeat(self, k: int) -> PromptEmbeds:
+        return PromptEmbeds(self.cond.repeat(k, 1, 1), self.uncond.repeat(k, 1, 1))
+
+
+@dataclass
+class StepOut:
+    """One transition x_t → x_{t−1}: the sample, its log-prob, the Gaussian it came from and x̂_0(x_t)."""
+
+    x_prev: torch.Tensor
+    logprob: torch.Tensor
+    mean: torch.Tensor
+    sigma: torch.Tensor
+    x0: torch.Tensor
+
+
+@dataclass
+class Rollout:
+    """Whole chains: latents[k] is the state before step k (latents[0] = x_T, latents[-1] = x_0)."""
+
+    prompts: list[str]
+    seeds: list[int]
+    timesteps: torch.Tensor  # [N] in generation order
+    latents: torch.Tensor  # [N+1, B, C, h, w]
+    logprobs: torch.Tensor  # [N, B]
+    images: torch.Tensor | None = None  # [B, 3, H, W] in [0, 1]
+    extras: dict = field(default_factory=dict)
+
+
+class DiffusionPolicy:
+    def __init__(self, components: Components, sampler: SamplerConfig | None = None):
+        self.c = components
+        self.sampler = sampler or SamplerConfig()
+        self.device = components.unet.device
+        self.dtype = components.unet.dtype
+        sched = components.scheduler
+        sched.set_timesteps(self.sampler.num_steps)
+        self.timesteps = sched.timesteps.to(torch.long)
+        self.num_train_timesteps = int(sched.config.num_train_timesteps)
+        self.alphas_cumprod = sched.alphas_cumprod.to(torch.float64)
+        self.final_alpha_cumprod = float(sched.final_alpha_cumprod)
+        self.stride = self.num_train_timesteps // self.sampler.num_steps
+        self._uncond: torch.Tensor | None = None
+
+    @classmethod
+    def from_pretrained(cls, model_dir: str | Path, device: str | torch.device = "cpu",
+                        dtype: torch.dtype = torch.float32, sampler: SamplerConfig | None = None) -> DiffusionPolicy:
+        return cls(load_components(model_dir, device, dtype), sampler)
+
+    # ---- adapters -------------------------------------------------------------------------------------------
+    def add_lora(self, name: str = POLICY, settings: LoraSettings | None = None, trainable: bool = True) -> None:
+        flags = {id(p): p.requires_grad for p in self.c.unet.parameters()}  # peft renames wrapped base weights
+        add_adapter(self.c.unet, name, settings or LoraSettings())  # and makes the new adapter the trainable one
+        for p in self.c.unet.parameters():
+            p.requires_grad_(flags.get(id(p), trainable))
+
+    def _adapter(self, adapter: object) -> str | None:
+        if adapter is _DEFAULT:
+            return POLICY if POLICY in adapter_names(self.c.unet) else None
+        return adapter  # type: ignore[return-value]
+
+    # ---- text -----------------------------------------------------------------------------------------------
+    def _encode(self, prompts: Sequence[str]) -> torch.Tensor:
+        tok = self.c.tokenizer(list(prompts), padding="max_length", max_length=self.c.tokenizer.model_max_length,
+                               truncation=True, return_tensors="pt")
+        with torch.no_grad():
+            return self.c.text_encoder(tok.input_ids.to(self.device))[0]
+
+    def encode_prompts(self, prompts: Sequence[str]) -> PromptEmbeds:
+        if self._uncond is None:
+            self._uncond = self._encode([""])
+        cond = self._encode(prompts)
+        return PromptEmbeds(cond, self._uncond.expand(len(prompts), -1, -1))
+
+    # ---- the model ------------------------------------------------------------------------------------------
+    def eps(self, x_t: torch.Tensor, timestep: torch.Tensor, embeds: PromptEmbeds, adapter: object = _DEFAULT
+            ) -> torch.Tensor:
+        """Guided noise prediction ε̂ = ε_u + w (ε_c − ε_u) (one UNet call on the doubled batch)."""
+        t = torch.as_tensor(timestep, device=self.device).reshape(-1).expand(x_t.shape[0])
+        w = self.sampler.guidance_scale
+        x_in = x_t.to(self.dtype)
+        with use_adapter(self.c.unet, self._adapter(adapter)):
+            if w == 1.0:
+                return self.c.unet(x_in, t, encoder_hidden_states=embeds.cond).sample.float()
+            out = self.c.unet(torch.cat([x_in, x_in]), torch.cat([t, t]),
+                              encoder_hidden_states=torch.cat([embeds.uncond, embeds.cond])).sample.float()
+        eps_u, eps_c = out.chunk(2)
+        return eps_u + w * (eps_c - eps_u)
+
+    def coefficients(self, timestep: torch.Tensor) -> StepCoefficients:
+        t = torch.as_tensor(timestep).long().reshape(-1).cpu()
+        c = step_coefficients(self.alphas_cumprod, self.final_alpha_cumprod, t, t - self.stride, self.sampler.eta)
+        return StepCoefficients(*(v.float().to(self.device) for v in (c.alpha_t, c.alpha_prev, c.sigma)))
+
+    def mean(self, x_t: torch.Tensor, timestep: torch.Tensor, embeds: PromptEmbeds, adapter: object = _DEFAULT
+             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(μ, σ, x̂_0) of π(x_{t−1} | x_t, c); differentiable w.r.t. the adapter when grad is enabled."""
+        c = self.coefficients(timestep)
+        mu, x0 = ddim_mean(x_t, self.eps(x_t, timestep, embeds, adapter), c)
+        return mu, c.sigma, x0
+
+    def predict_x0(self, x: torch.Tensor, timestep: torch.Tensor, embeds: PromptEmbeds,
+                   adapter: object = _DEFAULT) -> torch.Tensor:
+        """x̂_0 of a latent at ``timestep`` (used to score intermediate samples: TailorPO Eq. 12)."""
+        c = self.coefficients(timestep)
+        return predict_x0(x.float(), self.eps(x, timestep, embeds, adapter), c.alpha_t)
+
+    # ---- sampling -------------------------------------------------------------------------------------------
+    def noise_like(self, x: torch.Tensor, generators: Sequence[torch.Generator]) -> torch.Tensor:
+        return torch.stack([torch.randn(x.shape[1:], generator=g) for g in generators]).to(self.device)
+
+    @staticmethod
+    def generators(seeds: Sequence[int]) -> list[torch.Generator]:
+        return [torch.Generator().manual_seed(int(s)) for s in seeds]
+
+    def initial_latents(self, generators: Sequence[torch.Generator]) -> torch.Tensor:
+        cfg = self.c.unet.config
+        shape = (len(generators), cfg.in_channels, cfg.sample_size, cfg.sample_size)
+        return self.noise_like(torch.empty(shape), generators)
+
+    def step(self, x_t: torch.Tensor, timestep: torch.Tensor, embeds: PromptEmbeds,
+             generators: Sequence[torch.Generator], adapter: object = _DEFAULT) -> StepOut:
+        mu, sigma, x0 = self.mean(x_t, timestep, embeds, adapter)
+        x_prev = mu + sigma * self.noise_like(mu, generators)
+        return StepOut(x_prev, gaussian_logprob(x_prev, mu, sigma, self.sampler.logprob_reduce), mu, sigma, x0)
+
+    def branch(self, x_t: torch.Tensor, timestep: torch.Tensor, embeds: PromptEmbeds, k: int,
+               generators: Sequence[torch.Generator], adapter: object = _DEFAULT) -> StepOut:
+        """k children of each x_t with independent noise from one UNet evaluation: fields are [k, B, ...]."""
+        mu, sigma, x0 = self.mean(x_t, timestep, embeds, adapter)
+        x_prev = torch.stack([mu + sigma * self.noise_like(mu, generators) for _ in range(k)])
+        logp = torch.stack([gaussian_logprob(x, mu, sigma, self.sampler.logprob_reduce) for x in x_prev])
+        return StepOut(x_prev, logp, mu, sigma, x0)
+
+    @torch.no_grad()
+    def sample(self, prompts: Sequence[str], seeds: Sequence[int], adapter: object = _DEFAULT,
+               decode: bool = True) -> Rollout:
+        """Run the full chain for each prompt; seeds fix x_T and every step's noise."""
+        if len(prompts) != len(seeds):
+            raise ValueError(f"{len(prompts)} prompts but {len(seeds)} seeds")
+        gens = self.generators(seeds)
+        embeds = self.encode_prompts(prompts)
+        x = self.initial_latents(gens)
+        latents, logps = [x], []
+        for t in self.timesteps:
+            out = self.step(x, t, embeds, gens, adapter)
+            x = out.x_prev
+            latents.append(x)
+            logps.append(out.logprob)
+        images = self.decode(x) if decode else None
+        return Rollout(list(prompts), list(seeds), self.timesteps.clone(), torch.stack(latents), torch.stack(logps),
+                       images)
+
+    # ---- recomputation --------------------------------------------------------------------------------------
+    def logprob(self, x_t: torch.Tensor, x_prev: torch.Tensor, timestep: torch.Tensor, embeds: PromptEmbeds,
+                adapter: object = _DEFAULT) -> torch.Tensor:
+        """log π(x_prev | x_t, c) for stored transitions (batched; ``timestep`` scalar or [B])."""
+        mu, sigma, _ = self.mean(x_t, timestep, embeds, adapter)
+        return gaussian_logprob(x_prev, mu, sigma, self.sampler.logprob_reduce)
+
+    def logratio(self, x_prev: torch.Tensor, mean_a: torch.Tensor, mean_b: torch.Tensor, sigma: torch.Tensor
+                 ) -> torch.Tensor:
+        """log π_a − log π_b of ``x_prev`` given both means (float32 difference of squared distances)."""
+        return logprob_ratio(x_prev, mean_a, mean_b, sigma, self.sampler.logprob_reduce)
+
+    # ---- images ---------------------------------------------------------------------------------------------
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        """Latents → images in [0, 1] (the rewards' input convention); differentiable when grad is enabled."""
+        vae = self.c.vae
+        x = vae.decode(latents.to(self.dtype) / vae.config.scaling_factor).sample.float()
+        return ((x + 1) / 2).clamp(0, 1)

@@ -1,0 +1,80 @@
+"""Rewards by name, and weighted combinations of them (``{imagereward: 1.0, aesthetic: 0.5}``).
+
+Each reward module registers its factory with ``@register_reward("name")``; factories take the
+keyword options found under ``reward_options.<name>`` in the experiment config. Modules are imported
+lazily (``_MODULES``) so that asking for an analytic reward never imports open_clip or ImageReward.
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import torch
+
+from rewards.base import Reward, RewardConfigError
+
+_FACTORIES: dict[str, Callable[..., Reward]] = {}
+# reward name -> module that registers it
+_MODULES: dict[str, str] = {
+    "jpeg_compressibility": "rewards.analytic",
+    "jpeg_incompressibility": "rewards.analytic",
+    "aesthetic": "rewards.openclip",
+    "clip_score": "rewards.openclip",
+    "hps": "rewards.openclip",
+    "pickscore": "rewards.pickscore",
+    "imagereward": "rewards.imagereward",
+    "world_fidelity": "rewards.world",
+    "world_preference": "rewards.world",
+    "world": "rewards.world",
+}
+
+
+def register_reward(name: str) -> Callable[[Callable[..., Reward]], Callable[..., Reward]]:
+    """Class/function decorator: make ``name`` buildable from config."""
+
+    def wrap(factory: Callable[..., Reward]) -> Callable[..., Reward]:
+        _FACTORIES[name] = factory
+        return factory
+
+    return wrap
+
+
+def available_rewards() -> list[str]:
+    return sorted(_MODULES)
+
+
+def _factory(name: str) -> Callable[..., Reward]:
+    if name not in _FACTORIES:
+        if name not in _MODULES:
+            raise RewardConfigError(f"unknown reward {name!r}; known: {', '.join(available_rewards())}")
+        importlib.import_module(_MODULES[name])
+    return _FACTORIES[name]
+
+
+class WeightedSum(Reward):
+    """Σ_i w_i · r_i; differentiable only if every part is."""
+
+    def __init__(self, parts: Sequence[tuple[float, Reward]]):
+        self.parts = list(parts)
+        self.name = "+".join(f"{w:g}*{r.name}" for w, r in self.parts)
+        self.differentiable = all(r.differentiable for _, r in self.parts)
+
+    def score(self, images: torch.Tensor, prompts: Sequence[str]) -> torch.Tensor:
+        return sum(w * r.score(images, prompts).float() for w, r in self.parts)
+
+    def to(self, device: torch.device | str) -> WeightedSum:
+        for _, r in self.parts:
+            r.to(device)
+        return self
+
+
+def build_reward(spec: str | Mapping[str, float], options: Mapping[str, Mapping[str, Any]] | None = None) -> Reward:
+    """Build one reward (``"aesthetic"``) or a weighted sum (``{"aesthetic": 1, "jpeg_compressibility": .1}``)."""
+    options = options or {}
+    weights = {spec: 1.0} if isinstance(spec, str) else dict(spec)
+    if not weights:
+        raise RewardConfigError("reward spec is empty; name at least one reward")
+    parts = [(float(w), _factory(name)(**dict(options.get(name, {})))) for name, w in weights.items()]
+    return parts[0][1] if len(parts) == 1 and parts[0][0] == 1.0 else WeightedSum(parts)

@@ -1,0 +1,169 @@
+"""The policy on a tiny random model: sampling, recomputation, branching, adapters, weight states, loading errors."""
+
+from __future__ import annotations
+
+import shutil
+
+import pytest
+import torch
+
+from policy import (
+    REF,
+    AdapterMismatchError,
+    DiffusionPolicy,
+    LoraSettings,
+    ModelPathError,
+    SamplerConfig,
+    export_state,
+    load_state,
+)
+from policy.lora import use_adapter
+from policy.schedule import gaussian_logprob
+
+PROMPTS = ["a red circle on the left", "a blue square on the right", "a green triangle in the center"]
+
+
+@pytest.fixture(scope="module")
+def policy(tiny_model_dir) -> DiffusionPolicy:
+    return DiffusionPolicy.from_pretrained(tiny_model_dir, sampler=SamplerConfig(num_steps=8, guidance_scale=4.0))
+
+
+def _perturb_adapter(pol: DiffusionPolicy, name: str, seed: int, scale: float = 0.05) -> None:
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for k, p in pol.c.unet.named_parameters():
+            if f".{name}." in k:
+                p.add_(scale * torch.randn(p.shape, generator=g))
+
+
+@pytest.mark.parametrize("reduce", ["mean", "sum"])
+def test_recomputed_logprobs_match_sampling_with_cfg(tiny_model_dir, reduce):
+    pol = DiffusionPolicy.from_pretrained(tiny_model_dir, sampler=SamplerConfig(8, 4.0, 1.0, reduce))
+    roll = pol.sample(PROMPTS, [1, 2, 3])
+    assert roll.latents.shape == (9, 3, 4, 8, 8) and roll.logprobs.shape == (8, 3)
+    assert roll.images.shape == (3, 3, 32, 32) and roll.images.min() >= 0 and roll.images.max() <= 1
+    embeds = pol.encode_prompts(PROMPTS)
+    steps = torch.arange(8)
+    x_t = roll.latents[steps].flatten(0, 1)  # every transition of every chain in one batch
+    x_prev = roll.latents[steps + 1].flatten(0, 1)
+    ts = pol.timesteps.repeat_interleave(3)
+    with torch.no_grad():
+        lp = pol.logprob(x_t, x_prev, ts, embeds.repeat(8))
+    per = 4 * 8 * 8 if reduce == "sum" else 1  # a sum over 256 dims: compare per dimension (float32 resolution)
+    assert (lp.view(8, 3) - roll.logprobs).abs().max() / per < 1e-4
+
+
+def test_seeds_fix_the_chain_independently_of_the_batch(policy):
+    both = policy.sample(PROMPTS[:2], [5, 6], decode=False)
+    alone = policy.sample(PROMPTS[1:2], [6], decode=False)
+    again = policy.sample(PROMPTS[:2], [5, 6], decode=False)
+    torch.testing.assert_close(both.latents[:, 1:2], alone.latents, rtol=1e-4, atol=1e-5)
+    assert torch.equal(both.latents, again.latents)
+    other = policy.sample(PROMPTS[:2], [5, 7], decode=False)
+    assert not torch.allclose(other.latents[-1, 1], both.latents[-1, 1])
+
+
+def test_branch_children_share_x_t_and_have_exact_logprobs(policy):
+    embeds = policy.encode_prompts(PROMPTS[:2])
+    x_t = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    t = policy.timesteps[3]
+    with torch.no_grad():
+        out = policy.branch(x_t, t, embeds, 2, policy.generators([10, 11]))
+        mu, sigma, _ = policy.mean(x_t, t, embeds)
+    assert out.x_prev.shape == (2, 2, 4, 8, 8) and out.logprob.shape == (2, 2)
+    assert not torch.allclose(out.x_prev[0], out.x_prev[1])  # independent noise per child
+    for k in range(2):
+        torch.testing.assert_close(out.logprob[k], gaussian_logprob(out.x_prev[k], mu, sigma, "mean"))
+
+
+def test_new_lora_starts_at_base_and_adapters_switch(tiny_model_dir):
+    pol = DiffusionPolicy.from_pretrained(tiny_model_dir, sampler=SamplerConfig(num_steps=4))
+    embeds = pol.encode_prompts(PROMPTS[:1])
+    x, t = torch.randn(1, 4, 8, 8), pol.timesteps[1]
+    with torch.no_grad():
+        base = pol.eps(x, t, embeds)
+        pol.add_lora(settings=LoraSettings(rank=2))
+        pol.add_lora(REF, LoraSettings(rank=2), trainable=False)
+        torch.testing.assert_close(pol.eps(x, t, embeds), base)  # B = 0 at init
+        _perturb_adapter(pol, "policy", 0)
+        moved = pol.eps(x, t, embeds)
+        assert not torch.allclose(moved, base)
+        torch.testing.assert_close(pol.eps(x, t, embeds, adapter=None), base)
+        torch.testing.assert_close(pol.eps(x, t, embeds, adapter=REF), base)
+        torch.testing.assert_close(pol.eps(x, t, embeds), moved)
+    trainable = {k for k, p in pol.c.unet.named_parameters() if p.requires_grad}
+    assert trainable and all(".policy." in k for k in trainable)  # switching never made "ref" trainable
+    with pytest.raises(AdapterMismatchError, match="nope"), use_adapter(pol.c.unet, "nope"):
+        pass
+
+
+def test_lora_state_round_trip_is_bitwise(tiny_model_dir):
+    src = DiffusionPolicy.from_pretrained(tiny_model_dir, sampler=SamplerConfig(num_steps=4))
+    src.add_lora(settings=LoraSettings(rank=4))
+    _perturb_adapter(src, "policy", 1)
+    state = export_state(src.c.unet, "policy", version=7)
+    dst = DiffusionPolicy.from_pretrained(tiny_model_dir, sampler=SamplerConfig(num_steps=4))
+    dst.add_lora(settings=LoraSettings(rank=4))
+    report = load_state(dst.c.unet, state)
+    assert (report.version, report.checksum) == (7, state.checksum) and report.keys_matched > 0
+    embeds = src.encode_prompts(PROMPTS)
+    x, t = torch.randn(3, 4, 8, 8), src.timesteps[2]
+    with torch.no_grad():
+        assert torch.equal(src.eps(x, t, embeds), dst.eps(x, t, embeds))
+    # the same state loads into another adapter name ("ref" follows the policy)
+    dst.add_lora(REF, LoraSettings(rank=4), trainable=False)
+    assert load_state(dst.c.unet, state, into=REF).checksum == state.checksum
+
+
+def test_weight_state_dtype_cast_and_full_unet(tiny_model_dir):
+    pol = DiffusionPolicy.from_pretrained(tiny_model_dir, sampler=SamplerConfig(num_steps=4))
+    pol.add_lora()
+    half = export_state(pol.c.unet, "policy", 1, dtype=torch.bfloat16)
+    assert all(t.dtype == torch.bfloat16 for t in half.tensors().values())
+    assert load_state(pol.c.unet, half).checksum == half.checksum
+    full = export_state(pol.c.unet, None, 2)
+    assert not any("lora" in k for k in full.tensors())
+    assert load_state(pol.c.unet, full).keys_matched == len(full.tensors())
+
+
+def test_mismatched_states_fail_clearly(tiny_model_dir):
+    a = DiffusionPolicy.from_pretrained(tiny_model_dir, sampler=SamplerConfig(num_steps=4))
+    a.add_lora(settings=LoraSettings(rank=4))
+    b = DiffusionPolicy.from_pretrained(tiny_model_dir, sampler=SamplerConfig(num_steps=4))
+    b.add_lora(settings=LoraSettings(rank=2))
+    with pytest.raises(AdapterMismatchError, match=r"shape .* check lora.rank"):
+        load_state(b.c.unet, export_state(a.c.unet, "policy", 1))
+    c = DiffusionPolicy.from_pretrained(tiny_model_dir, sampler=SamplerConfig(num_steps=4))
+    c.add_lora(settings=LoraSettings(rank=4, target_modules=("to_q",)))
+    with pytest.raises(AdapterMismatchError, match="unexpected"):
+        load_state(c.c.unet, export_state(a.c.unet, "policy", 1))
+    with pytest.raises(AdapterMismatchError, match="no adapter 'policy'"):
+        export_state(DiffusionPolicy.from_pretrained(tiny_model_dir).c.unet, "policy", 1)
+
+
+def test_missing_model_dir_and_files(tmp_path, tiny_model_dir):
+    with pytest.raises(ModelPathError, match=r"model directory not found: .*nowhere"):
+        DiffusionPolicy.from_pretrained(tmp_path / "nowhere")
+    broken = tmp_path / "broken"
+    shutil.copytree(tiny_model_dir, broken)
+    (broken / "unet" / "diffusion_pytorch_model.safetensors").unlink()
+    with pytest.raises(ModelPathError, match=r"missing unet/diffusion_pytorch_model\.safetensors"):
+        DiffusionPolicy.from_pretrained(broken)
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    ({"eta": 0.0}, "eta must be > 0"),
+    ({"num_steps": 0}, "num_steps"),
+    ({"guidance_scale": -1.0}, "guidance_scale"),
+    ({"logprob_reduce": "max"}, "logprob_reduce"),
+])
+def test_bad_sampler_config(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        SamplerConfig(**kwargs)
+
+
+@pytest.mark.parametrize("kwargs,match", [({"rank": 0}, "rank"), ({"alpha": 0}, "alpha"),
+                                          ({"target_modules": ()}, "target_modules")])
+def test_bad_lora_settings(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        LoraSettings(**kwargs)
