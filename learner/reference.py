@@ -1,0 +1,184 @@
+"""Reference strategies: a frozen π_ref, or Rethinking-DPO's stable reference update with a divergence cap.
+
+The learner holds the policy as LoRA adapter tensors (``dict[str, Tensor]``); a reference state of ``None`` is
+the base model with adapters disabled, i.e. the initial model. Rethinking-DPO ("Reference Model Update with
+Regularization", PAPERS.md §7, §8.1): every τ learner steps the reference is hard-replaced by the current
+policy (TR-DPO style; an EMA blend is offered as an option the paper does not use) as long as the divergence
+D(candidate ‖ initial model) stays ≤ δ; the first candidate past δ freezes the reference forever, keeping the
+last one within δ ("freeze near the δ-boundary": the paper leaves open which copy is kept).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Mapping
+from typing import Any, Literal, NamedTuple
+
+import torch
+from torch import Tensor
+
+Reduce = Literal["mean", "sum"]
+LoraState = dict[str, Tensor]
+Divergence = Callable[[LoraState], float]
+
+
+def _per_sample(x: Tensor, reduce: Reduce) -> Tensor:
+    if reduce == "mean":
+        return x.flatten(1).mean(1)
+    if reduce == "sum":
+        return x.flatten(1).sum(1)
+    raise ValueError(f"reduce must be 'mean' or 'sum', got {reduce!r}")
+
+
+def _widen(*tensors: Tensor) -> list[Tensor]:
+    shape = tensors[0].shape
+    if tensors[0].ndim < 1 or any(t.shape != shape for t in tensors):
+        raise ValueError(f"eps tensors must share one batched shape, got {[tuple(t.shape) for t in tensors]}")
+    dtype = torch.float32
+    for t in tensors:
+        dtype = torch.promote_types(dtype, t.dtype)
+    return [t.to(dtype) for t in tensors]
+
+
+def divergence_estimate(noise: Tensor, eps_candidate: Tensor, eps_init: Tensor, reduce: Reduce = "mean") -> Tensor:
+    """D(candidate ‖ init) ≈ mean_batch reduce(‖ε − ε_init‖² − ‖ε − ε_cand‖²) on forward-noised winners.
+
+    Rethinking-DPO Eq. 7 is E[log p_cand − log p_init]; with the Diffusion-DPO derivation each step's term is
+    ∝ ‖ε − ε_init‖² − ‖ε − ε_cand‖², positive when the candidate explains the (preferred) samples better than
+    the initial model. PAPERS.md writes Eq. 8 as KL(q‖p_ref) − KL(q‖p_init), whose sign is the opposite; we
+    follow Eq. 7, a divergence that grows as the reference moves towards the preferred data. Scale: the
+    per-element mean over non-batch dims (``"mean"``, the scale δ = 0.005 suggests) or the sum; no factor T,
+    no 0.5.
+    """
+    noise, cand, init = _widen(noise, eps_candidate, eps_init)
+    return _per_sample((noise - init).square() - (noise - cand).square(), reduce).mean()
+
+
+def kernel_kl(eps_candidate: Tensor, eps_init: Tensor, reduce: Reduce = "mean") -> Tensor:
+    """mean_batch reduce(‖ε_cand − ε_init‖²): the KL between the two Gaussian reverse kernels (same σ_t),
+    up to their shared 1/(2σ²)·(coefficient)² factor. Unlike ``divergence_estimate`` it is ≥ 0 and zero iff
+    the models agree, so it caps any drift, not only drift towards the preferred data (config option
+    ``divergence: kernel_kl``)."""
+    cand, init = _widen(eps_candidate, eps_init)
+    return _per_sample((cand - init).square(), reduce).mean()
+
+
+class RefEvent(NamedTuple):
+    """What a reference update did at learner ``step``: ``action`` is ``"replaced"`` or ``"frozen"``."""
+
+    step: int
+    divergence: float
+    action: str
+
+
+def _clone(state: Mapping[str, Tensor]) -> LoraState:
+    return {k: v.detach().clone() for k, v in state.items()}
+
+
+class FrozenReference:
+    """π_ref = the initial model (adapters disabled) for the whole run."""
+
+    moves = False
+    state: LoraState | None = None
+    version = 0
+
+    def maybe_update(self, step: int, candidate: Mapping[str, Tensor], divergence: Divergence) -> None:
+        """Never moves."""
+        return None
+
+    def state_dict(self) -> dict[str, Any]:
+        return {}
+
+    def load_state_dict(self, sd: Mapping[str, Any]) -> None:
+        return None
+
+
+class StableUpdateReference:
+    """Rethinking-DPO reference: replaced by the policy every ``tau`` steps while D ≤ ``delta``, then frozen.
+
+    ``ema`` (optional, not in the paper): the candidate is ema·policy + (1−ema)·current_ref instead of the
+    policy itself (current_ref ``None`` = zeros, the initial LoRA delta). ``state`` holds private clones, so
+    in-place changes to the policy tensors never reach the reference between replacements.
+    """
+
+    moves = True
+
+    def __init__(self, tau: int, delta: float, ema: float | None = None) -> None:
+        if not isinstance(tau, int) or isinstance(tau, bool) or tau < 1:
+            raise ValueError(f"tau must be >= 1, got {tau}")
+        if not isinstance(delta, (int, float)) or not delta > 0:
+            raise ValueError(f"delta must be > 0, got {delta}")
+        if ema is not None and (not isinstance(ema, (int, float)) or not 0 < ema <= 1):
+            raise ValueError(f"ema must be in (0, 1] or None, got {ema}")
+        self.tau, self.delta, self.ema = tau, float(delta), ema
+        self.state: LoraState | None = None
+        self.version = 0
+        self.frozen = False
+        self.history: list[RefEvent] = []
+
+    def _candidate(self, policy: Mapping[str, Tensor]) -> LoraState:
+        if self.ema is None:
+            return _clone(policy)
+        if self.state is not None and set(self.state) != set(policy):
+            diff = sorted(set(policy) ^ set(self.state))
+            raise ValueError(f"policy keys differ from the reference's: {diff}")
+        ema = self.ema
+        with torch.no_grad():
+            if self.state is None:  # the initial model is a zero LoRA delta
+                return {k: ema * v.detach() for k, v in policy.items()}
+            return {k: ema * v.detach() + (1 - ema) * self.state[k] for k, v in policy.items()}
+
+    def maybe_update(self, step: int, candidate: Mapping[str, Tensor], divergence: Divergence) -> RefEvent | None:
+        """At learner ``step`` (counted from 1), every ``tau`` steps: test the candidate built from the policy
+        state ``candidate`` with ``divergence`` and replace or freeze. Returns the event, or None."""
+        if step < 1:
+            raise ValueError(f"step is counted from 1, got {step}")
+        if self.frozen or step % self.tau != 0:
+            return None
+        proposal = self._candidate(candidate)
+        d = float(divergence(proposal))
+        if not math.isfinite(d):
+            raise ValueError(f"divergence returned {d} at step {step}; check the divergence batch and models")
+        if d <= self.delta:
+            self.state, self.version = proposal, self.version + 1
+            event = RefEvent(step, d, "replaced")
+        else:
+            self.frozen = True
+            event = RefEvent(step, d, "frozen")
+        self.history.append(event)
+        return event
+
+    def state_dict(self) -> dict[str, Any]:
+        """Checkpoint: state (cloned), version, frozen flag and the event history."""
+        return {
+            "state": None if self.state is None else _clone(self.state),
+            "version": self.version,
+            "frozen": self.frozen,
+            "history": [tuple(e) for e in self.history],
+        }
+
+    def load_state_dict(self, sd: Mapping[str, Any]) -> None:
+        self.state = None if sd["state"] is None else _clone(sd["state"])
+        self.version = int(sd["version"])
+        self.frozen = bool(sd["frozen"])
+        self.history = [RefEvent(int(s), float(d), str(a)) for s, d, a in sd["history"]]
+
+
+STRATEGIES = ("frozen", "stable_update")
+_KEYS = {"strategy", "tau", "delta", "ema"}
+
+
+def build_reference(cfg: Mapping[str, Any]) -> FrozenReference | StableUpdateReference:
+    """{"strategy": "frozen" | "stable_update", "tau", "delta", "ema"} → a reference strategy.
+
+    Defaults for stable_update: τ = 32 (Rethinking-DPO Fig. 1b), δ = 0.005 (their SD1.5 value), no EMA.
+    """
+    unknown = set(cfg) - _KEYS
+    if unknown:
+        raise ValueError(f"unknown reference key(s) {sorted(unknown)}; allowed: {sorted(_KEYS)}")
+    strategy = cfg.get("strategy", "frozen")
+    if strategy == "frozen":
+        return FrozenReference()
+    if strategy == "stable_update":
+        return StableUpdateReference(cfg.get("tau", 32), cfg.get("delta", 0.005), cfg.get("ema"))
+    raise ValueError(f"reference.strategy must be one of {STRATEGIES}, got {strategy!r}")

@@ -1,0 +1,149 @@
+"""Which denoising steps to train on and how to weigh them: uniform, discounted, timestep-aware.
+
+Conventions: k counts generation order, k = 0 is the FIRST denoising step (from x_T, largest t). A "grid" is
+a 1-D LongTensor of training timesteps in generation order: the sampler's inference grid (SD1.5 with 50 DDIM
+steps: 981, 961, …, 1) or all T training steps (T−1, …, 0, i.e. k = T−1−t).
+
+* ``discount`` (Dense-reward DPO, PAPERS.md §5/§8.3): the public code draws k ~ Cat(γ^k) — importance sampling
+  of the step index (``discount_as="sample"``); ``"weight"`` draws k uniformly and weighs it by γ^k normalised
+  to mean 1 over the grid (same expectation, more variance, works at fixed steps).
+* ``timestep_aware`` (Rethinking-DPO, PAPERS.md §8.1): t drawn from Cat(γ^k) and β scaled by
+  λ(t) = 1 + norm(1/√SNR(t)) inside the log-sigmoid. The paper does not say over which set Cat(γ^t) runs:
+  ``grid="inference"`` (default, the Dense-Reward reading) or ``grid="train"`` (the literal reading, which
+  puts > 99% of the mass on t ≥ 950 for SD1.5).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal, NamedTuple
+
+import torch
+from torch import Tensor
+
+Mode = Literal["uniform", "discount", "timestep_aware"]
+DiscountAs = Literal["sample", "weight"]
+Grid = Literal["inference", "train"]
+LambdaNorm = Literal["minmax", "max"]
+
+_ALLOWED: dict[str, tuple[str, ...]] = {
+    "mode": ("uniform", "discount", "timestep_aware"),
+    "discount_as": ("sample", "weight"),
+    "grid": ("inference", "train"),
+    "lambda_norm": ("minmax", "max"),
+}
+
+
+def _check_gamma(gamma: float) -> None:
+    if not 0 < gamma <= 1:
+        raise ValueError(f"gamma must be in (0, 1], got {gamma}")
+
+
+def discount_probs(num: int, gamma: float) -> Tensor:
+    """p_k = γ^k / Σ_j γ^j for k = 0..num−1 (float64); γ = 1 is uniform."""
+    _check_gamma(gamma)
+    if num < 1:
+        raise ValueError(f"num must be >= 1, got {num}")
+    w = torch.full((num,), float(gamma), dtype=torch.float64).pow(torch.arange(num, dtype=torch.float64))
+    return w / w.sum()
+
+
+def snr_lambda(alphas_cumprod: Tensor, timesteps: Tensor, norm: LambdaNorm = "minmax") -> Tensor:
+    """Rethinking-DPO λ(t) = 1 + norm(1/√SNR(t)), SNR = ᾱ/(1−ᾱ), in [1, 2] and growing with t (float64).
+
+    The paper leaves "norm" open; ``"minmax"`` maps (v − min)/(max − min) and ``"max"`` maps v/max, with min
+    and max over ALL training timesteps (they differ by ≤ 0.002 for SD1.5, PAPERS.md §8.1).
+    """
+    if norm not in _ALLOWED["lambda_norm"]:
+        raise ValueError(f"norm must be one of {_ALLOWED['lambda_norm']}, got {norm!r}")
+    abar = alphas_cumprod.to(torch.float64)
+    t = torch.as_tensor(timesteps, device=abar.device).long()
+    if t.numel() and bool(((t < 0) | (t >= abar.numel())).any()):
+        raise ValueError(f"timesteps must be in [0, {abar.numel()}), got {int(t.min())}..{int(t.max())}")
+    inv_sqrt_snr = ((1 - abar) / abar).sqrt()
+    lo, hi = inv_sqrt_snr.min(), inv_sqrt_snr.max()
+    normed = (inv_sqrt_snr - lo) / (hi - lo) if norm == "minmax" else inv_sqrt_snr / hi
+    return 1 + normed[t]
+
+
+@dataclass(frozen=True)
+class TimeWeightConfig:
+    """``mode``, γ, how the discount acts (``discount_as``), the grid Cat(γ^k) runs over, and λ's norm."""
+
+    mode: Mode = "uniform"
+    gamma: float = 0.9
+    discount_as: DiscountAs = "sample"
+    grid: Grid = "inference"
+    lambda_norm: LambdaNorm = "minmax"
+
+    def __post_init__(self) -> None:
+        for name, allowed in _ALLOWED.items():
+            value = getattr(self, name)
+            if value not in allowed:
+                raise ValueError(f"time_weight.{name} must be one of {allowed}, got {value!r}")
+        _check_gamma(self.gamma)
+
+
+class StepSample(NamedTuple):
+    """Chosen steps: ``index`` in the grid, its training ``timestep``, the in-sigmoid ``beta_scale``, the
+    outside ``weight`` (feed both to the losses of ``learner.losses``)."""
+
+    index: Tensor
+    timestep: Tensor
+    beta_scale: Tensor
+    weight: Tensor
+
+
+class TimeWeighting:
+    """Draws training steps (``sample``) or weighs steps chosen elsewhere (``weigh``) by a TimeWeightConfig.
+
+    With ``mode="timestep_aware"``, ``discount_as`` chooses how γ^k acts exactly as in ``"discount"`` (the
+    default ``"sample"`` is the paper's Cat(γ^k) draw); λ(t) is applied on top.
+    """
+
+    def __init__(self, cfg: TimeWeightConfig, alphas_cumprod: Tensor, inference_timesteps: Tensor) -> None:
+        self.cfg = cfg
+        self.alphas_cumprod = alphas_cumprod.detach().to(torch.float64).cpu()
+        num_train = self.alphas_cumprod.numel()
+        if cfg.grid == "train":
+            grid = torch.arange(num_train - 1, -1, -1)
+        else:
+            grid = torch.as_tensor(inference_timesteps).long().cpu()
+            if grid.ndim != 1 or grid.numel() == 0:
+                raise ValueError(f"inference_timesteps must be non-empty and 1-D, got {tuple(grid.shape)}")
+            if grid.numel() > 1 and not bool((grid[1:] < grid[:-1]).all()):
+                raise ValueError("inference_timesteps must be strictly decreasing (generation order)")
+            if int(grid.min()) < 0 or int(grid.max()) >= num_train:
+                raise ValueError(f"inference_timesteps must lie in [0, {num_train}), got {grid.tolist()}")
+        self.grid = grid
+        self.probs = discount_probs(grid.numel(), cfg.gamma)
+        self._discount_weight = self.probs * grid.numel()  # γ^k normalised to mean 1 over the grid
+        self._lambda = snr_lambda(self.alphas_cumprod, grid, cfg.lambda_norm)
+
+    def sample(self, n: int, generator: torch.Generator | None = None) -> StepSample:
+        """Draw ``n`` steps (with replacement) according to the config."""
+        if n < 1:
+            raise ValueError(f"n must be >= 1, got {n}")
+        ones = torch.ones(n, dtype=torch.float64)
+        discounted = self.cfg.mode != "uniform"
+        if discounted and self.cfg.discount_as == "sample":
+            index = torch.multinomial(self.probs, n, replacement=True, generator=generator)
+            weight = ones
+        else:
+            index = torch.randint(0, self.grid.numel(), (n,), generator=generator)
+            weight = self._discount_weight[index] if discounted else ones
+        beta_scale = self._lambda[index] if self.cfg.mode == "timestep_aware" else ones
+        return StepSample(index, self.grid[index], beta_scale, weight)
+
+    def weigh(self, index: Tensor) -> tuple[Tensor, Tensor]:
+        """(beta_scale, weight) for grid positions chosen elsewhere (TailorPO trains at fixed steps):
+        uniform → (1, 1); discount → (1, γ^k normalised to mean 1); timestep_aware → (λ(t), 1)."""
+        index = torch.as_tensor(index).long().cpu()
+        if bool(((index < 0) | (index >= self.grid.numel())).any()):
+            raise ValueError(f"index must be grid positions in [0, {self.grid.numel()}), got {index}")
+        ones = torch.ones(index.shape, dtype=torch.float64)
+        if self.cfg.mode == "discount":
+            return ones, self._discount_weight[index]
+        if self.cfg.mode == "timestep_aware":
+            return self._lambda[index], ones
+        return ones, ones

@@ -1,0 +1,131 @@
+"""policy.guidance (TailorPO-G): the reward-gradient step, its acceptance rule and the η schedule."""
+
+from __future__ import annotations
+
+import itertools
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from policy.guidance import guidance_eta, reward_gradient_step
+
+F64 = torch.float64
+
+
+def concave_reward(a: torch.Tensor):
+    """r(x) = −‖x − a‖² per sample; ∇r = −2(x − a)."""
+    return lambda x: -((x - a) ** 2).flatten(1).sum(1)
+
+
+def setup(b: int = 4, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(b, 2, 3, 3, generator=g, dtype=F64), torch.randn(b, 2, 3, 3, generator=g, dtype=F64)
+
+
+@pytest.mark.parametrize("delta", [0.5, 0.2])
+def test_step_equals_closed_form(delta):
+    x, a = setup()
+    eta = 0.3
+    out = reward_gradient_step(x, concave_reward(a), eta, delta=delta)
+    expected = x + 2 * eta * delta * (-2 * (x - a))
+    assert out.accepted.all()
+    torch.testing.assert_close(out.x, expected, rtol=1e-6, atol=1e-12)
+    before = -((x - a) ** 2).sum(dim=(1, 2, 3))
+    after = -((expected - a) ** 2).sum(dim=(1, 2, 3))
+    torch.testing.assert_close(out.reward_before, before, rtol=1e-6, atol=0)
+    torch.testing.assert_close(out.reward_after, after, rtol=1e-6, atol=0)
+
+
+def test_overshooting_steps_are_rejected_per_sample():
+    """x⁺ − a = (1 − 4ηδ)(x − a): with δ = 0.5 the reward rises iff 0 < η < 1."""
+    x, a = setup()
+    eta = torch.tensor([0.1, 1.5, 0.6, 2.0], dtype=F64)
+    out = reward_gradient_step(x, concave_reward(a), eta)
+    assert out.accepted.tolist() == [True, False, True, False]
+    for i in (1, 3):  # rejected: returned bitwise unchanged, reward unchanged
+        assert torch.equal(out.x[i], x[i])
+        assert out.reward_after[i] == out.reward_before[i]
+    for i in (0, 2):
+        expected = x[i] + 2 * eta[i] * 0.5 * (-2 * (x[i] - a[i]))
+        torch.testing.assert_close(out.x[i], expected, rtol=1e-6, atol=1e-12)
+    assert (out.reward_after >= out.reward_before).all()
+
+
+def test_zero_eta_is_rejected_as_no_improvement():
+    x, a = setup()
+    out = reward_gradient_step(x, concave_reward(a), 0.0)
+    assert not out.accepted.any() and torch.equal(out.x, x)
+
+
+def test_grad_norm_clip_caps_the_per_sample_step():
+    x, a = setup()
+    x = x.clone()
+    x[0] = a[0] + 1e-3  # tiny gradient on sample 0: left unclipped
+    eta, delta, cap = 0.05, 0.5, 0.5
+    out = reward_gradient_step(x, concave_reward(a), eta, delta=delta, max_grad_norm=cap)
+    grad = -2 * (x - a)
+    norms = grad.flatten(1).norm(dim=1)
+    assert norms[0] < cap and (norms[1:] > cap).all()
+    step = (out.x - x).flatten(1).norm(dim=1)
+    assert out.accepted.all()
+    assert step[0].item() == pytest.approx(2 * eta * delta * norms[0].item(), rel=1e-6)
+    for i in range(1, 4):
+        assert step[i].item() == pytest.approx(2 * eta * delta * cap, rel=1e-6)
+    expected = x + 2 * eta * delta * grad * (cap / norms).clamp(max=1).view(-1, 1, 1, 1)
+    torch.testing.assert_close(out.x, expected, rtol=1e-6, atol=1e-12)
+
+
+def test_no_grad_state_left_behind():
+    torch.manual_seed(0)
+    head = nn.Linear(8, 1).double()
+    x = torch.randn(3, 8, dtype=F64, requires_grad=True)
+    out = reward_gradient_step(x, lambda z: head(z).squeeze(1), 0.1)
+    assert x.grad is None and x.requires_grad
+    assert head.weight.grad is None and head.bias.grad is None
+    for t in out:
+        assert not t.requires_grad
+    torch.testing.assert_close(out.x, x.detach() + 0.1 * head.weight.detach().expand(3, 8), rtol=1e-6, atol=0)
+
+
+def test_low_precision_latents_keep_their_dtype():
+    x, a = setup()
+    out = reward_gradient_step(x.to(torch.bfloat16), concave_reward(a.to(torch.bfloat16)), 0.2)
+    assert out.x.dtype == torch.bfloat16 and out.accepted.all()
+
+
+def test_bad_input_raises():
+    x, a = setup()
+    r = concave_reward(a)
+    with pytest.raises(ValueError, match="delta must be > 0"):
+        reward_gradient_step(x, r, 0.1, delta=0.0)
+    with pytest.raises(ValueError, match="max_grad_norm must be > 0"):
+        reward_gradient_step(x, r, 0.1, max_grad_norm=0.0)
+    with pytest.raises(ValueError, match="eta must be a float or a \\[4\\] tensor"):
+        reward_gradient_step(x, r, torch.ones(3))
+    with pytest.raises(ValueError, match="eta must be finite and >= 0"):
+        reward_gradient_step(x, r, -0.1)
+    with pytest.raises(ValueError, match="reward_fn must return shape"):
+        reward_gradient_step(x, lambda z: r(z).sum(), 0.1)
+
+
+def test_eta_schedule_endpoints_monotone_and_formula():
+    n = 20
+    etas = [guidance_eta(k, n) for k in range(n)]
+    assert etas[0] == pytest.approx(0.1, abs=1e-15) and etas[-1] == pytest.approx(0.2, abs=1e-15)
+    assert all(b > a for a, b in itertools.pairwise(etas))
+    k = 7
+    assert etas[k] == pytest.approx(0.1 + 0.1 * (1 - math.cos(math.pi * k / (n - 1))) / 2, rel=1e-12)
+    assert etas[(n - 1) // 2] < 0.15 < etas[n // 2]  # the cosine's midpoint sits at mid-schedule
+    assert guidance_eta(0, 1) == 0.1
+    assert guidance_eta(4, 5, lo=0.3, hi=0.7) == pytest.approx(0.7)
+
+
+def test_eta_schedule_bad_input_raises():
+    with pytest.raises(ValueError, match="step_index must be in"):
+        guidance_eta(5, 5)
+    with pytest.raises(ValueError, match="num_steps must be >= 1"):
+        guidance_eta(0, 0)
+    with pytest.raises(ValueError, match="lo <= hi"):
+        guidance_eta(0, 5, lo=0.3, hi=0.2)

@@ -1,0 +1,221 @@
+"""learner.losses against float64 closed forms written here from the papers' formulas."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from learner.losses import PairLoss, dense_dpo_loss, diffusion_dpo_loss, dpo_logprob_loss
+
+F64 = torch.float64
+
+
+def neg_log_sigmoid(z: torch.Tensor) -> torch.Tensor:
+    """−log σ(z) = log(1 + e^{−z}), written out (not torch.nn.functional.logsigmoid)."""
+    return torch.log(1 + torch.exp(-z))
+
+
+def rand(*shape: int, scale: float = 1.0, seed: int = 0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(*shape, generator=g, dtype=F64) * scale
+
+
+def positive(n: int, seed: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.rand(n, generator=g, dtype=F64) + 0.5
+
+
+# ---------------------------------------------------------------- dpo_logprob_loss
+
+
+def test_dpo_logprob_matches_closed_form_with_scale_and_weights():
+    n, beta = 16, 0.7
+    lw, ll, s, w = rand(n, seed=1), rand(n, seed=2), positive(n, 3), positive(n, 4)
+    out = dpo_logprob_loss(lw, ll, beta, beta_scale=s, weights=w)
+    assert isinstance(out, PairLoss)
+    z = [beta * s[i].item() * (lw[i].item() - ll[i].item()) for i in range(n)]
+    per = [math.log1p(math.exp(-zi)) for zi in z]
+    expected = sum(w[i].item() * per[i] for i in range(n)) / w.sum().item()
+    assert out.loss.dtype == F64 and out.loss.ndim == 0
+    torch.testing.assert_close(out.loss, torch.tensor(expected, dtype=F64), rtol=1e-6, atol=0)
+    torch.testing.assert_close(out.margin, torch.tensor(z, dtype=F64), rtol=1e-6, atol=0)
+    assert not out.margin.requires_grad
+
+
+def test_dpo_logprob_gradient_matches_closed_form():
+    n, beta = 8, 2.0
+    lw, ll = rand(n, seed=5).requires_grad_(), rand(n, seed=6).requires_grad_()
+    dpo_logprob_loss(lw, ll, beta).loss.backward()
+    sig = 1 / (1 + torch.exp(-beta * (lw.detach() - ll.detach())))
+    expected = -beta * (1 - sig) / n  # d/dz of −log σ(z) is −(1 − σ(z))
+    torch.testing.assert_close(lw.grad, expected, rtol=1e-6, atol=0)
+    torch.testing.assert_close(ll.grad, -expected, rtol=1e-6, atol=0)
+
+
+def test_dpo_ratio_clip_matches_clamped_ratio():
+    n, beta, eps = 32, 5.0, 0.1
+    lw, ll = rand(n, scale=0.2, seed=7), rand(n, scale=0.2, seed=8)  # spans the band [log .9, log 1.1]
+    out = dpo_logprob_loss(lw, ll, beta, ratio_clip=eps)
+    rw = torch.exp(lw).clamp(1 - eps, 1 + eps)  # D3PO: clamp the RATIO, then take its log
+    rl = torch.exp(ll).clamp(1 - eps, 1 + eps)
+    z = beta * (torch.log(rw) - torch.log(rl))
+    torch.testing.assert_close(out.loss, neg_log_sigmoid(z).mean(), rtol=1e-6, atol=0)
+    torch.testing.assert_close(out.margin, z, rtol=1e-6, atol=0)
+
+
+def test_dpo_ratio_clip_zeroes_gradient_outside_band_only():
+    eps = 0.1
+    lw = torch.tensor([-0.5, -0.05, 0.0, 0.05, 0.5], dtype=F64, requires_grad=True)
+    ll = torch.zeros(5, dtype=F64)
+    dpo_logprob_loss(lw, ll, 1.0, ratio_clip=eps).loss.backward()
+    inside = (lw.detach() > math.log(1 - eps)) & (lw.detach() < math.log(1 + eps))
+    assert inside.tolist() == [False, True, True, True, False]
+    assert (lw.grad[~inside] == 0).all()
+    assert (lw.grad[inside] != 0).all()
+
+
+def test_weights_none_equals_ones_and_beta_scale_ones_equals_none():
+    n = 10
+    lw, ll = rand(n, seed=9), rand(n, seed=10)
+    base = dpo_logprob_loss(lw, ll, 0.5).loss
+    ones = torch.ones(n, dtype=F64)
+    torch.testing.assert_close(dpo_logprob_loss(lw, ll, 0.5, weights=ones).loss, base, rtol=1e-12, atol=0)
+    torch.testing.assert_close(dpo_logprob_loss(lw, ll, 0.5, beta_scale=ones).loss, base, rtol=1e-12, atol=0)
+    mw, mrw, ml, mrl = (rand(n, seed=s).abs() for s in (11, 12, 13, 14))
+    d_base = diffusion_dpo_loss(mw, mrw, ml, mrl, 50.0)
+    d_ones = diffusion_dpo_loss(mw, mrw, ml, mrl, 50.0, beta_scale=ones, weights=ones)
+    torch.testing.assert_close(d_ones.loss, d_base.loss, rtol=1e-12, atol=0)
+
+
+def test_low_precision_inputs_are_upcast():
+    lw = torch.full((4,), 1e-3, dtype=torch.bfloat16)
+    ll = torch.zeros(4, dtype=torch.bfloat16)
+    out = dpo_logprob_loss(lw, ll, 100.0)
+    assert out.loss.dtype == torch.float32 and out.margin.dtype == torch.float32
+    z = 100.0 * float(lw[0])
+    assert out.loss.item() == pytest.approx(math.log1p(math.exp(-z)), rel=1e-6)
+
+
+# ---------------------------------------------------------------- diffusion_dpo_loss
+
+
+def test_diffusion_dpo_matches_closed_form():
+    n, beta = 12, 500.0
+    mw, mrw, ml, mrl = (rand(n, scale=0.01, seed=s).abs() + 0.1 for s in (20, 21, 22, 23))
+    s, w = positive(n, 24), positive(n, 25)
+    out = diffusion_dpo_loss(mw, mrw, ml, mrl, beta, beta_scale=s, weights=w)
+    inside = -0.5 * beta * s * ((mw - mrw) - (ml - mrl))
+    expected = (w * neg_log_sigmoid(inside)).sum() / w.sum()
+    torch.testing.assert_close(out.loss, expected, rtol=1e-6, atol=0)
+    torch.testing.assert_close(out.margin, inside, rtol=1e-6, atol=0)
+
+
+def test_diffusion_dpo_mean_is_outside_the_logsigmoid():
+    """diffusers #6702 took logsigmoid(inside.mean()); by Jensen that differs on spread-out inputs."""
+    n, beta = 16, 1000.0
+    mw, mrw, ml, mrl = (rand(n, scale=0.01, seed=s).abs() for s in (30, 31, 32, 33))
+    out = diffusion_dpo_loss(mw, mrw, ml, mrl, beta)
+    inside = -0.5 * beta * ((mw - mrw) - (ml - mrl))
+    assert inside.std() > 1  # the inputs really are spread out
+    buggy = neg_log_sigmoid(inside.mean())
+    torch.testing.assert_close(out.loss, neg_log_sigmoid(inside).mean(), rtol=1e-6, atol=0)
+    assert abs(out.loss.item() - buggy.item()) > 1e-2
+
+
+def test_diffusion_dpo_reference_terms_get_no_gradient():
+    n = 4
+    mw, mrw, ml, mrl = (rand(n, seed=s).abs().requires_grad_() for s in (40, 41, 42, 43))
+    diffusion_dpo_loss(mw, mrw, ml, mrl, 10.0).loss.backward()
+    assert mrw.grad is None and mrl.grad is None
+    assert mw.grad is not None and (mw.grad > 0).all()  # a larger winner error raises the loss
+    assert (ml.grad < 0).all()
+
+
+# ---------------------------------------------------------------- dense_dpo_loss
+
+
+def _dense_reference(lw, ll, c, kappa, w=None):
+    if kappa is not None:
+        lw, ll = lw.clamp(-kappa, kappa), ll.clamp(-kappa, kappa)
+    if w is None:
+        w = torch.ones_like(lw)
+    w = w.expand_as(lw)
+    l_w = c * (w * lw).sum(1) / w.sum(1)
+    l_l = c * (w * ll).sum(1) / w.sum(1)
+    return neg_log_sigmoid(l_w - l_l).mean(), l_w - l_l
+
+
+@pytest.mark.parametrize("kappa", [None, 1e-4, 0.3])
+@pytest.mark.parametrize("weights", ["none", "per_step", "per_item"])
+def test_dense_dpo_matches_closed_form(kappa, weights):
+    b, m, c = 6, 3, 12.5
+    scale = 2e-4 if kappa == 1e-4 else 0.5  # straddle the clip band
+    lw, ll = rand(b, m, scale=scale, seed=50), rand(b, m, scale=scale, seed=51)
+    w = {"none": None, "per_step": positive(m, 52), "per_item": positive(b * m, 53).view(b, m)}[weights]
+    out = dense_dpo_loss(lw, ll, scale_c=c, kappa=kappa, step_weights=w)
+    exp_loss, exp_margin = _dense_reference(lw, ll, c, kappa, w)
+    torch.testing.assert_close(out.loss, exp_loss, rtol=1e-6, atol=0)
+    torch.testing.assert_close(out.margin, exp_margin, rtol=1e-6, atol=0)
+
+
+def test_dense_dpo_clip_zeroes_gradient_outside_band_only():
+    kappa = 1e-3
+    lw = torch.tensor([[-5e-3, 5e-4, 5e-3]], dtype=F64, requires_grad=True)
+    ll = torch.zeros(1, 3, dtype=F64)
+    dense_dpo_loss(lw, ll, scale_c=10.0, kappa=kappa).loss.backward()
+    assert lw.grad[0, 0] == 0 and lw.grad[0, 2] == 0 and lw.grad[0, 1] != 0
+
+
+# ---------------------------------------------------------------- bad input
+
+
+@pytest.mark.parametrize("beta", [0.0, -1.0, float("nan")])
+def test_bad_beta_raises(beta):
+    x = torch.zeros(3)
+    with pytest.raises(ValueError, match="beta must be > 0"):
+        dpo_logprob_loss(x, x, beta)
+    with pytest.raises(ValueError, match="beta must be > 0"):
+        diffusion_dpo_loss(x, x, x, x, beta)
+
+
+@pytest.mark.parametrize("eps", [0.0, 1.0, 1.5, -0.1])
+def test_bad_ratio_clip_raises(eps):
+    x = torch.zeros(3)
+    with pytest.raises(ValueError, match="ratio_clip must be in"):
+        dpo_logprob_loss(x, x, 1.0, ratio_clip=eps)
+
+
+def test_bad_shapes_and_weights_raise():
+    x3, x4 = torch.zeros(3), torch.zeros(4)
+    with pytest.raises(ValueError, match="logratio_l has shape"):
+        dpo_logprob_loss(x3, x4, 1.0)
+    with pytest.raises(ValueError, match="must have 1 dim"):
+        dpo_logprob_loss(torch.zeros(2, 3), torch.zeros(2, 3), 1.0)
+    with pytest.raises(ValueError, match="mse_ref_l has shape"):
+        diffusion_dpo_loss(x3, x3, x3, x4, 1.0)
+    with pytest.raises(ValueError, match="weights has shape"):
+        dpo_logprob_loss(x3, x3, 1.0, weights=x4 + 1)
+    with pytest.raises(ValueError, match="weights must be finite and >= 0"):
+        dpo_logprob_loss(x3, x3, 1.0, weights=torch.tensor([1.0, -1.0, 1.0]))
+    with pytest.raises(ValueError, match="positive sum"):
+        dpo_logprob_loss(x3, x3, 1.0, weights=torch.zeros(3))
+    with pytest.raises(ValueError, match="beta_scale has shape"):
+        dpo_logprob_loss(x3, x3, 1.0, beta_scale=x4 + 1)
+    with pytest.raises(ValueError, match="beta_scale must be finite and > 0"):
+        dpo_logprob_loss(x3, x3, 1.0, beta_scale=torch.tensor([1.0, -1.0, 1.0]))
+
+
+def test_dense_bad_input_raises():
+    x = torch.zeros(2, 3)
+    with pytest.raises(ValueError, match="must have 2 dim"):
+        dense_dpo_loss(torch.zeros(3), torch.zeros(3), scale_c=1.0, kappa=None)
+    with pytest.raises(ValueError, match="kappa must be > 0"):
+        dense_dpo_loss(x, x, scale_c=1.0, kappa=0.0)
+    with pytest.raises(ValueError, match="scale_c must be > 0"):
+        dense_dpo_loss(x, x, scale_c=-1.0, kappa=None)
+    with pytest.raises(ValueError, match="step_weights has shape"):
+        dense_dpo_loss(x, x, scale_c=1.0, kappa=None, step_weights=torch.ones(2))
+    with pytest.raises(ValueError, match="positive sum"):
+        dense_dpo_loss(x, x, scale_c=1.0, kappa=None, step_weights=torch.tensor([[1.0, 1, 1], [0, 0, 0]]))

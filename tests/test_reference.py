@@ -1,0 +1,218 @@
+"""learner.reference: divergence estimates and the stable reference-update rules."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from learner.reference import (
+    FrozenReference,
+    RefEvent,
+    StableUpdateReference,
+    build_reference,
+    divergence_estimate,
+    kernel_kl,
+)
+
+F64 = torch.float64
+
+
+def rand(*shape: int, seed: int) -> torch.Tensor:
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed), dtype=F64)
+
+
+# ---------------------------------------------------------------- divergence estimates
+
+
+def test_divergence_zero_for_identical_models():
+    noise, eps = rand(3, 2, 4, 4, seed=0), rand(3, 2, 4, 4, seed=1)
+    assert divergence_estimate(noise, eps, eps.clone()).item() == 0.0
+    assert kernel_kl(eps, eps.clone()).item() == 0.0
+
+
+@pytest.mark.parametrize("reduce", ["mean", "sum"])
+def test_divergence_and_kernel_kl_closed_form(reduce):
+    b, shape = 3, (2, 4, 5)
+    noise, cand, init = rand(b, *shape, seed=2), rand(b, *shape, seed=3), rand(b, *shape, seed=4)
+    n_el = 2 * 4 * 5
+    per_d, per_k = [], []
+    for i in range(b):  # written element by element from the formula
+        d = k = 0.0
+        rows = (init[i].flatten().tolist(), cand[i].flatten().tolist(), noise[i].flatten().tolist())
+        for e, c, z in zip(*rows, strict=True):
+            d += (z - e) ** 2 - (z - c) ** 2
+            k += (c - e) ** 2
+        per_d.append(d / n_el if reduce == "mean" else d)
+        per_k.append(k / n_el if reduce == "mean" else k)
+    expected_d = torch.tensor(sum(per_d) / b, dtype=F64)
+    expected_k = torch.tensor(sum(per_k) / b, dtype=F64)
+    torch.testing.assert_close(divergence_estimate(noise, cand, init, reduce), expected_d, rtol=1e-6, atol=0)
+    torch.testing.assert_close(kernel_kl(cand, init, reduce), expected_k, rtol=1e-6, atol=0)
+
+
+def test_divergence_positive_when_candidate_explains_noise_better():
+    noise, init = rand(4, 8, seed=5), rand(4, 8, seed=6)
+    cand = noise + 0.1 * (init - noise)  # closer to the true noise than the initial model
+    assert divergence_estimate(noise, cand, init).item() > 0
+    assert divergence_estimate(noise, init, cand).item() < 0  # Eq. 7 sign: opposite direction is negative
+    assert kernel_kl(cand, init).item() > 0 and kernel_kl(init, cand).item() > 0
+
+
+def test_divergence_bad_input_raises():
+    with pytest.raises(ValueError, match="share one batched shape"):
+        divergence_estimate(torch.zeros(2, 3), torch.zeros(2, 3), torch.zeros(2, 4))
+    with pytest.raises(ValueError, match="reduce must be"):
+        kernel_kl(torch.zeros(2, 3), torch.zeros(2, 3), "max")  # type: ignore[arg-type]
+
+
+def test_real_tiny_eps_predictors():
+    """Two nn.Linear ε-predictors on noised data: identical → D = KL = 0; perturbed → KL > 0."""
+    torch.manual_seed(0)
+    init = nn.Linear(6, 6).double()
+    same = nn.Linear(6, 6).double()
+    same.load_state_dict(init.state_dict())
+    x_t, noise = torch.randn(5, 6, dtype=F64), torch.randn(5, 6, dtype=F64)
+    with torch.no_grad():
+        assert divergence_estimate(noise, same(x_t), init(x_t)).item() == 0.0
+        assert kernel_kl(same(x_t), init(x_t)).item() == 0.0
+        same.weight.add_(0.05 * torch.randn_like(same.weight))
+        assert kernel_kl(same(x_t), init(x_t)).item() > 0
+        assert divergence_estimate(noise, same(x_t), init(x_t)).item() != 0
+
+
+# ---------------------------------------------------------------- stable update
+
+
+class CountingDivergence:
+    """Returns scripted values and records the candidates it saw (cloned)."""
+
+    def __init__(self, values: list[float]) -> None:
+        self.values, self.calls, self.seen = list(values), 0, []
+
+    def __call__(self, state: dict[str, torch.Tensor]) -> float:
+        self.calls += 1
+        self.seen.append({k: v.clone() for k, v in state.items()})
+        return self.values.pop(0)
+
+
+def policy(seed: int) -> dict[str, torch.Tensor]:
+    return {"a.lora_A": rand(2, 3, seed=seed), "a.lora_B": rand(3, 2, seed=seed + 100)}
+
+
+def test_frozen_reference_never_moves():
+    ref = FrozenReference()
+    div = CountingDivergence([])
+    assert ref.maybe_update(1, policy(0), div) is None
+    assert ref.state is None and ref.moves is False and div.calls == 0
+
+
+def test_stable_update_replaces_every_tau_then_freezes_forever():
+    ref = StableUpdateReference(tau=2, delta=0.01)
+    div = CountingDivergence([0.001, 0.005, 0.02])
+    assert ref.state is None and ref.version == 0 and ref.moves is True
+    pol = policy(1)
+    assert ref.maybe_update(1, pol, div) is None and div.calls == 0  # not a multiple of tau
+
+    ev = ref.maybe_update(2, pol, div)
+    assert ev == RefEvent(2, 0.001, "replaced") and ref.version == 1
+    for k in pol:
+        assert torch.equal(ref.state[k], pol[k]) and ref.state[k].data_ptr() != pol[k].data_ptr()
+    snapshot = {k: v.clone() for k, v in ref.state.items()}
+
+    for v in pol.values():  # the optimizer mutates the policy in place
+        v.add_(1.0)
+    assert ref.maybe_update(3, pol, div) is None
+    for k in pol:  # bitwise unchanged between replacements
+        assert torch.equal(ref.state[k], snapshot[k])
+
+    assert ref.maybe_update(4, pol, div) == RefEvent(4, 0.005, "replaced")
+    for k in pol:
+        assert torch.equal(ref.state[k], pol[k])
+    kept = {k: v.clone() for k, v in ref.state.items()}
+
+    for v in pol.values():
+        v.add_(1.0)
+    assert ref.maybe_update(6, pol, div) == RefEvent(6, 0.02, "frozen")
+    assert ref.frozen and ref.version == 2
+    for k in pol:  # the last candidate within delta is kept
+        assert torch.equal(ref.state[k], kept[k])
+    for step in range(7, 20):
+        assert ref.maybe_update(step, pol, div) is None
+    assert div.calls == 3
+    assert [e.action for e in ref.history] == ["replaced", "replaced", "frozen"]
+
+
+def test_divergence_at_exactly_delta_replaces():
+    ref = StableUpdateReference(tau=1, delta=0.5)
+    assert ref.maybe_update(1, policy(2), CountingDivergence([0.5])).action == "replaced"
+
+
+def test_nan_divergence_raises():
+    ref = StableUpdateReference(tau=1, delta=0.5)
+    with pytest.raises(ValueError, match="divergence returned nan"):
+        ref.maybe_update(1, policy(2), CountingDivergence([float("nan")]))
+
+
+def test_ema_blend_formula():
+    ema = 0.25
+    ref = StableUpdateReference(tau=1, delta=1.0, ema=ema)
+    p1, p2 = policy(3), policy(4)
+    ref.maybe_update(1, p1, CountingDivergence([0.0]))
+    for k in p1:  # current_ref None = zero LoRA delta
+        torch.testing.assert_close(ref.state[k], ema * p1[k] + (1 - ema) * torch.zeros_like(p1[k]))
+    first = {k: v.clone() for k, v in ref.state.items()}
+    div = CountingDivergence([0.0])
+    ref.maybe_update(2, p2, div)
+    for k in p2:
+        expected = ema * p2[k] + (1 - ema) * first[k]
+        torch.testing.assert_close(ref.state[k], expected, rtol=1e-12, atol=0)
+        torch.testing.assert_close(div.seen[0][k], expected, rtol=1e-12, atol=0)  # D is taken of the blend
+    with pytest.raises(ValueError, match="policy keys differ"):
+        ref.maybe_update(3, {"other": torch.zeros(1)}, CountingDivergence([0.0]))
+
+
+def test_state_dict_round_trip():
+    ref = StableUpdateReference(tau=1, delta=0.1)
+    pol = policy(5)
+    ref.maybe_update(1, pol, CountingDivergence([0.05]))
+    ref.maybe_update(2, pol, CountingDivergence([0.5]))
+    sd = ref.state_dict()
+    other = StableUpdateReference(tau=1, delta=0.1)
+    other.load_state_dict(sd)
+    assert other.version == 1 and other.frozen and other.history == ref.history
+    for k in pol:
+        assert torch.equal(other.state[k], ref.state[k])
+        assert other.state[k].data_ptr() != ref.state[k].data_ptr()
+    div = CountingDivergence([0.0])
+    assert other.maybe_update(3, pol, div) is None and div.calls == 0
+
+
+@pytest.mark.parametrize(
+    ("kw", "msg"),
+    [
+        ({"tau": 0, "delta": 0.1}, "tau must be >= 1"),
+        ({"tau": 1.5, "delta": 0.1}, "tau must be >= 1"),
+        ({"tau": 2, "delta": 0.0}, "delta must be > 0"),
+        ({"tau": 2, "delta": 0.1, "ema": 0.0}, "ema must be in"),
+        ({"tau": 2, "delta": 0.1, "ema": 1.5}, "ema must be in"),
+    ],
+)
+def test_bad_parameters_raise(kw, msg):
+    with pytest.raises(ValueError, match=msg):
+        StableUpdateReference(**kw)
+
+
+def test_step_counted_from_one():
+    with pytest.raises(ValueError, match="counted from 1"):
+        StableUpdateReference(tau=1, delta=0.1).maybe_update(0, policy(0), CountingDivergence([0.0]))
+
+
+def test_build_reference():
+    assert isinstance(build_reference({"strategy": "frozen"}), FrozenReference)
+    ref = build_reference({"strategy": "stable_update", "tau": 16, "delta": 0.002, "ema": 0.5})
+    assert isinstance(ref, StableUpdateReference) and (ref.tau, ref.delta, ref.ema) == (16, 0.002, 0.5)
+    with pytest.raises(ValueError, match=r"reference\.strategy must be one of \('frozen', 'stable_update'\)"):
+        build_reference({"strategy": "ema"})
+    with pytest.raises(ValueError, match="unknown reference key"):
+        build_reference({"strategy": "frozen", "tua": 3})
