@@ -1,7 +1,16 @@
 """The diffusion policy shared by actors and learner: loading, LoRA adapters, the sampler with log-probs."""
 
 from policy.components import Components, ModelPathError, build_random_model, load_components
-from policy.lora import POLICY, REF, AdapterMismatchError, LoraSettings, WeightState, export_state, load_state
+from policy.lora import (
+    POLICY,
+    REF,
+    AdapterMismatchError,
+    LoadReport,
+    LoraSettings,
+    WeightState,
+    export_state,
+    load_state,
+)
 from policy.policy import DiffusionPolicy, PromptEmbeds, Rollout, SamplerConfig, StepOut
 
 __all__ = [
@@ -10,6 +19,7 @@ __all__ = [
     "AdapterMismatchError",
     "Components",
     "DiffusionPolicy",
+    "LoadReport",
     "LoraSettings",
     "ModelPathError",
     "PromptEmbeds",

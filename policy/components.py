@@ -63,10 +63,10 @@ def load_components(model_dir: str | Path, device: str | torch.device = "cpu", d
                     ) -> Components:
     """Load every component from ``model_dir`` (local files only, safetensors only), frozen, in eval mode."""
     root = check_model_dir(model_dir)
-    kw = {"local_files_only": True, "use_safetensors": True, "torch_dtype": dtype}
-    unet = UNet2DConditionModel.from_pretrained(root, subfolder="unet", **kw)
-    vae = AutoencoderKL.from_pretrained(root, subfolder="vae", **kw)
-    text_encoder = CLIPTextModel.from_pretrained(root, subfolder="text_encoder", **kw)
+    kw = {"local_files_only": True, "use_safetensors": True}
+    unet = UNet2DConditionModel.from_pretrained(root, subfolder="unet", torch_dtype=dtype, **kw)
+    vae = AutoencoderKL.from_pretrained(root, subfolder="vae", torch_dtype=dtype, **kw)
+    text_encoder = CLIPTextModel.from_pretrained(root, subfolder="text_encoder", dtype=dtype, **kw)
     tokenizer = CLIPTokenizer.from_pretrained(root, subfolder="tokenizer", local_files_only=True)
     scheduler = DDIMScheduler.from_pretrained(root, subfolder="scheduler", local_files_only=True)
     for module in (unet, vae, text_encoder):

@@ -10,6 +10,7 @@ silently did nothing is caught by comparing checksums (the bug RAY_PATTERNS.md Â
 from __future__ import annotations
 
 import hashlib
+import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -48,7 +49,9 @@ def add_adapter(unet: torch.nn.Module, name: str, settings: LoraSettings) -> Non
     """Add a LoRA adapter ``name`` (B initialised to zero, so it starts equal to the base)."""
     config = LoraConfig(r=settings.rank, lora_alpha=settings.alpha, target_modules=list(settings.target_modules),
                         init_lora_weights=True)
-    unet.add_adapter(config, adapter_name=name)
+    with warnings.catch_warnings():  # peft warns that a second adapter is being added: that is the design
+        warnings.filterwarnings("ignore", message="Already found a `peft_config`")
+        unet.add_adapter(config, adapter_name=name)
 
 
 def adapter_names(unet: torch.nn.Module) -> list[str]:
@@ -145,24 +148,28 @@ def load_state(unet: torch.nn.Module, state: WeightState, into: str | None = Non
     Fails, before touching anything, when names or shapes differ; the returned checksum is computed from the
     module's parameters after the copy, in the state's dtype, so it equals ``state.checksum`` only if it landed.
     """
-    target = state.adapter if into is None else into
+    return copy_into(unet, state.adapter if into is None else into, state.tensors(), state.version)
+
+
+def copy_into(unet: torch.nn.Module, target: str | None, tensors: dict[str, torch.Tensor], version: int = 0
+              ) -> LoadReport:
+    """Copy a tensor dict into adapter ``target`` in place (see ``load_state``, which serves the wire format)."""
     params = adapter_parameters(unet, target)
-    tensors = state.tensors()
     missing, unexpected = sorted(set(params) - set(tensors)), sorted(set(tensors) - set(params))
     if missing or unexpected:
         raise AdapterMismatchError(
-            f"weight state v{state.version} does not fit adapter {target!r}: {len(missing)} missing keys "
+            f"weight state v{version} does not fit adapter {target!r}: {len(missing)} missing keys "
             f"(e.g. {missing[:2]}), {len(unexpected)} unexpected (e.g. {unexpected[:2]}); check lora settings"
         )
     bad = [k for k in tensors if tensors[k].shape != params[k].shape]
     if bad:
         k = bad[0]
         raise AdapterMismatchError(
-            f"weight state v{state.version}: shape of {k} is {tuple(tensors[k].shape)}, adapter {target!r} "
+            f"weight state v{version}: shape of {k} is {tuple(tensors[k].shape)}, adapter {target!r} "
             f"expects {tuple(params[k].shape)} ({len(bad)} tensors differ; check lora.rank)"
         )
     with torch.no_grad():
         for k, t in tensors.items():
             params[k].copy_(t)
     held = {k: params[k].detach().to(tensors[k].dtype) for k in tensors}
-    return LoadReport(state.version, len(tensors), checksum(held))
+    return LoadReport(version, len(tensors), checksum(held))

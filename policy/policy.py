@@ -136,11 +136,14 @@ class DiffusionPolicy:
         return PromptEmbeds(cond, self._uncond.expand(len(prompts), -1, -1))
 
     # ---- the model ------------------------------------------------------------------------------------------
-    def eps(self, x_t: torch.Tensor, timestep: torch.Tensor, embeds: PromptEmbeds, adapter: object = _DEFAULT
-            ) -> torch.Tensor:
-        """Guided noise prediction ε̂ = ε_u + w (ε_c − ε_u) (one UNet call on the doubled batch)."""
+    def eps(self, x_t: torch.Tensor, timestep: torch.Tensor, embeds: PromptEmbeds, adapter: object = _DEFAULT,
+            guidance_scale: float | None = None) -> torch.Tensor:
+        """Guided noise prediction ε̂ = ε_u + w (ε_c − ε_u) (one UNet call on the doubled batch).
+
+        ``guidance_scale=1`` gives the plain conditional ε (what Diffusion-DPO's ε-MSE surrogate trains).
+        """
         t = torch.as_tensor(timestep, device=self.device).reshape(-1).expand(x_t.shape[0])
-        w = self.sampler.guidance_scale
+        w = self.sampler.guidance_scale if guidance_scale is None else guidance_scale
         x_in = x_t.to(self.dtype)
         with use_adapter(self.c.unet, self._adapter(adapter)):
             if w == 1.0:
@@ -155,18 +158,21 @@ class DiffusionPolicy:
         c = step_coefficients(self.alphas_cumprod, self.final_alpha_cumprod, t, t - self.stride, self.sampler.eta)
         return StepCoefficients(*(v.float().to(self.device) for v in (c.alpha_t, c.alpha_prev, c.sigma)))
 
-    def mean(self, x_t: torch.Tensor, timestep: torch.Tensor, embeds: PromptEmbeds, adapter: object = _DEFAULT
-             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(μ, σ, x̂_0) of π(x_{t−1} | x_t, c); differentiable w.r.t. the adapter when grad is enabled."""
+    def mean(self, x_t: torch.Tensor, timestep: torch.Tensor, embeds: PromptEmbeds, adapter: object = _DEFAULT,
+             eps: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(μ, σ, x̂_0) of π(x_{t−1} | x_t, c); differentiable w.r.t. the adapter when grad is enabled.
+
+        ``eps``: a guided ε̂ already computed for this x_t (e.g. while ranking it), to skip the UNet call.
+        """
         c = self.coefficients(timestep)
-        mu, x0 = ddim_mean(x_t, self.eps(x_t, timestep, embeds, adapter), c)
+        mu, x0 = ddim_mean(x_t, self.eps(x_t, timestep, embeds, adapter) if eps is None else eps, c)
         return mu, c.sigma, x0
 
     def predict_x0(self, x: torch.Tensor, timestep: torch.Tensor, embeds: PromptEmbeds,
-                   adapter: object = _DEFAULT) -> torch.Tensor:
-        """x̂_0 of a latent at ``timestep`` (used to score intermediate samples: TailorPO Eq. 12)."""
-        c = self.coefficients(timestep)
-        return predict_x0(x.float(), self.eps(x, timestep, embeds, adapter), c.alpha_t)
+                   adapter: object = _DEFAULT) -> tuple[torch.Tensor, torch.Tensor]:
+        """(x̂_0, ε̂) of a latent at ``timestep`` (scores intermediate samples: TailorPO Eq. 12)."""
+        eps = self.eps(x, timestep, embeds, adapter)
+        return predict_x0(x.float(), eps, self.coefficients(timestep).alpha_t), eps
 
     # ---- sampling -------------------------------------------------------------------------------------------
     def noise_like(self, x: torch.Tensor, generators: Sequence[torch.Generator]) -> torch.Tensor:
@@ -182,28 +188,30 @@ class DiffusionPolicy:
         return self.noise_like(torch.empty(shape), generators)
 
     def step(self, x_t: torch.Tensor, timestep: torch.Tensor, embeds: PromptEmbeds,
-             generators: Sequence[torch.Generator], adapter: object = _DEFAULT) -> StepOut:
-        mu, sigma, x0 = self.mean(x_t, timestep, embeds, adapter)
+             generators: Sequence[torch.Generator], adapter: object = _DEFAULT, eps: torch.Tensor | None = None
+             ) -> StepOut:
+        mu, sigma, x0 = self.mean(x_t, timestep, embeds, adapter, eps)
         x_prev = mu + sigma * self.noise_like(mu, generators)
         return StepOut(x_prev, gaussian_logprob(x_prev, mu, sigma, self.sampler.logprob_reduce), mu, sigma, x0)
 
     def branch(self, x_t: torch.Tensor, timestep: torch.Tensor, embeds: PromptEmbeds, k: int,
-               generators: Sequence[torch.Generator], adapter: object = _DEFAULT) -> StepOut:
-        """k children of each x_t with independent noise from one UNet evaluation: fields are [k, B, ...]."""
-        mu, sigma, x0 = self.mean(x_t, timestep, embeds, adapter)
+               generators: Sequence[torch.Generator], adapter: object = _DEFAULT, eps: torch.Tensor | None = None
+               ) -> StepOut:
+        """k children of each x_t with independent noise from one UNet evaluation: x_prev, logprob are [k, B, ...]."""
+        mu, sigma, x0 = self.mean(x_t, timestep, embeds, adapter, eps)
         x_prev = torch.stack([mu + sigma * self.noise_like(mu, generators) for _ in range(k)])
         logp = torch.stack([gaussian_logprob(x, mu, sigma, self.sampler.logprob_reduce) for x in x_prev])
         return StepOut(x_prev, logp, mu, sigma, x0)
 
     @torch.no_grad()
     def sample(self, prompts: Sequence[str], seeds: Sequence[int], adapter: object = _DEFAULT,
-               decode: bool = True) -> Rollout:
-        """Run the full chain for each prompt; seeds fix x_T and every step's noise."""
+               decode: bool = True, x_T: torch.Tensor | None = None) -> Rollout:
+        """Run the full chain for each prompt; seeds fix x_T (unless given) and every step's noise."""
         if len(prompts) != len(seeds):
             raise ValueError(f"{len(prompts)} prompts but {len(seeds)} seeds")
         gens = self.generators(seeds)
         embeds = self.encode_prompts(prompts)
-        x = self.initial_latents(gens)
+        x = self.initial_latents(gens) if x_T is None else x_T.to(self.device)
         latents, logps = [x], []
         for t in self.timesteps:
             out = self.step(x, t, embeds, gens, adapter)

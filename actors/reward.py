@@ -1,0 +1,105 @@
+"""The reward role: hosts the configured rewards and scores decoded x̂_0 images for many rollout actors.
+
+``RewardWorker`` is a plain class. ``score_now`` scores one request; ``score`` is the coroutine Ray calls when
+the worker runs as an async actor: concurrent requests from several rollout actors are queued and scored
+together, up to ``max_batch`` images or after ``max_wait_ms``, because one large forward pass of a reward model
+costs far less than many small ones. ``RewardClient`` is what a rollout actor holds: a local reward, or
+handles to reward actors that it spreads requests over (round robin).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+
+from rewards.base import Reward
+from rewards.registry import build_reward
+
+
+def pick_device(requested: str = "auto") -> torch.device:
+    """``auto``: the GPU Ray gave this process if any, else the CPU."""
+    if requested == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(requested)
+
+
+class RewardWorker:
+    def __init__(self, spec: dict[str, float], options: dict[str, dict[str, Any]] | None = None,
+                 max_batch: int = 256, max_wait_ms: float = 2.0, device: str = "auto", torch_threads: int = 1):
+        torch.set_num_threads(torch_threads)
+        self.device = pick_device(device)
+        self.reward: Reward = build_reward(spec, options).to(self.device)
+        self.max_batch = max_batch
+        self.max_wait_s = max_wait_ms / 1000
+        self._pending: list[tuple[torch.Tensor, list[str], asyncio.Future]] = []
+        self._timer: asyncio.TimerHandle | None = None
+        self.stats = {"requests": 0, "batches": 0, "images": 0, "seconds": 0.0}
+
+    def score_now(self, images: torch.Tensor, prompts: Sequence[str]) -> torch.Tensor:
+        """Score one batch right away (in chunks of ``max_batch``); returns float32 scores on the CPU."""
+        t0 = time.perf_counter()
+        out = torch.cat([
+            self.reward(images[i : i + self.max_batch].to(self.device), list(prompts[i : i + self.max_batch])).cpu()
+            for i in range(0, len(prompts), self.max_batch)
+        ]).float()
+        self.stats["batches"] += 1
+        self.stats["images"] += len(prompts)
+        self.stats["seconds"] += time.perf_counter() - t0
+        return out
+
+    async def score(self, images: torch.Tensor, prompts: Sequence[str]) -> torch.Tensor:
+        """Queue a request; it is scored together with whatever else arrives within ``max_wait_ms``."""
+        loop = asyncio.get_running_loop()
+        fut: asyncio.Future = loop.create_future()
+        self._pending.append((images, list(prompts), fut))
+        self.stats["requests"] += 1
+        if sum(len(p) for _, p, _ in self._pending) >= self.max_batch:
+            self._flush()
+        elif self._timer is None:
+            self._timer = loop.call_later(self.max_wait_s, self._flush)
+        return await fut
+
+    def _flush(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        batch, self._pending = self._pending, []
+        if not batch:
+            return
+        try:
+            scores = self.score_now(torch.cat([b[0] for b in batch]), [p for b in batch for p in b[1]])
+        except Exception as e:  # every waiting caller gets the error, none hangs
+            for _, _, fut in batch:
+                fut.set_exception(e)
+            return
+        start = 0
+        for images, _, fut in batch:
+            fut.set_result(scores[start : start + len(images)])
+            start += len(images)
+
+    def get_stats(self) -> dict[str, float]:
+        return dict(self.stats)
+
+
+class RewardClient:
+    """How a rollout actor scores images: in-process, or over reward actors (round robin)."""
+
+    def __init__(self, local: Reward | None = None, handles: Sequence[Any] = ()):
+        if local is None and not handles:
+            raise ValueError("RewardClient needs a local reward or at least one reward actor handle")
+        self.local = local
+        self.handles = list(handles)
+        self._next = itertools.cycle(range(len(self.handles))) if self.handles else None
+
+    def __call__(self, images: torch.Tensor, prompts: Sequence[str]) -> torch.Tensor:
+        if self.local is not None:
+            return self.local(images, list(prompts)).detach().float().cpu()
+        import ray
+
+        handle = self.handles[next(self._next)]
+        return ray.get(handle.score.remote(images.detach().cpu(), list(prompts)))

@@ -1,0 +1,191 @@
+"""The rollout role: samples chains with the current policy and turns them into preference pairs.
+
+``step_branch`` (TailorPO, PAPERS.md §6/§8.2): at each configured step k, two children of the same x_t are
+drawn, each is scored by the reward of its x̂_0 (Tweedie's estimate at the next timestep, decoded by the VAE,
+with CFG: our reading where the paper is silent), the preferred child continues the chain. With
+``guidance: reward_gradient`` the winner is first pushed up the reward gradient (TailorPO-G; the gradient goes
+through x̂_0, i.e. through the UNet, as Guo et al. do) and kept only if its reward rose; the pushed sample
+replaces the winner in the record and in the chain, and its log-prob is taken under the same Gaussian.
+At steps that do not branch the chain takes one ordinary policy sample.
+``trajectory`` (D3PO, dense-reward DPO): two chains per prompt from the same x_T with independent step noise,
+ranked by the reward of their final images.
+Each call names the weights version it expects; a worker holding another version refuses (the learner then
+re-sends weights), so no record is ever attributed to the wrong policy.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import pyarrow as pa
+import torch
+
+from actors.records import to_record_batch
+from actors.reward import RewardClient, pick_device
+from learner.config import Config, ConfigError
+from policy import POLICY, DiffusionPolicy, LoadReport, WeightState, load_state
+from policy.guidance import guidance_eta, reward_gradient_step
+from policy.schedule import gaussian_logprob
+from rewards.registry import build_reward
+
+SECOND_CHAIN_SEED_OFFSET = 1_000_003  # trajectory pairs: noise seed of the second chain
+
+
+class StaleWeightsError(RuntimeError):
+    """The worker does not hold the weights version the caller expects."""
+
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+class RolloutWorker:
+    def __init__(self, cfg: Config, actor_id: int = 0, reward_handles: Sequence[Any] = ()):
+        torch.set_num_threads(cfg.rollout.torch_threads)
+        self.cfg = cfg
+        self.actor_id = actor_id
+        device = pick_device(cfg.model.device)
+        self.policy = DiffusionPolicy.from_pretrained(cfg.model.path, device, _DTYPES[cfg.model.dtype], cfg.sampler)
+        self.policy.add_lora(POLICY, cfg.lora, trainable=False)
+        self.version = 0
+        self.guided = cfg.guidance.kind == "reward_gradient"
+        local = None
+        if self.guided or not reward_handles:  # guidance needs the reward's gradient, so it must live here
+            local = build_reward(cfg.reward.spec, cfg.reward.options).to(device)
+            if self.guided and not local.differentiable:
+                raise ConfigError(f"guidance.kind=reward_gradient needs a differentiable reward; {local.name} is not")
+        self.reward = RewardClient(local, reward_handles)
+
+    # ---- weights ----------------------------------------------------------------------------------------------
+    def set_weights(self, state: WeightState) -> LoadReport:
+        report = load_state(self.policy.c.unet, state, into=POLICY)
+        self.version = state.version
+        return report
+
+    def get_version(self) -> int:
+        return self.version
+
+    # ---- generation -------------------------------------------------------------------------------------------
+    def generate(self, prompts: Sequence[str], prompt_ids: Sequence[int], seeds: Sequence[int],
+                 expected_version: int, round_index: int = 0) -> tuple[pa.RecordBatch, dict[str, float]]:
+        """Pairs for ``prompts`` as an Arrow record batch, plus timing stats for throughput-adaptive batching."""
+        if expected_version != self.version:
+            raise StaleWeightsError(
+                f"actor {self.actor_id} holds weights v{self.version}, asked for v{expected_version}")
+        t0 = time.perf_counter()
+        with torch.no_grad():
+            if self.cfg.pairs.kind == "step_branch":
+                kind, columns = "step", self._step_branch(list(prompts), list(seeds))
+            else:
+                kind, columns = "trajectory", self._trajectories(list(prompts), list(seeds))
+        n = len(prompts)
+        columns.update(prompt_id=torch.as_tensor(list(prompt_ids)).repeat(len(columns["prompt"]) // n),
+                       policy_version=torch.full((len(columns["prompt"]),), self.version),
+                       actor_id=torch.full((len(columns["prompt"]),), self.actor_id),
+                       round=torch.full((len(columns["prompt"]),), round_index))
+        seconds = time.perf_counter() - t0
+        stats = {"chains": float(n * (2 if kind == "trajectory" else 1)), "seconds": seconds,
+                 "pairs": float(len(columns["prompt"])), "steps": float(n * self.cfg.sampler.num_steps)}
+        return to_record_batch(kind, columns), stats
+
+    def _pause(self) -> None:
+        slow = self.cfg.rollout.slowdown_s
+        if slow and slow[self.actor_id % len(slow)]:
+            time.sleep(slow[self.actor_id % len(slow)])
+
+    def _rank(self, children: torch.Tensor, k: int, embeds, prompts: list[str]):
+        """Rewards of each child's x̂_0 ([2, B]) and the children's ε̂ at the next timestep (None at the end)."""
+        pol = self.policy
+        n, b = children.shape[:2]
+        flat = children.flatten(0, 1)
+        if k + 1 < len(pol.timesteps):
+            x0, eps = pol.predict_x0(flat, pol.timesteps[k + 1], embeds.repeat(n))
+        else:  # the last step's children are clean images already
+            x0, eps = flat.float(), None
+        rewards = self.reward(pol.decode(x0), prompts * n).view(n, b)
+        return rewards, x0.view(children.shape), None if eps is None else eps.view(children.shape)
+
+    def _guide(self, x_w: torch.Tensor, k: int, embeds, prompts: list[str]):
+        pol = self.policy
+        g = self.cfg.guidance
+        if k + 1 < len(pol.timesteps):
+            t_next = pol.timesteps[k + 1]
+
+            def reward_fn(x: torch.Tensor) -> torch.Tensor:
+                return self.reward.local(pol.decode(pol.predict_x0(x, t_next, embeds)[0]), prompts)
+        else:
+
+            def reward_fn(x: torch.Tensor) -> torch.Tensor:
+                return self.reward.local(pol.decode(x), prompts)
+
+        eta = guidance_eta(k, len(pol.timesteps), g.eta_lo, g.eta_hi)
+        with torch.enable_grad():
+            return reward_gradient_step(x_w, reward_fn, eta, delta=g.delta, max_grad_norm=g.max_grad_norm)
+
+    def _step_branch(self, prompts: list[str], seeds: list[int]) -> dict[str, Any]:
+        pol = self.policy
+        branch = set(self.cfg.pairs.branch_steps)
+        gens = pol.generators(seeds)
+        embeds = pol.encode_prompts(prompts)
+        x = pol.initial_latents(gens)
+        eps_next: torch.Tensor | None = None  # ε̂ of the current x, when ranking already computed it
+        rows: dict[str, list] = {k: [] for k in ("x_t", "x_w", "x_l", "x0_w", "x0_l", "reward_w", "reward_l",
+                                                  "logp_w", "logp_l", "guided", "step_index", "timestep")}
+        for k, t in enumerate(pol.timesteps):
+            self._pause()
+            if k not in branch:
+                x, eps_next = pol.step(x, t, embeds, gens, eps=eps_next).x_prev, None
+                continue
+            out = pol.branch(x, t, embeds, 2, gens, eps=eps_next)
+            rewards, x0, eps = self._rank(out.x_prev, k, embeds, prompts)
+            w = (rewards[1] > rewards[0]).long()  # index of the winner per sample
+            idx = torch.arange(len(prompts))
+            x_w, x_l = out.x_prev[w, idx], out.x_prev[1 - w, idx]
+            logp_w, logp_l = out.logprob[w, idx], out.logprob[1 - w, idx]
+            r_w, r_l = rewards[w, idx], rewards[1 - w, idx]
+            x0_w, x0_l = x0[w, idx], x0[1 - w, idx]
+            eps_next = None if eps is None else eps[w, idx]
+            guided = torch.zeros(len(prompts), dtype=torch.bool)
+            if self.guided:
+                res = self._guide(x_w, k, embeds, prompts)
+                guided = res.accepted.cpu()
+                if bool(guided.any()):
+                    x_w = res.x
+                    r_w = torch.where(guided, res.reward_after.cpu(), r_w)
+                    logp_w = gaussian_logprob(x_w, out.mean, out.sigma, self.cfg.sampler.logprob_reduce)
+                    eps_next = None  # the moved winner needs a fresh ε̂ (and x̂_0) at the next step
+                    if k + 1 < len(pol.timesteps):
+                        x0_w = pol.predict_x0(x_w, pol.timesteps[k + 1], embeds)[0]
+                    else:
+                        x0_w = x_w.float()
+            for name, value in (("x_t", x), ("x_w", x_w), ("x_l", x_l), ("x0_w", x0_w), ("x0_l", x0_l),
+                                ("reward_w", r_w), ("reward_l", r_l), ("logp_w", logp_w), ("logp_l", logp_l),
+                                ("guided", guided)):
+                rows[name].append(value.detach().float().cpu() if name != "guided" else value)
+            rows["step_index"].append(torch.full((len(prompts),), k))
+            rows["timestep"].append(torch.full((len(prompts),), int(t)))
+            x = x_w
+        columns: dict[str, Any] = {k: torch.cat(v) for k, v in rows.items()}
+        nb = len(rows["x_t"])
+        columns["prompt"] = prompts * nb
+        columns["seed"] = torch.as_tensor(seeds).repeat(nb)
+        return columns
+
+    def _trajectories(self, prompts: list[str], seeds: list[int]) -> dict[str, Any]:
+        pol = self.policy
+        x_T = pol.initial_latents(pol.generators(seeds))  # shared start (D3PO)
+        seeds_l = [s + SECOND_CHAIN_SEED_OFFSET for s in seeds]
+        roll = pol.sample(prompts * 2, seeds + seeds_l, x_T=torch.cat([x_T, x_T]), decode=True)
+        b = len(prompts)
+        rewards = self.reward(roll.images, prompts * 2).view(2, b)
+        w = (rewards[1] > rewards[0]).long()
+        idx = torch.arange(b)
+        lat = roll.latents.view(roll.latents.shape[0], 2, b, *roll.latents.shape[2:]).permute(1, 2, 0, 3, 4, 5)
+        lps = roll.logprobs.view(-1, 2, b).permute(1, 2, 0)
+        seed_pair = torch.as_tensor([seeds, seeds_l])
+        return {"prompt": prompts, "seed_w": seed_pair[w, idx], "seed_l": seed_pair[1 - w, idx],
+                "latents_w": lat[w, idx].float(), "latents_l": lat[1 - w, idx].float(),
+                "logps_w": lps[w, idx].float(), "logps_l": lps[1 - w, idx].float(),
+                "timesteps": roll.timesteps.int().expand(b, -1), "reward_w": rewards[w, idx],
+                "reward_l": rewards[1 - w, idx]}

@@ -1,0 +1,231 @@
+"""``python -m learner.main``: start (or join) Ray, place the roles, run the loop, report.
+
+With no flags it runs ``configs/default.yaml``: the embedded world on CPU, finishing in minutes, and prints
+the held-out reward before and after alignment with standard errors. On a cluster: ``--ray.address auto``.
+Every config key is a flag (``--help`` lists them); problems a user can fix end in one line on stderr, exit 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import socket
+import sys
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+from learner.config import Config, ConfigError, add_config_arguments, config_from_args, load_yaml
+
+DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "default.yaml"
+LOG = logging.getLogger("dpr")
+# Environment of every Ray worker: one BLAS thread unless an actor asks for more, and no hub access ever.
+# (Weights travel as safetensors bytes, not torch tensors, so Ray's zero-copy tensor flag is not needed.)
+WORKER_ENV = {"OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1",
+              "TRANSFORMERS_OFFLINE": "1"}
+
+
+def parse_args(argv: list[str] | None = None) -> tuple[Config, argparse.Namespace]:
+    parser = argparse.ArgumentParser(prog="python -m learner.main", description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--config", default=str(DEFAULT_CONFIG), help="experiment YAML")
+    parser.add_argument("--num-actors", type=int, default=None, help="shortcut for --rollout.num_actors")
+    parser.add_argument("--resume", action="store_true", help="continue from the newest complete checkpoint")
+    add_config_arguments(parser)
+    args = parser.parse_args(argv)
+    base = load_yaml(args.config)
+    if args.num_actors is not None:
+        base.setdefault("rollout", {})["num_actors"] = args.num_actors
+    return config_from_args(args, base), args
+
+
+def check_inputs(cfg: Config) -> tuple[list[str], list[str]]:
+    """Fail fast, in the driver, on what would otherwise surface as a traceback inside an actor."""
+    from learner.prompts import load_prompts
+    from policy.components import check_model_dir
+
+    check_model_dir(cfg.model.path)
+    if cfg.data.offline_dataset is not None and not Path(cfg.data.offline_dataset).is_dir():
+        raise ConfigError(f"data.offline_dataset: directory not found: {cfg.data.offline_dataset}")
+    return load_prompts(cfg.data.train_prompts), load_prompts(cfg.data.eval_prompts)
+
+
+def start_ray(cfg: Config) -> bool:
+    """Start a local Ray or join ``ray.address``; returns False when Ray was already running in this process."""
+    import ray
+
+    from cluster.resources import LEARNER, ROLLOUT
+
+    if ray.is_initialized():
+        return False
+    env = {"env_vars": WORKER_ENV}
+    if cfg.ray.address:
+        probe_address(cfg.ray.address)
+        try:
+            ray.init(address=cfg.ray.address, runtime_env=env, logging_level=logging.WARNING)
+        except (ConnectionError, RuntimeError, ValueError) as e:
+            raise ConfigError(f"cannot reach the Ray cluster at {cfg.ray.address!r} ({str(e).splitlines()[0]}); "
+                              "start it with `ray up cluster/gpu.yaml` or `ray start --head`, or drop "
+                              "--ray.address to run locally") from None
+        return True
+    actors = cfg.train.torch_threads + cfg.rollout.num_actors * cfg.rollout.torch_threads + cfg.reward.num_actors
+    gpus = int(cfg.rollout.num_gpus * cfg.rollout.num_actors + cfg.reward.num_gpus * cfg.reward.num_actors
+               + cfg.train.num_gpus + 0.999)
+    ray.init(num_cpus=cfg.ray.num_cpus or max(os.cpu_count() or 1, actors), include_dashboard=False,
+             resources={LEARNER: 1, ROLLOUT: max(gpus, 1)}, runtime_env=env, logging_level=logging.WARNING)
+    return True
+
+
+def probe_address(address: str, timeout_s: float = 5.0) -> None:
+    """Fail in seconds, not minutes, when a ``host:port`` cluster address does not answer (Ray itself retries for
+    ~5 minutes before giving up). ``auto`` is resolved by Ray from the local session file and fails fast."""
+    target = address.removeprefix("ray://")
+    host, _, port = target.rpartition(":")
+    if address == "auto" or not host or not port.isdigit():
+        return
+    try:
+        socket.create_connection((host, int(port)), timeout=timeout_s).close()
+    except OSError as e:
+        raise ConfigError(f"cannot reach the Ray cluster at {address!r} ({e.strerror or e}); start it with "
+                          "`ray up cluster/gpu.yaml` or `ray start --head`, or drop --ray.address to run locally"
+                          ) from None
+
+
+def launch(cfg: Config, run_id: str) -> tuple[Any, list[Any], list[Any]]:
+    """Create the learner, reward and rollout actors with their resources and failure policies.
+
+    Actors are named ``dpr-<run>-<role>-<i>`` so that operators (and the fault-injection test) can find them.
+    An off-policy run (``data.offline_dataset``) starts the learner only.
+    """
+    import ray
+
+    from actors.reward import RewardWorker
+    from actors.rollout import RolloutWorker
+    from cluster.resources import actor_resources
+    from learner.trainer import Learner
+
+    learner = ray.remote(Learner).options(
+        num_cpus=cfg.train.torch_threads, max_restarts=0, name=f"dpr-{run_id}-learner",
+        **actor_resources("learner", cfg.train.num_gpus, cfg.train.accelerator_type)).remote(cfg)
+    rewards = [
+        ray.remote(RewardWorker).options(
+            num_cpus=1, max_restarts=-1, max_task_retries=0, max_concurrency=256, name=f"dpr-{run_id}-reward-{i}",
+            **actor_resources("reward", cfg.reward.num_gpus)).remote(
+                cfg.reward.spec, cfg.reward.options, cfg.reward.max_batch, cfg.reward.max_wait_ms)
+        for i in range(cfg.reward.num_actors if not cfg.data.offline_dataset else 0)
+    ]
+    rollouts = [
+        ray.remote(RolloutWorker).options(
+            num_cpus=cfg.rollout.torch_threads, max_restarts=-1, max_task_retries=0, name=f"dpr-{run_id}-rollout-{i}",
+            **actor_resources("rollout", cfg.rollout.num_gpus, cfg.rollout.accelerator_type)).remote(cfg, i, rewards)
+        for i in range(cfg.rollout.num_actors if not cfg.data.offline_dataset else 0)
+    ]
+    wait_ready(learner, rollouts, rewards)
+    return learner, rollouts, rewards
+
+
+def wait_ready(learner: Any, rollouts: list[Any], rewards: list[Any]) -> None:
+    """Turn an actor that cannot start (bad path, bad reward option) into one line instead of a Ray traceback."""
+    import ray
+    from ray.exceptions import RayActorError
+
+    checks = [("learner", learner.__ray_ready__.remote())]
+    checks += [(f"reward actor {i}", a.__ray_ready__.remote()) for i, a in enumerate(rewards)]
+    checks += [(f"rollout actor {i}", a.__ray_ready__.remote()) for i, a in enumerate(rollouts)]
+    for name, ref in checks:
+        try:
+            ray.get(ref)
+        except RayActorError as e:
+            raise ConfigError(f"{name} failed to start: {root_cause(e)}") from None
+
+
+def root_cause(e: BaseException) -> str:
+    """The last line of the innermost error message (what the user can act on)."""
+    lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+    errs = [ln for ln in lines if "Error:" in ln or "Exception:" in ln]
+    return (errs or lines or [type(e).__name__])[-1]
+
+
+def run(cfg: Config, resume: bool = False) -> dict[str, Any]:
+    import ray
+
+    from learner.loop import Orchestrator, held_out_summary
+    from learner.metrics import RunLogger
+
+    train_prompts, eval_prompts = check_inputs(cfg)
+    out = Path(cfg.output.dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2, default=str))
+    t0 = time.perf_counter()
+    owns_ray = start_ray(cfg)
+    actors: list[Any] = []
+    try:
+        learner, rollouts, rewards = launch(cfg, uuid.uuid4().hex[:6])
+        actors = [learner, *rollouts, *rewards]
+        with RunLogger(out, tensorboard=cfg.output.tensorboard) as logger:
+            orch = Orchestrator(cfg, learner, rollouts, rewards, out, train_prompts, eval_prompts, logger, resume)
+            after = orch.run()
+            before = orch.eval_results.get("before")
+    finally:
+        for actor in actors:
+            ray.kill(actor, no_restart=True)
+        if owns_ray:
+            ray.shutdown()
+    seconds = time.perf_counter() - t0
+    c = orch.counters
+    summary = {"steps": c.steps, "chains": c.chains, "seconds": seconds, "images_per_s": c.chains / seconds,
+               "actor_failures": c.actor_failures, "dropped_stale_pairs": c.pairs_dropped_stale,
+               "nonfinite_skipped": c.nonfinite_skipped, "staleness": c.staleness_hist,
+               "after": after["heldout_reward_mean"], "after_se": after["heldout_reward_sem"],
+               "actor_chains_per_s": {str(a): r for a, r in orch.balancer.rates.items()},
+               "actor_batch": [orch.balancer.size(a) for a in range(len(orch.rollouts))]}
+    if before is not None:
+        summary.update(held_out_summary(before, after))
+    (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    print_summary(summary, out)
+    return summary
+
+
+def print_summary(s: dict[str, Any], out: Path) -> None:
+    print(f"\n{'=' * 72}\nrun finished: {s['steps']} learner updates, {s['chains']} chains in {s['seconds']:.0f} s "
+          f"({s['images_per_s']:.1f} images/s)")
+    if "before" in s:
+        print(f"held-out reward  before: {s['before']:.4f} ± {s['before_se']:.4f}   "
+              f"after: {s['after']:.4f} ± {s['after_se']:.4f}")
+        print(f"paired gain: {s['gain']:+.4f} ± {s['gain_se']:.4f}  ({s['gain_in_se']:.1f} standard errors)")
+    print(f"actor failures recovered: {s['actor_failures']}, stale pairs dropped: {s['dropped_stale_pairs']}, "
+          f"non-finite steps skipped: {s['nonfinite_skipped']}")
+    print(f"outputs: {out}/ (before_after.png, reward_curve.png, metrics.jsonl, tb/, checkpoints/)\n{'=' * 72}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+                        datefmt="%H:%M:%S")
+    from policy.components import ModelPathError
+    from rewards.base import RewardConfigError
+
+    try:
+        cfg, args = parse_args(argv)
+        run(cfg, resume=args.resume)
+    except (ConfigError, ModelPathError, RewardConfigError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except Exception as e:  # an error raised inside an actor: one line, the full trace is in Ray's logs
+        import ray
+
+        if not isinstance(e, ray.exceptions.RayError):
+            raise
+        print(f"error: {root_cause(e)} (full trace above and in /tmp/ray/session_latest/logs)", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("interrupted: resume with --resume (checkpoints are written every output.checkpoint_every updates)",
+              file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

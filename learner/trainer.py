@@ -1,0 +1,289 @@
+"""The learner role: recompute log-probs under policy and reference, apply the configured loss, step, publish.
+
+A plain class (Ray wraps it at launch). It holds one frozen base UNet with a trainable "policy" LoRA adapter
+and, when the reference moves, a "ref" adapter; a frozen reference is the base with adapters disabled.
+Loss × time weighting × reference strategy are independent config choices; every combination runs:
+
+- step pairs (TailorPO): both children share x_t, so one policy and one reference evaluation per pair give
+  both log-ratios; time weighting weighs the fixed steps (``TimeWeighting.weigh``).
+- trajectory pairs: ``dpo_logprob`` draws one step per pair (D3PO-style matching steps), ``dense_dpo`` draws
+  M shared step indices from Cat(γ^k) (dense-reward DPO), both via ``TimeWeighting.sample``.
+- ``diffusion_dpo`` on either kind: the clean latents of the pair (final latents, or the children's x̂_0) are
+  noised with the same t and ε (Wallace et al.), t drawn by the time weighting (Rethinking-DPO: Cat(γ^k) + λ(t)).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from typing import Any
+
+import pyarrow as pa
+import torch
+
+from actors.records import PairBatch, from_table
+from actors.reward import pick_device
+from learner.checkpoint import (
+    RngSnapshot,
+    capture_rng,
+    optimizer_state_to_tensors,
+    restore_rng,
+    tensors_to_optimizer_state,
+)
+from learner.config import Config, ConfigError
+from learner.losses import PairLoss, dense_dpo_loss, diffusion_dpo_loss, dpo_logprob_loss
+from learner.reference import FrozenReference, StableUpdateReference, divergence_estimate, kernel_kl
+from learner.time_weighting import TimeWeighting
+from policy import POLICY, REF, DiffusionPolicy, WeightState, export_state
+from policy.lora import adapter_parameters, copy_into
+from rewards.registry import build_reward
+
+CANDIDATE = "candidate"  # scratch adapter where a reference candidate is evaluated
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+class NonFiniteLossError(RuntimeError):
+    """Too many consecutive non-finite losses: training has diverged."""
+
+
+class Learner:
+    def __init__(self, cfg: Config):
+        torch.set_num_threads(cfg.train.torch_threads)
+        self.cfg = cfg
+        if cfg.time_weight.grid == "train" and cfg.loss.kind != "diffusion_dpo":
+            raise ConfigError("time_weight.grid=train needs loss.kind=diffusion_dpo (sampler log-probs exist only "
+                              "on the inference grid)")
+        torch.manual_seed(cfg.train.seed)
+        self.device = pick_device(cfg.model.device)
+        self.policy = DiffusionPolicy.from_pretrained(cfg.model.path, self.device, _DTYPES[cfg.model.dtype],
+                                                      cfg.sampler)
+        self.policy.add_lora(POLICY, cfg.lora, trainable=True)
+        self.moving_ref = cfg.reference.strategy == "stable_update"
+        self.reference: FrozenReference | StableUpdateReference = FrozenReference()
+        if self.moving_ref:
+            self.reference = StableUpdateReference(cfg.reference.tau, cfg.reference.delta, cfg.reference.ema)
+            self.policy.add_lora(REF, cfg.lora, trainable=False)
+            self.policy.add_lora(CANDIDATE, cfg.lora, trainable=False)
+        self.params = [p for p in self.policy.c.unet.parameters() if p.requires_grad]
+        self.optimizer = torch.optim.AdamW(self.params, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
+        self.time_weighting = TimeWeighting(cfg.time_weight, self.policy.alphas_cumprod, self.policy.timesteps)
+        self.generator = torch.Generator().manual_seed(cfg.train.seed)
+        self.step = 0  # optimizer steps taken
+        self.version = 0  # published policy versions
+        self.nan_in_a_row = 0
+        self.nan_total = 0
+        self._eval_reward = None
+        self._last_x0_w: torch.Tensor | None = None
+        self._last_prompts: list[str] = []
+
+    # ---- the update ---------------------------------------------------------------------------------------------
+    def update(self, records: pa.Table | pa.RecordBatch | PairBatch) -> dict[str, float]:
+        """One optimizer step on a batch of pairs; returns metrics. Non-finite losses skip the step."""
+        t0 = time.perf_counter()
+        batch = records if isinstance(records, PairBatch) else from_table(records)
+        self.policy.c.unet.train()
+        out, extra = self._loss(batch)
+        metrics = {"loss": float(out.loss.detach()), "accuracy": float((out.margin > 0).float().mean()),
+                   "margin": float(out.margin.mean()), "pairs": float(len(batch)), **extra}
+        t = batch.tensors
+        metrics["reward_w"] = float(t["reward_w"].mean())
+        metrics["reward_l"] = float(t["reward_l"].mean())
+        if not math.isfinite(metrics["loss"]):
+            return self._skip(metrics)
+        self.optimizer.zero_grad(set_to_none=True)
+        out.loss.backward()
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.params, self.cfg.train.grad_clip)
+        if not torch.isfinite(grad_norm):
+            return self._skip(metrics)
+        self.optimizer.step()
+        self.policy.c.unet.eval()
+        self.step += 1
+        self.nan_in_a_row = 0
+        metrics["grad_norm"] = float(grad_norm)
+        metrics.update(self._maybe_move_reference())
+        metrics["update_seconds"] = time.perf_counter() - t0
+        return metrics
+
+    def _skip(self, metrics: dict[str, float]) -> dict[str, float]:
+        self.optimizer.zero_grad(set_to_none=True)
+        self.policy.c.unet.eval()
+        self.nan_in_a_row += 1
+        self.nan_total += 1
+        metrics.update(skipped_nonfinite=1.0, nonfinite_total=float(self.nan_total))
+        if self.nan_in_a_row >= self.cfg.train.max_nan_steps:
+            raise NonFiniteLossError(
+                f"{self.nan_in_a_row} non-finite losses in a row at step {self.step}: training diverged; lower "
+                f"train.lr or loss.beta (limit: train.max_nan_steps={self.cfg.train.max_nan_steps})")
+        return metrics
+
+    @property
+    def ref_adapter(self) -> str | None:
+        return REF if self.moving_ref and self.reference.state is not None else None
+
+    def _loss(self, batch: PairBatch) -> tuple[PairLoss, dict[str, float]]:
+        self._remember_winners(batch)
+        kind = self.cfg.loss.kind
+        if kind == "diffusion_dpo":
+            return self._diffusion_dpo(batch)
+        if batch.kind == "step":
+            return self._step_pairs(batch)
+        return self._trajectory_pairs(batch)
+
+    def _logratios(self, x_t: torch.Tensor, t: torch.Tensor, emb, *x_prev: torch.Tensor) -> list[torch.Tensor]:
+        """log π_θ − log π_ref of each ``x_prev`` given x_t (one policy and one reference evaluation)."""
+        with torch.no_grad():
+            mu_ref, _, _ = self.policy.mean(x_t, t, emb, adapter=self.ref_adapter)
+        mu, sigma, _ = self.policy.mean(x_t, t, emb, adapter=POLICY)
+        return [self.policy.logratio(x, mu, mu_ref, sigma) for x in x_prev]
+
+    def _step_pairs(self, batch: PairBatch) -> tuple[PairLoss, dict[str, float]]:
+        t = batch.tensors
+        emb = self.policy.encode_prompts(batch.prompts)
+        dev = self.device
+        lw, ll = self._logratios(t["x_t"].to(dev), t["timestep"].to(dev), emb, t["x_w"].to(dev), t["x_l"].to(dev))
+        beta_scale, weight = self.time_weighting.weigh(t["step_index"])
+        extra = {"kl_ref": float((lw + ll).detach().mean() / 2)}
+        if self.cfg.loss.kind == "dense_dpo":
+            loss = dense_dpo_loss(lw[:, None], ll[:, None], scale_c=self.cfg.loss.scale_c, kappa=self.cfg.loss.kappa)
+            return loss, extra
+        return dpo_logprob_loss(lw, ll, self.cfg.loss.beta, ratio_clip=self.cfg.loss.ratio_clip,
+                                beta_scale=beta_scale.to(dev), weights=weight.to(dev)), extra
+
+    def _trajectory_pairs(self, batch: PairBatch) -> tuple[PairLoss, dict[str, float]]:
+        t = batch.tensors
+        b = len(batch)
+        dense = self.cfg.loss.kind == "dense_dpo"
+        m = self.cfg.loss.num_step_samples if dense else 1
+        steps = self.time_weighting.sample(m if dense else b, self.generator)
+        k = steps.index.expand(b, m) if dense else steps.index.view(b, 1)  # [B, M] chain positions
+        rows = torch.arange(b).view(b, 1).expand(b, m)
+        dev = self.device
+
+        def gather(name: str, offset: int) -> torch.Tensor:
+            return t[name][rows, k + offset].flatten(0, 1).to(dev)
+
+        x_t = torch.cat([gather("latents_w", 0), gather("latents_l", 0)])
+        x_prev = torch.cat([gather("latents_w", 1), gather("latents_l", 1)])
+        ts = t["timesteps"][rows, k].flatten().to(dev).repeat(2)
+        emb = self.policy.encode_prompts([p for p in batch.prompts for _ in range(m)] * 2)
+        (lr,) = self._logratios(x_t, ts, emb, x_prev)
+        lw, ll = lr[: b * m].view(b, m), lr[b * m :].view(b, m)
+        extra = {"kl_ref": float(lr.detach().mean())}
+        if dense:
+            weights = steps.weight.to(dev) if self.cfg.time_weight.discount_as == "weight" else None
+            return dense_dpo_loss(lw, ll, scale_c=self.cfg.loss.scale_c, kappa=self.cfg.loss.kappa,
+                                  step_weights=weights), extra
+        return dpo_logprob_loss(lw[:, 0], ll[:, 0], self.cfg.loss.beta, ratio_clip=self.cfg.loss.ratio_clip,
+                                beta_scale=steps.beta_scale.to(dev), weights=steps.weight.to(dev)), extra
+
+    def _clean_pairs(self, batch: PairBatch) -> tuple[torch.Tensor, torch.Tensor]:
+        t = batch.tensors
+        if batch.kind == "step":
+            return t["x0_w"], t["x0_l"]
+        return t["latents_w"][:, -1], t["latents_l"][:, -1]
+
+    def _noised(self, x0: torch.Tensor, timesteps: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+        a = self.policy.alphas_cumprod[timesteps.cpu()].float().view(-1, *([1] * (x0.ndim - 1))).to(x0.device)
+        return a.sqrt() * x0 + (1 - a).sqrt() * noise
+
+    def _eps_mse(self, x_t, t, emb, noise, adapter) -> torch.Tensor:
+        eps = self.policy.eps(x_t, t, emb, adapter=adapter, guidance_scale=1.0)
+        return (eps - noise).square().flatten(1).mean(1)
+
+    def _diffusion_dpo(self, batch: PairBatch) -> tuple[PairLoss, dict[str, float]]:
+        x0_w, x0_l = (x.to(self.device).float() for x in self._clean_pairs(batch))
+        b = len(batch)
+        steps = self.time_weighting.sample(b, self.generator)
+        noise = torch.randn(x0_w.shape, generator=self.generator).to(self.device)
+        x_t = torch.cat([self._noised(x0_w, steps.timestep, noise), self._noised(x0_l, steps.timestep, noise)])
+        ts, eps = steps.timestep.to(self.device).repeat(2), noise.repeat(2, 1, 1, 1)
+        emb = self.policy.encode_prompts(batch.prompts * 2)
+        with torch.no_grad():
+            mse_ref = self._eps_mse(x_t, ts, emb, eps, self.ref_adapter)
+        mse = self._eps_mse(x_t, ts, emb, eps, POLICY)
+        loss = diffusion_dpo_loss(mse[:b], mse_ref[:b], mse[b:], mse_ref[b:], self.cfg.loss.beta,
+                                  beta_scale=steps.beta_scale.to(self.device), weights=steps.weight.to(self.device))
+        return loss, {"kl_ref": float((mse_ref - mse).detach().mean())}
+
+    # ---- reference ----------------------------------------------------------------------------------------------
+    def _remember_winners(self, batch: PairBatch) -> None:
+        if self.moving_ref:
+            n = self.cfg.reference.divergence_samples
+            self._last_x0_w = self._clean_pairs(batch)[0][:n].float()
+            self._last_prompts = batch.prompts[:n]
+
+    def policy_tensors(self) -> dict[str, torch.Tensor]:
+        return {k: p.detach() for k, p in adapter_parameters(self.policy.c.unet, POLICY).items()}
+
+    def divergence(self, candidate: dict[str, torch.Tensor]) -> float:
+        """D(candidate ‖ initial model) on the last batch's winners (Rethinking-DPO Eq. 7/8; see reference.py)."""
+        copy_into(self.policy.c.unet, CANDIDATE, candidate)
+        x0 = self._last_x0_w.to(self.device)
+        emb = self.policy.encode_prompts(self._last_prompts)
+        steps = self.time_weighting.sample(len(x0), self.generator)
+        noise = torch.randn(x0.shape, generator=self.generator).to(self.device)
+        x_t, ts = self._noised(x0, steps.timestep, noise), steps.timestep.to(self.device)
+        with torch.no_grad():
+            eps_c = self.policy.eps(x_t, ts, emb, adapter=CANDIDATE, guidance_scale=1.0)
+            eps_i = self.policy.eps(x_t, ts, emb, adapter=None, guidance_scale=1.0)
+        if self.cfg.reference.divergence == "kernel_kl":
+            return float(kernel_kl(eps_c, eps_i))
+        return float(divergence_estimate(noise, eps_c, eps_i))
+
+    def _maybe_move_reference(self) -> dict[str, float]:
+        if not self.moving_ref or self._last_x0_w is None:
+            return {}
+        event = self.reference.maybe_update(self.step, self.policy_tensors(), self.divergence)
+        if event is None:
+            return {}
+        if event.action == "replaced":
+            copy_into(self.policy.c.unet, REF, self.reference.state, self.reference.version)
+        return {"ref_divergence": event.divergence, "ref_replaced": float(event.action == "replaced"),
+                "ref_frozen": float(self.reference.frozen)}
+
+    # ---- publishing, evaluation ---------------------------------------------------------------------------------
+    def publish(self, dtype: torch.dtype | None = None) -> WeightState:
+        """A new policy version as adapter bytes (cast to the rollout dtype)."""
+        self.version += 1
+        return export_state(self.policy.c.unet, POLICY, self.version, dtype)
+
+    def current_weights(self, dtype: torch.dtype | None = None) -> WeightState:
+        return export_state(self.policy.c.unet, POLICY, self.version, dtype)
+
+    def evaluate(self, prompts: list[str], seeds: list[int]) -> dict[str, Any]:
+        """Fixed-seed samples of the current policy and their rewards (held-out evaluation)."""
+        if self._eval_reward is None:
+            self._eval_reward = build_reward(self.cfg.reward.spec, self.cfg.reward.options).to(self.device)
+        roll = self.policy.sample(prompts, seeds, adapter=POLICY)
+        with torch.no_grad():
+            rewards = self._eval_reward(roll.images, prompts).float().cpu()
+        return {"rewards": rewards, "images": roll.images.cpu()}
+
+    # ---- checkpoints --------------------------------------------------------------------------------------------
+    def checkpoint(self) -> tuple[dict[str, dict[str, torch.Tensor]], dict[str, Any]]:
+        """Everything needed to resume exactly: adapter and reference tensors, optimizer, counters, RNG states
+        (captured here, in the learner's process, which is where they live)."""
+        opt_tensors, opt_skeleton = optimizer_state_to_tensors(self.optimizer.state_dict())
+        rng = capture_rng({"learner": self.generator})
+        ref = self.reference.state_dict()
+        ref_state = ref.pop("state", None)
+        ref["history"] = [list(e) for e in ref.get("history", [])]
+        groups = {"policy": {k: v.clone() for k, v in self.policy_tensors().items()}, "optimizer": opt_tensors,
+                  "rng": rng.tensors}
+        if ref_state is not None:
+            groups["ref"] = ref_state
+        state = {"step": self.step, "version": self.version, "nan_total": self.nan_total,
+                 "nan_in_a_row": self.nan_in_a_row, "reference": ref, "optimizer": opt_skeleton, "rng": rng.json}
+        return groups, state
+
+    def restore(self, tensors: dict[str, dict[str, torch.Tensor]], state: dict[str, Any]) -> int:
+        """Load a checkpoint made by ``checkpoint``; returns the step it resumes from."""
+        copy_into(self.policy.c.unet, POLICY, tensors["policy"])
+        self.reference.load_state_dict(dict(state["reference"], state=tensors.get("ref")))
+        if self.moving_ref and self.reference.state is not None:
+            copy_into(self.policy.c.unet, REF, self.reference.state, self.reference.version)
+        self.optimizer.load_state_dict(tensors_to_optimizer_state(tensors["optimizer"], state["optimizer"]))
+        self.step, self.version = int(state["step"]), int(state["version"])
+        self.nan_total, self.nan_in_a_row = int(state["nan_total"]), int(state["nan_in_a_row"])
+        restore_rng(RngSnapshot(state["rng"], tensors["rng"]), {"learner": self.generator})
+        return self.step

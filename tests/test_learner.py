@@ -1,0 +1,192 @@
+"""The roles as plain Python objects (no Ray): rollout records, weight sync, every loss × pair kind × time
+weighting, reference strategies, NaN handling and exact checkpoint resume."""
+
+from __future__ import annotations
+
+import pyarrow as pa
+import pytest
+import torch
+
+from actors.records import from_table
+from actors.rollout import RolloutWorker, StaleWeightsError
+from learner.checkpoint import load_checkpoint, save_checkpoint
+from learner.trainer import Learner, NonFiniteLossError
+from policy import POLICY
+
+PROMPTS = ["a red circle on the left", "a blue square on the right", "a green triangle at the top",
+           "a yellow circle at the bottom"]
+
+
+def _records(cfg, n: int = 4, seed0: int = 0) -> pa.RecordBatch:
+    worker = RolloutWorker(cfg)
+    batch, stats = worker.generate(PROMPTS[:n], list(range(n)), [seed0 + i for i in range(n)], expected_version=0)
+    assert stats["chains"] > 0 and stats["seconds"] > 0
+    return batch
+
+
+def _pair_logprobs(learner: Learner, batch) -> tuple[torch.Tensor, torch.Tensor]:
+    """log π(x_w | x_t) and log π(x_l | x_t) under the learner's current policy."""
+    t = batch.tensors
+    emb = learner.policy.encode_prompts(batch.prompts)
+    with torch.no_grad():
+        lw = learner.policy.logprob(t["x_t"], t["x_w"], t["timestep"], emb, adapter=POLICY)
+        ll = learner.policy.logprob(t["x_t"], t["x_l"], t["timestep"], emb, adapter=POLICY)
+    return lw, ll
+
+
+def test_step_records_and_the_learners_sanity_check(make_config):
+    cfg = make_config()
+    records = _records(cfg)
+    batch = from_table(records)
+    assert batch.kind == "step" and len(batch) == 4 * 3  # 3 branch steps per chain
+    t = batch.tensors
+    assert bool((t["reward_w"] >= t["reward_l"]).all())
+    assert sorted(set(t["step_index"].tolist())) == [0, 2, 4]
+    learner = Learner(cfg)
+    lw, ll = _pair_logprobs(learner, batch)  # same weights as the sampler: stored log-probs are reproduced
+    per = 4 * 8 * 8
+    assert (lw - t["logp_w"]).abs().max() / per < 1e-4 and (ll - t["logp_l"]).abs().max() / per < 1e-4
+
+
+def test_trajectory_records_share_x_T_and_rank_by_final_reward(make_config):
+    cfg = make_config(pairs={"kind": "trajectory"})
+    batch = from_table(_records(cfg, n=3))
+    t = batch.tensors
+    assert batch.kind == "trajectory" and len(batch) == 3
+    assert t["latents_w"].shape == (3, 7, 4, 8, 8) and t["logps_w"].shape == (3, 6)
+    assert torch.equal(t["latents_w"][:, 0], t["latents_l"][:, 0])  # same x_T (D3PO)
+    assert not torch.equal(t["latents_w"][:, -1], t["latents_l"][:, -1])
+    assert bool((t["reward_w"] >= t["reward_l"]).all())
+
+
+def test_weight_sync_by_version_and_checksum(make_config):
+    cfg = make_config()
+    learner, worker = Learner(cfg), RolloutWorker(cfg)
+    learner.update(_records(cfg))
+    state = learner.publish()
+    assert state.version == 1
+    with pytest.raises(StaleWeightsError, match="holds weights v0, asked for v1"):
+        worker.generate(PROMPTS[:1], [0], [0], expected_version=1)
+    report = worker.set_weights(state)
+    assert (report.version, report.checksum) == (1, state.checksum)
+    batch = from_table(worker.generate(PROMPTS[:2], [0, 1], [5, 6], expected_version=1)[0])
+    assert set(batch.tensors["policy_version"].tolist()) == {1}
+    lw, _ = _pair_logprobs(learner, batch)  # the learner reproduces what the updated worker sampled
+    assert (lw - batch.tensors["logp_w"]).abs().max() / 256 < 1e-4
+
+
+def test_one_step_raises_the_winner_log_prob_margin(make_config):
+    cfg = make_config(train={"lr": 5e-2})
+    batch = from_table(_records(cfg))
+    learner = Learner(cfg)
+    lw0, ll0 = _pair_logprobs(learner, batch)
+    metrics = learner.update(batch)
+    lw1, ll1 = _pair_logprobs(learner, batch)
+    assert metrics["loss"] == pytest.approx(0.6931, abs=1e-3)  # policy == reference at the start
+    assert float((lw1 - ll1).mean()) > float((lw0 - ll0).mean())
+
+
+COMBOS = [
+    ("step_branch", "dpo_logprob", {"mode": "uniform"}, {"ratio_clip": 0.5}),
+    ("step_branch", "dpo_logprob", {"mode": "discount", "gamma": 0.8}, {}),
+    ("step_branch", "dpo_logprob", {"mode": "timestep_aware", "gamma": 0.9}, {}),
+    ("step_branch", "dense_dpo", {"mode": "uniform"}, {"kappa": 10.0}),
+    ("step_branch", "diffusion_dpo", {"mode": "timestep_aware", "grid": "train"}, {"beta": 50.0}),
+    ("trajectory", "dpo_logprob", {"mode": "discount", "discount_as": "weight"}, {}),
+    ("trajectory", "dense_dpo", {"mode": "discount", "gamma": 0.9}, {"kappa": 10.0, "num_step_samples": 3}),
+    ("trajectory", "dense_dpo", {"mode": "discount", "discount_as": "weight"}, {"kappa": None}),
+    ("trajectory", "diffusion_dpo", {"mode": "timestep_aware"}, {"beta": 50.0}),
+    ("trajectory", "diffusion_dpo", {"mode": "uniform", "grid": "train"}, {"beta": 50.0}),
+]
+
+
+@pytest.mark.parametrize("pairs,loss,time_weight,loss_opts", COMBOS)
+def test_every_loss_pair_and_time_weighting_trains(make_config, pairs, loss, time_weight, loss_opts):
+    cfg = make_config(pairs={"kind": pairs}, loss={"kind": loss, **loss_opts}, time_weight=time_weight,
+                      train={"lr": 2e-2})
+    records = _records(cfg, n=3)
+    learner = Learner(cfg)
+    before = {k: v.clone() for k, v in learner.policy_tensors().items()}
+    m1 = learner.update(records)
+    m2 = learner.update(records)
+    assert all(torch.isfinite(torch.tensor(m[k])) for m in (m1, m2) for k in ("loss", "grad_norm", "kl_ref"))
+    assert any(not torch.equal(before[k], v) for k, v in learner.policy_tensors().items())
+    if pairs == "step_branch" and loss != "diffusion_dpo":  # no random step/noise draw: same loss terms
+        assert m2["loss"] < m1["loss"]  # the same batch twice: the second step sees the first's progress
+
+
+def test_stable_update_reference_replaces_then_freezes(make_config):
+    cfg = make_config(reference={"strategy": "stable_update", "tau": 1, "delta": 1e9, "divergence": "kernel_kl"},
+                      train={"lr": 5e-2})
+    records = _records(cfg)
+    learner = Learner(cfg)
+    assert learner.ref_adapter is None  # the initial model until the first replacement
+    m = learner.update(records)
+    assert m["ref_replaced"] == 1.0 and learner.ref_adapter == "ref"
+    ref_params = {k.replace(".ref.", "."): p for k, p in learner.policy.c.unet.named_parameters() if ".ref." in k}
+    for k, v in learner.policy_tensors().items():
+        assert torch.equal(ref_params[k], v)  # the reference equals the policy right after a replacement
+    learner.reference.delta = 1e-12  # now every candidate is too far from the initial model
+    m = learner.update(records)
+    assert m["ref_frozen"] == 1.0 and m["ref_replaced"] == 0.0 and m["ref_divergence"] > 1e-12
+    frozen = {k: v.clone() for k, v in learner.reference.state.items()}
+    learner.update(records)
+    assert all(torch.equal(frozen[k], v) for k, v in learner.reference.state.items())
+
+
+def test_kernel_kl_divergence_is_zero_for_the_initial_model(make_config):
+    cfg = make_config(reference={"strategy": "stable_update", "tau": 1, "divergence": "kernel_kl"})
+    learner = Learner(cfg)
+    learner._remember_winners(from_table(_records(cfg, n=2)))
+    zero = {k: torch.zeros_like(v) for k, v in learner.policy_tensors().items()}
+    assert learner.divergence(zero) == 0.0
+    moved = {k: v + 0.05 * torch.randn_like(v) for k, v in zero.items()}
+    assert learner.divergence(moved) > 0
+
+
+def test_nonfinite_losses_are_skipped_then_stop_the_run(make_config):
+    cfg = make_config(train={"max_nan_steps": 2})
+    records = _records(cfg, n=2)
+    learner = Learner(cfg)
+    bad = from_table(records)
+    bad.tensors["x_w"] = torch.full_like(bad.tensors["x_w"], float("nan"))
+    before = {k: v.clone() for k, v in learner.policy_tensors().items()}
+    m = learner.update(bad)
+    assert m["skipped_nonfinite"] == 1.0 and learner.step == 0
+    assert all(torch.equal(before[k], v) for k, v in learner.policy_tensors().items())
+    with pytest.raises(NonFiniteLossError, match="2 non-finite losses in a row"):
+        learner.update(bad)
+
+
+def test_checkpoint_resume_is_exact(make_config, tmp_path):
+    cfg = make_config(reference={"strategy": "stable_update", "tau": 1, "delta": 1e9},
+                      pairs={"kind": "trajectory"}, loss={"kind": "dense_dpo", "kappa": 10.0},
+                      time_weight={"mode": "discount"})
+    records = _records(cfg, n=3)
+    a = Learner(cfg)
+    a.update(records)
+    groups, state = a.checkpoint()
+    path = save_checkpoint(tmp_path / "ck", a.step, groups, state)
+    a.update(records)
+    a.update(records)
+    b = Learner(cfg)
+    tensors, loaded = load_checkpoint(path)
+    assert b.restore(tensors, loaded) == 1
+    b.update(records)
+    b.update(records)
+    for k, v in a.policy_tensors().items():
+        assert torch.equal(v, b.policy_tensors()[k])
+    assert a.reference.version == b.reference.version == 3
+
+
+def test_guidance_moves_winners_up_the_reward(make_config):
+    cfg = make_config(guidance={"kind": "reward_gradient", "eta_lo": 0.5, "eta_hi": 1.0, "max_grad_norm": 50.0})
+    worker = RolloutWorker(cfg)
+    batch = from_table(worker.generate(PROMPTS, [0, 1, 2, 3], [0, 1, 2, 3], expected_version=0)[0])
+    t = batch.tensors
+    assert t["guided"].any(), "some winners should have been moved"
+    # a guided winner's stored log-prob is its density under the Gaussian it was pushed away from
+    learner = Learner(cfg)
+    lw, _ = _pair_logprobs(learner, batch)
+    assert (lw - t["logp_w"]).abs().max() / 256 < 1e-4
+    assert bool((t["reward_w"] >= t["reward_l"]).all())
