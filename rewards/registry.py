@@ -8,6 +8,7 @@ lazily (``_MODULES``) so that asking for an analytic reward never imports open_c
 from __future__ import annotations
 
 import importlib
+import inspect
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -53,6 +54,15 @@ def _factory(name: str) -> Callable[..., Reward]:
     return _FACTORIES[name]
 
 
+def _make(name: str, kwargs: dict[str, Any]) -> Reward:
+    factory = _factory(name)
+    params = inspect.signature(factory).parameters
+    unknown = sorted(set(kwargs) - set(params))
+    if unknown and not any(p.kind is p.VAR_KEYWORD for p in params.values()):
+        raise RewardConfigError(f"reward_options.{name}: unknown option(s) {unknown}; allowed: {sorted(params)}")
+    return factory(**kwargs)
+
+
 class WeightedSum(Reward):
     """Σ_i w_i · r_i; differentiable only if every part is."""
 
@@ -76,5 +86,5 @@ def build_reward(spec: str | Mapping[str, float], options: Mapping[str, Mapping[
     weights = {spec: 1.0} if isinstance(spec, str) else dict(spec)
     if not weights:
         raise RewardConfigError("reward spec is empty; name at least one reward")
-    parts = [(float(w), _factory(name)(**dict(options.get(name, {})))) for name, w in weights.items()]
+    parts = [(float(w), _make(name, dict(options.get(name, {})))) for name, w in weights.items()]
     return parts[0][1] if len(parts) == 1 and parts[0][0] == 1.0 else WeightedSum(parts)
