@@ -80,19 +80,19 @@ class RolloutWorker:
             else:
                 kind, columns = "trajectory", self._trajectories(list(prompts), list(seeds))
         n = len(prompts)
+        chains = n * (2 if kind == "trajectory" else 1)
+        slow = self.cfg.rollout.slowdown_s
+        if slow:  # simulated slower hardware: extra seconds per chain and denoising step
+            time.sleep(slow[self.actor_id % len(slow)] * chains * self.cfg.sampler.num_steps)
         columns.update(prompt_id=torch.as_tensor(list(prompt_ids)).repeat(len(columns["prompt"]) // n),
                        policy_version=torch.full((len(columns["prompt"]),), self.version),
                        actor_id=torch.full((len(columns["prompt"]),), self.actor_id),
                        round=torch.full((len(columns["prompt"]),), round_index))
         seconds = time.perf_counter() - t0
-        stats = {"chains": float(n * (2 if kind == "trajectory" else 1)), "seconds": seconds,
+        stats = {"chains": float(chains), "seconds": seconds,
                  "pairs": float(len(columns["prompt"])), "steps": float(n * self.cfg.sampler.num_steps)}
         return to_record_batch(kind, columns), stats
 
-    def _pause(self) -> None:
-        slow = self.cfg.rollout.slowdown_s
-        if slow and slow[self.actor_id % len(slow)]:
-            time.sleep(slow[self.actor_id % len(slow)])
 
     def _rank(self, children: torch.Tensor, k: int, embeds, prompts: list[str]):
         """Rewards of each child's x̂_0 ([2, B]) and the children's ε̂ at the next timestep (None at the end)."""
@@ -133,7 +133,6 @@ class RolloutWorker:
         rows: dict[str, list] = {k: [] for k in ("x_t", "x_w", "x_l", "x0_w", "x0_l", "reward_w", "reward_l",
                                                   "logp_w", "logp_l", "guided", "step_index", "timestep")}
         for k, t in enumerate(pol.timesteps):
-            self._pause()
             if k not in branch:
                 x, eps_next = pol.step(x, t, embeds, gens, eps=eps_next).x_prev, None
                 continue

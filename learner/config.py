@@ -150,7 +150,7 @@ class RolloutConfig:
     num_gpus: float = 0.0
     accelerator_type: str | None = None
     torch_threads: int = 1
-    # testing aid: extra seconds per denoising step, actor i takes slowdown_s[i % len] (simulates slow GPUs)
+    # testing aid: extra seconds per chain and denoising step, actor i takes slowdown_s[i % len] (slow GPUs)
     slowdown_s: tuple[float, ...] = ()
 
     def __post_init__(self) -> None:

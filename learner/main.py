@@ -204,13 +204,15 @@ def print_summary(s: dict[str, Any], out: Path) -> None:
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
                         datefmt="%H:%M:%S")
+    from learner.loop import LearnerDiedError, WeightSyncError
     from policy.components import ModelPathError
     from rewards.base import RewardConfigError
 
     try:
         cfg, args = parse_args(argv)
         run(cfg, resume=args.resume)
-    except (ConfigError, ModelPathError, RewardConfigError, FileNotFoundError) as e:
+    except (ConfigError, ModelPathError, RewardConfigError, FileNotFoundError, LearnerDiedError,
+            WeightSyncError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except Exception as e:  # an error raised inside an actor: one line, the full trace is in Ray's logs
