@@ -1,0 +1,234 @@
+"""The embedded world: scenes, split, prompt-aware rewards (against float64 references) and the committed model."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+from rewards.base import RewardConfigError
+from rewards.registry import build_reward
+from rewards.world import DEFAULT_CAP, WorldFidelity, WorldPreference, WorldReward
+from world.scenes import (
+    COLOURS,
+    JITTER,
+    POSITIONS,
+    RADIUS_RANGE,
+    SHAPES,
+    Scene,
+    all_triples,
+    parse_prompt,
+    prompt_of,
+    render,
+    render_batch,
+    sample_scenes,
+    split_prompts,
+    vocabulary,
+)
+
+MODEL_DIR = Path(__file__).resolve().parents[1] / "world" / "model"
+OTHER_POSITION = {"left": "right", "right": "left", "top": "bottom", "bottom": "top", "center": "left"}
+
+
+# ---- scenes ---------------------------------------------------------------------------------------------------
+def test_every_combination_round_trips_and_renders():
+    for triple in all_triples():
+        prompt = prompt_of(triple)
+        assert parse_prompt(prompt) == triple
+        assert set(prompt.split()) <= set(vocabulary())
+        scene = sample_scenes([prompt], 1, seed=0)[0]
+        assert (scene.colour, scene.shape, scene.position) == triple and prompt_of(scene) == prompt
+        image = render(scene)
+        assert image.shape == (3, 32, 32) and image.dtype == torch.float32
+        assert image.min() >= 0.0 and image.max() <= 1.0
+        # the shape's colour is really drawn: some pixel equals it
+        rgb = torch.tensor(COLOURS[triple[0]])[:, None, None]
+        assert (image - rgb).abs().amax(0).min() < 1e-6
+
+
+def test_parse_prompt_normalises_case_and_spaces_and_rejects_the_rest():
+    assert parse_prompt("  A Red   circle on the LEFT ") == ("red", "circle", "left")
+    for bad in ("a purple circle on the left", "a red hexagon in the center", "a red circle", "", "red circle left"):
+        with pytest.raises(ValueError, match="outside the world grammar"):
+            parse_prompt(bad)
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+def test_render_has_the_equal_area_and_the_centre_it_was_given(shape):
+    """Coverage recovered from the pixels (independently of the SDF code) integrates to π r² around (cx, cy)."""
+    size = 128
+    scene = Scene("blue", shape, "center", cx=0.46, cy=0.53, radius=0.15, background=0.2, gradient=0.0)
+    image = render(scene, size).double()
+    rgb = torch.tensor(COLOURS["blue"], dtype=torch.float64)
+    coverage = (image[2] - 0.2) / (rgb[2] - 0.2)  # blue channel: the largest colour-background contrast
+    area = coverage.sum() / size**2
+    assert area.item() == pytest.approx(math.pi * 0.15**2, rel=0.01)
+    grid = (torch.arange(size, dtype=torch.float64) + 0.5) / size
+    cx = (coverage * grid[None, :]).sum() / coverage.sum()
+    cy = (coverage * grid[:, None]).sum() / coverage.sum()
+    assert cx.item() == pytest.approx(0.46, abs=2e-3)
+    assert cy.item() == pytest.approx(0.53, abs=2e-3)
+
+
+def test_split_holds_out_combinations_while_keeping_every_word_and_pair():
+    train, heldout = split_prompts(0)
+    assert len(heldout) == round(0.2 * len(all_triples())) and len(train) + len(heldout) == len(all_triples())
+    assert not set(train) & set(heldout)
+    train_t = [parse_prompt(p) for p in train]
+    for i, values in enumerate((COLOURS, SHAPES, POSITIONS)):
+        assert {t[i] for t in train_t} == set(values)
+    for i, j in ((0, 1), (0, 2), (1, 2)):
+        assert {(t[i], t[j]) for t in train_t} == {(t[i], t[j]) for t in all_triples()}
+    assert split_prompts(0) == (train, heldout)
+    assert split_prompts(1)[1] != heldout
+    with pytest.raises(ValueError, match="heldout_fraction"):
+        split_prompts(0, heldout_fraction=0.7)
+
+
+def test_sampling_is_deterministic_by_seed_and_stays_in_range():
+    prompts, _ = split_prompts(0)
+    a, b, c = (sample_scenes(prompts, 200, seed=s) for s in (3, 3, 4))
+    assert a == b and a != c
+    assert torch.equal(render_batch(a[:8]), render_batch(b[:8]))
+    for i, s in enumerate(a):
+        assert prompt_of(s) == prompts[i % len(prompts)]
+        assert RADIUS_RANGE[0] <= s.radius <= RADIUS_RANGE[1]
+        x, y = POSITIONS[s.position]
+        assert abs(s.cx - x) <= JITTER and abs(s.cy - y) <= JITTER
+    assert {s.radius for s in sample_scenes(prompts, 5, seed=0, radius=0.18)} == {0.18}
+
+
+# ---- rewards --------------------------------------------------------------------------------------------------
+def _reference(images: torch.Tensor, prompts: list[str], tau: float, a0: float, tol: float, s: float, cap: float,
+               w: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """float64, pixel by pixel, straight from the formulas in rewards/world.py's docstring (32x32 inputs)."""
+    fids, prefs = [], []
+    for image, prompt in zip(images.double(), prompts, strict=True):
+        colour, _, position = parse_prompt(prompt)
+        rgb = torch.tensor(COLOURS[colour], dtype=torch.float64)
+        tx, ty = POSITIONS[position]
+        mass = sx = sy = 0.0
+        for row in range(32):
+            for col in range(32):
+                d = torch.linalg.vector_norm(image[:, row, col] - rgb).item()
+                m = math.exp(-0.5 * (d / tau) ** 4)
+                mass, sx, sy = mass + m, sx + m * (col + 0.5) / 32, sy + m * (row + 0.5) / 32
+        area = mass / 1024
+        dist = math.hypot(sx / mass - tx, sy / mass - ty)
+        fids.append((1 - math.exp(-area / a0)) * math.exp(-max(0.0, dist - tol) ** 2 / (2 * s * s)))
+        prefs.append(max(0.0, 1 - abs(area / cap - 1)))
+    fid, pref = torch.tensor(fids, dtype=torch.float64), torch.tensor(prefs, dtype=torch.float64)
+    return fid, pref, fid + w * pref
+
+
+def _scored_batch(seed: int, n: int = 6) -> tuple[torch.Tensor, list[str]]:
+    """Renders of random prompts, sizes and nuisances, plus pixel noise: masks neither empty nor saturated."""
+    gen = torch.Generator().manual_seed(seed)
+    triples = all_triples()
+    prompts = [prompt_of(triples[i]) for i in torch.randint(len(triples), (n,), generator=gen)]
+    scenes = sample_scenes(prompts, n, seed=seed)
+    images = render_batch(scenes).double() + 0.08 * torch.randn(n, 3, 32, 32, generator=gen, dtype=torch.float64)
+    # score against the true prompt for half of the batch, against a moved one for the other half
+    shown = [p if i % 2 else prompt_of((s.colour, s.shape, OTHER_POSITION[s.position]))
+             for i, (p, s) in enumerate(zip(prompts, scenes, strict=True))]
+    return images.clamp(0, 1), shown
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_rewards_match_a_float64_reference(seed):
+    gen = torch.Generator().manual_seed(100 + seed)
+    tau, a0, tol, s, cap, w = (float(v) for v in torch.rand(6, generator=gen) * 0.1 + torch.tensor(
+        [0.17, 0.004, 0.04, 0.06, 0.08, 0.3]))
+    images, prompts = _scored_batch(seed)
+    fid, pref, total = _reference(images, prompts, tau, a0, tol, s, cap, w)
+    got_fid = WorldFidelity(bandwidth=tau, presence_area=a0, tolerance=tol, sigma=s)(images, prompts)
+    got_pref = WorldPreference(bandwidth=tau, cap=cap)(images, prompts)
+    got = WorldReward(preference_weight=w, bandwidth=tau, presence_area=a0, tolerance=tol, sigma=s, cap=cap)(
+        images, prompts)
+    assert fid.std() > 0.05 and pref.std() > 0.05  # the batch exercises the formulas, not a constant
+    torch.testing.assert_close(got_fid.double(), fid, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(got_pref.double(), pref, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(got.double(), total, rtol=1e-5, atol=1e-6)
+
+
+def test_ideal_renders_beat_wrong_colour_and_wrong_position():
+    prompts = [prompt_of(t) for t in all_triples()]
+    scenes = sample_scenes(prompts, len(prompts), seed=0, radius=RADIUS_RANGE[1])
+    images = render_batch(scenes)
+    wrong_pos = [prompt_of((s.colour, s.shape, OTHER_POSITION[s.position])) for s in scenes]
+    palette = list(COLOURS)
+    wrong_col = [prompt_of((palette[(palette.index(s.colour) + 1) % len(palette)], s.shape, s.position))
+                 for s in scenes]
+    for reward in (WorldFidelity(), WorldPreference(), WorldReward()):
+        ideal = reward(images, prompts)
+        assert ideal.shape == (len(prompts),) and ideal.dtype == torch.float32
+        assert (reward(images, wrong_col) < ideal - 0.5).all(), reward.name
+    fid = WorldFidelity()
+    assert (fid(images, prompts) > 0.99).all() and (fid(images, wrong_pos) < 0.35).all()
+    assert (WorldPreference()(images, prompts) > 0.85).all()
+    # smaller shapes (the data's average size) score lower on the preference: the headroom alignment can learn
+    small = render_batch(sample_scenes(prompts, len(prompts), seed=0, radius=RADIUS_RANGE[0]))
+    assert (WorldPreference()(small, prompts) < 0.35).all()
+    assert WorldReward()(small, prompts).max() < 1.25 < WorldReward()(images, prompts).min()
+
+
+def test_ranges_gradients_batch_and_resolution_invariance():
+    images, prompts = _scored_batch(3, n=8)
+    images = images.float().requires_grad_(True)
+    for reward, top in ((WorldFidelity(), 1.0), (WorldPreference(), 1.0), (WorldReward(), 1.5)):
+        assert reward.differentiable
+        scores = reward(images, prompts)
+        assert ((scores >= 0) & (scores <= top)).all()
+        (grad,) = torch.autograd.grad(scores.sum(), images)
+        assert torch.isfinite(grad).all() and grad.abs().sum() > 0, reward.name
+        with torch.no_grad():
+            single = torch.cat([reward(images[i : i + 1], prompts[i : i + 1]) for i in range(len(prompts))])
+            perm = torch.randperm(len(prompts), generator=torch.Generator().manual_seed(0))
+            flipped = reward(images[perm], [prompts[i] for i in perm])
+        torch.testing.assert_close(scores.detach(), single, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(flipped, scores.detach()[perm], rtol=1e-5, atol=1e-6)
+    # a 64x64 render of the same scenes scores about the same as the 32x32 one
+    scenes = sample_scenes([prompt_of(t) for t in all_triples()[:12]], 12, seed=5)
+    ps = [prompt_of(s) for s in scenes]
+    big = torch.stack([render(s, 64) for s in scenes])
+    torch.testing.assert_close(WorldReward()(big, ps), WorldReward()(render_batch(scenes), ps), atol=0.08, rtol=0)
+
+
+def test_registry_options_and_bad_input():
+    assert isinstance(build_reward("world"), WorldReward)
+    assert isinstance(build_reward("world_fidelity"), WorldFidelity)
+    pref = build_reward("world_preference", {"world_preference": {"cap": 0.05}})
+    assert isinstance(pref, WorldPreference) and pref.cap == 0.05 and DEFAULT_CAP != 0.05
+    with pytest.raises(RewardConfigError, match="preference_weight"):
+        WorldReward(preference_weight=-1)
+    with pytest.raises(RewardConfigError, match="bandwidth"):
+        WorldFidelity(bandwidth=float("nan"))
+    with pytest.raises(ValueError, match="outside the world grammar"):
+        WorldReward()(torch.rand(1, 3, 32, 32), ["a cat"])
+
+
+# ---- the committed model --------------------------------------------------------------------------------------
+def test_committed_model_loads_with_diffusers_and_is_small():
+    if not (MODEL_DIR / "model_index.json").is_file():
+        pytest.skip(f"{MODEL_DIR} not trained yet: run `python -m world.train --out world/model --seed 0`")
+    from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTokenizer
+
+    size_mb = sum(f.stat().st_size for f in MODEL_DIR.rglob("*") if f.is_file()) / 2**20
+    assert size_mb < 20
+    kw = {"local_files_only": True, "use_safetensors": True}
+    unet = UNet2DConditionModel.from_pretrained(MODEL_DIR, subfolder="unet", **kw)
+    vae = AutoencoderKL.from_pretrained(MODEL_DIR, subfolder="vae", **kw)
+    text = CLIPTextModel.from_pretrained(MODEL_DIR, subfolder="text_encoder", **kw)
+    tokenizer = CLIPTokenizer.from_pretrained(MODEL_DIR, subfolder="tokenizer", local_files_only=True)
+    scheduler = DDIMScheduler.from_pretrained(MODEL_DIR, subfolder="scheduler")
+    assert unet.config.sample_size == 8 and unet.config.cross_attention_dim == text.config.hidden_size
+    assert vae.config.scaling_factor != 1.0 and tokenizer.model_max_length == 16
+    assert scheduler.config.beta_schedule == "scaled_linear" and scheduler.config.prediction_type == "epsilon"
+    ids = tokenizer(vocabulary(), add_special_tokens=False).input_ids
+    assert all(i != tokenizer.unk_token_id for word in ids for i in word)
+    index = json.loads((MODEL_DIR / "model_index.json").read_text())
+    assert {"unet", "vae", "text_encoder", "tokenizer", "scheduler"} <= set(index)
