@@ -57,7 +57,8 @@ def test_seeds_fix_the_chain_independently_of_the_batch(policy):
     both = policy.sample(PROMPTS[:2], [5, 6], decode=False)
     alone = policy.sample(PROMPTS[1:2], [6], decode=False)
     again = policy.sample(PROMPTS[:2], [5, 6], decode=False)
-    torch.testing.assert_close(both.latents[:, 1:2], alone.latents, rtol=1e-4, atol=1e-5)
+    # equal up to float reassociation: GEMMs of batch 2 and batch 1 block their sums differently
+    torch.testing.assert_close(both.latents[:, 1:2], alone.latents, rtol=1e-4, atol=1e-4)
     assert torch.equal(both.latents, again.latents)
     other = policy.sample(PROMPTS[:2], [5, 7], decode=False)
     assert not torch.allclose(other.latents[-1, 1], both.latents[-1, 1])
