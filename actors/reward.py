@@ -17,22 +17,16 @@ from typing import Any
 
 import torch
 
+from policy.components import resolve_device
 from rewards.base import Reward
 from rewards.registry import build_reward
-
-
-def pick_device(requested: str = "auto") -> torch.device:
-    """``auto``: the GPU Ray gave this process if any, else the CPU."""
-    if requested == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(requested)
 
 
 class RewardWorker:
     def __init__(self, spec: dict[str, float], options: dict[str, dict[str, Any]] | None = None,
                  max_batch: int = 256, max_wait_ms: float = 2.0, device: str = "auto", torch_threads: int = 1):
         torch.set_num_threads(torch_threads)
-        self.device = pick_device(device)
+        self.device = resolve_device(device)
         self.reward: Reward = build_reward(spec, options).to(self.device)
         self.max_batch = max_batch
         self.max_wait_s = max_wait_ms / 1000

@@ -23,7 +23,7 @@ import pyarrow as pa
 import torch
 
 from actors.records import to_record_batch
-from actors.reward import RewardClient, pick_device
+from actors.reward import RewardClient
 from learner.config import Config, ConfigError
 from policy import POLICY, DiffusionPolicy, LoadReport, WeightState, load_state
 from policy.guidance import guidance_eta, reward_gradient_step
@@ -37,22 +37,18 @@ class StaleWeightsError(RuntimeError):
     """The worker does not hold the weights version the caller expects."""
 
 
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
 class RolloutWorker:
     def __init__(self, cfg: Config, actor_id: int = 0, reward_handles: Sequence[Any] = ()):
         torch.set_num_threads(cfg.rollout.torch_threads)
         self.cfg = cfg
         self.actor_id = actor_id
-        device = pick_device(cfg.model.device)
-        self.policy = DiffusionPolicy.from_pretrained(cfg.model.path, device, _DTYPES[cfg.model.dtype], cfg.sampler)
+        self.policy = DiffusionPolicy.from_pretrained(cfg.model.path, cfg.model.device, cfg.model.dtype, cfg.sampler)
         self.policy.add_lora(POLICY, cfg.lora, trainable=False)
         self.version = 0
         self.guided = cfg.guidance.kind == "reward_gradient"
         local = None
         if self.guided or not reward_handles:  # guidance needs the reward's gradient, so it must live here
-            local = build_reward(cfg.reward.spec, cfg.reward.options).to(device)
+            local = build_reward(cfg.reward.spec, cfg.reward.options).to(self.policy.device)
             if self.guided and not local.differentiable:
                 raise ConfigError(f"guidance.kind=reward_gradient needs a differentiable reward; {local.name} is not")
         self.reward = RewardClient(local, reward_handles)

@@ -192,10 +192,10 @@ class Orchestrator:
         self._log_rewards(batch)
 
     def _log_rewards(self, batch: pa.RecordBatch) -> None:
-        r = torch.as_tensor(batch.column("reward_w").to_numpy())
+        r = torch.tensor(batch.column("reward_w").to_numpy())  # a copy: Arrow buffers are read-only
         metrics = summary_stats(r, "train_reward_w")
         if "step_index" in batch.schema.names:
-            steps = torch.as_tensor(batch.column("step_index").to_numpy()).long()
+            steps = torch.tensor(batch.column("step_index").to_numpy()).long()
             buckets = min(4, self.cfg.sampler.num_steps)
             metrics.update(bucket_stats(r, steps, buckets, self.cfg.sampler.num_steps, name="reward_w"))
         self.logger.log(self.counters.steps, metrics, "rollout")
@@ -355,7 +355,8 @@ class Orchestrator:
         groups, state = self._learner(self.learner.checkpoint.remote())
         state["driver"] = {"counters": vars(self.counters), "cursor": self.stream.cursor,
                            "rates": {str(k): v for k, v in self.balancer.rates.items()},
-                           "eval_curve": [list(p) for p in self.eval_curve],
+                           # strict JSON: an undefined s.e. (one evaluation sample) is stored as null
+                           "eval_curve": [[s, m, e if math.isfinite(e) else None] for s, m, e in self.eval_curve],
                            "trajectory_rounds": self.traj_log.position() if self.traj_log else 0,
                            "elapsed": time.perf_counter() - self.started}
         path = save_checkpoint(self.out / "checkpoints", self.counters.steps, groups, state,
@@ -374,7 +375,7 @@ class Orchestrator:
         self.counters = Counters(**d["counters"])
         self.stream.cursor = int(d["cursor"])
         self.balancer.rates = {int(k): float(v) for k, v in d["rates"].items()}
-        self.eval_curve = [tuple(p) for p in d["eval_curve"]]
+        self.eval_curve = [(s, m, math.nan if e is None else e) for s, m, e in d["eval_curve"]]
         if self.traj_log is not None:
             self.traj_log.truncate_after(int(d["trajectory_rounds"]) - 1)
         self.started -= float(d["elapsed"])

@@ -22,7 +22,6 @@ import pyarrow as pa
 import torch
 
 from actors.records import PairBatch, from_table
-from actors.reward import pick_device
 from learner.checkpoint import (
     RngSnapshot,
     capture_rng,
@@ -39,7 +38,6 @@ from policy.lora import adapter_parameters, copy_into
 from rewards.registry import build_reward
 
 CANDIDATE = "candidate"  # scratch adapter where a reference candidate is evaluated
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 class NonFiniteLossError(RuntimeError):
@@ -54,9 +52,8 @@ class Learner:
             raise ConfigError("time_weight.grid=train needs loss.kind=diffusion_dpo (sampler log-probs exist only "
                               "on the inference grid)")
         torch.manual_seed(cfg.train.seed)
-        self.device = pick_device(cfg.model.device)
-        self.policy = DiffusionPolicy.from_pretrained(cfg.model.path, self.device, _DTYPES[cfg.model.dtype],
-                                                      cfg.sampler)
+        self.policy = DiffusionPolicy.from_pretrained(cfg.model.path, cfg.model.device, cfg.model.dtype, cfg.sampler)
+        self.device = self.policy.device
         self.policy.add_lora(POLICY, cfg.lora, trainable=True)
         self.moving_ref = cfg.reference.strategy == "stable_update"
         self.reference: FrozenReference | StableUpdateReference = FrozenReference()

@@ -35,6 +35,16 @@ REQUIRED_FILES = (
 )
 
 
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def resolve_device(device: str | torch.device | None = "auto") -> torch.device:
+    """``auto``/``None``: the GPU this process was given if any (Ray sets CUDA_VISIBLE_DEVICES), else the CPU."""
+    if device is None or device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
 @dataclass
 class Components:
     """The parts of a latent text-to-image model the policy needs (the scheduler only for its ᾱ table)."""
@@ -59,10 +69,11 @@ def check_model_dir(model_dir: str | Path) -> Path:
     return root
 
 
-def load_components(model_dir: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32
-                    ) -> Components:
+def load_components(model_dir: str | Path, device: str | torch.device = "cpu",
+                    dtype: torch.dtype | str = torch.float32) -> Components:
     """Load every component from ``model_dir`` (local files only, safetensors only), frozen, in eval mode."""
     root = check_model_dir(model_dir)
+    device, dtype = resolve_device(device), DTYPES[dtype] if isinstance(dtype, str) else dtype
     kw = {"local_files_only": True, "use_safetensors": True}
     unet = UNet2DConditionModel.from_pretrained(root, subfolder="unet", torch_dtype=dtype, **kw)
     vae = AutoencoderKL.from_pretrained(root, subfolder="vae", torch_dtype=dtype, **kw)

@@ -107,7 +107,8 @@ class DiffusionPolicy:
 
     @classmethod
     def from_pretrained(cls, model_dir: str | Path, device: str | torch.device = "cpu",
-                        dtype: torch.dtype = torch.float32, sampler: SamplerConfig | None = None) -> DiffusionPolicy:
+                        dtype: torch.dtype | str = torch.float32, sampler: SamplerConfig | None = None
+                        ) -> DiffusionPolicy:
         return cls(load_components(model_dir, device, dtype), sampler)
 
     # ---- adapters -------------------------------------------------------------------------------------------

@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from policy.components import resolve_device
 from rewards.base import Reward, RewardConfigError
 from rewards.imagereward_compat import import_imagereward, local_bert_tokenizer
 from rewards.preprocess import (
@@ -28,7 +29,6 @@ from rewards.preprocess import (
     load_state_dict_file,
     require_path,
     resize_crop_normalize,
-    resolve_device,
 )
 from rewards.registry import register_reward
 

@@ -29,8 +29,9 @@ import open_clip
 import torch
 from torch import nn
 
+from policy.components import resolve_device
 from rewards.base import Reward, RewardConfigError
-from rewards.preprocess import load_state_dict_file, require_path, resize_crop_normalize, resolve_device
+from rewards.preprocess import load_state_dict_file, require_path, resize_crop_normalize
 from rewards.registry import register_reward
 
 # OpenAI's CLIP weights were trained with QuickGELU; open_clip names that architecture "-quickgelu".

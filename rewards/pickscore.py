@@ -16,8 +16,9 @@ from collections.abc import Sequence
 import torch
 from transformers import AutoTokenizer, CLIPImageProcessor, CLIPModel
 
+from policy.components import resolve_device
 from rewards.base import Reward, RewardConfigError
-from rewards.preprocess import require_path, resize_crop_normalize, resolve_device
+from rewards.preprocess import require_path, resize_crop_normalize
 from rewards.registry import register_reward
 
 # PIL resample codes used by CLIPImageProcessor -> torch interpolation

@@ -103,8 +103,3 @@ def load_state_dict_file(path: Path, key: str) -> dict[str, torch.Tensor]:
     return obj
 
 
-def resolve_device(device: str | torch.device | None) -> torch.device:
-    """``None`` means CUDA when present, else CPU."""
-    if device is None:
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
