@@ -115,3 +115,11 @@ def test_balancer_gives_slow_actors_less_work():
     fixed = ThroughputBalancer(2, 8, 2.0, 64, adapt=False)
     fixed.observe(0, 8, 1.0)
     assert fixed.split(16) == [8, 8] and fixed.size(0) == 8
+
+
+def test_unreachable_cluster_address_fails_fast_with_one_line():
+    out = subprocess.run([sys.executable, "-m", "learner.main", "--ray.address", "127.0.0.1:9"],
+                         capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert out.returncode == 2
+    assert out.stderr.strip().startswith("error: cannot reach the Ray cluster at '127.0.0.1:9'")
+    assert "ray up cluster/gpu.yaml" in out.stderr
