@@ -27,6 +27,7 @@ from actors.reward import RewardClient
 from learner.config import Config, ConfigError
 from policy import POLICY, DiffusionPolicy, LoadReport, WeightState, load_state
 from policy.guidance import guidance_eta, reward_gradient_step
+from policy.lora import flat_view, unflatten_into
 from policy.schedule import gaussian_logprob
 from rewards.registry import build_reward
 
@@ -57,6 +58,17 @@ class RolloutWorker:
     def set_weights(self, state: WeightState) -> LoadReport:
         report = load_state(self.policy.c.unet, state, into=POLICY)
         self.version = state.version
+        return report
+
+    def receive_weights(self, group: str, version: int) -> LoadReport:
+        """Receive the policy adapter from the learner's collective broadcast (see ``Learner.broadcast_weights``)."""
+        import ray.util.collective as col
+
+        flat, _ = flat_view(self.policy.c.unet, POLICY)
+        buffer = torch.empty_like(flat)
+        col.broadcast(buffer, src_rank=0, group_name=group)
+        report = unflatten_into(self.policy.c.unet, POLICY, buffer, version)
+        self.version = version
         return report
 
     def get_version(self) -> int:

@@ -172,6 +172,11 @@ class TrainConfig:
     mode: Literal["sync", "async"] = "async"
     max_staleness: int = 1  # async: records older than this many published versions are dropped
     max_nan_steps: int = 5  # stop after this many non-finite losses in a row
+    # how a new policy reaches the rollout actors: one ray.put of safetensors bytes, or a ray.util.collective
+    # broadcast from the learner (gloo on CPU, nccl on GPUs: "auto"); the collective is a barrier that waits
+    # for every actor's in-flight rollout
+    weight_sync: Literal["object_store", "collective"] = "object_store"
+    collective_backend: Literal["auto", "gloo", "nccl"] = "auto"
     seed: int = 0
     num_gpus: float = 0.0
     accelerator_type: str | None = None
@@ -179,6 +184,8 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         _choice("train", "mode", self.mode, ("sync", "async"))
+        _choice("train", "weight_sync", self.weight_sync, ("object_store", "collective"))
+        _choice("train", "collective_backend", self.collective_backend, ("auto", "gloo", "nccl"))
         for name in ("steps", "batch_size", "broadcast_every", "max_nan_steps", "torch_threads"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"train.{name} must be >= 1, got {getattr(self, name)}")

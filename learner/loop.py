@@ -92,13 +92,43 @@ class Orchestrator:
         self.eval_curve: list[tuple[int, float, float]] = []
         self.eval_results: dict[str, dict[str, Any]] = {}
         self.last_checkpoint_step = -1
+        self.group: str | None = None  # the collective group when train.weight_sync = collective
+        if cfg.train.weight_sync == "collective" and rollouts:
+            self._make_group()
         self.before_images: torch.Tensor | None = None
         self.started = time.perf_counter()
         if resume:
             self._resume()
 
     # ---- weights --------------------------------------------------------------------------------------------------
+    def _make_group(self) -> None:
+        """A collective group of the learner (rank 0) and every rollout actor: gloo on CPU, nccl on whole GPUs."""
+        import ray.util.collective as col
+
+        backend = self.cfg.train.collective_backend
+        if backend == "auto":
+            on_gpus = self.cfg.train.num_gpus >= 1 and self.cfg.rollout.num_gpus >= 1
+            backend = "nccl" if on_gpus else "gloo"
+        self.group = f"dpr-weights-{id(self):x}-{self.counters.actor_failures}"
+        members = [self.learner, *self.rollouts]
+        col.create_collective_group(members, world_size=len(members), ranks=list(range(len(members))),
+                                    backend=backend, group_name=self.group)
+        self.logger.event("collective_group", name=self.group, backend=backend, size=len(members))
+
+    def _broadcast(self, new_version: bool) -> None:
+        """Publish over the collective group: a barrier behind every actor's in-flight rollout."""
+        version = self.version + int(new_version)
+        refs = [(i, a.receive_weights.remote(self.group, version)) for i, a in enumerate(self.rollouts)]
+        sent = self.learner.broadcast_weights.remote(self.group, new_version)
+        self.version, self.state_checksum = self._learner(sent)
+        self.state_ref = None  # made on demand, for an actor that needs the weights again
+        self.pending_syncs.extend(refs)
+        self.actor_version = [version] * len(self.rollouts)
+
     def _publish(self, new_version: bool) -> None:
+        if self.group is not None:
+            self._broadcast(new_version)
+            return
         state = self._learner(self.learner.publish.remote() if new_version else self.learner.current_weights.remote())
         self.version, self.state_checksum = state.version, state.checksum
         self.state_ref = ray.put(state)  # one copy in the object store, the same ref to every actor
@@ -131,6 +161,11 @@ class Orchestrator:
         """A rollout actor failed: wait for Ray to restart it, give it the current weights again."""
         self.counters.actor_failures += 1
         self.logger.event("actor_failed", actor=actor, error=type(error).__name__, version=self.version)
+        if self.group is not None:  # a restarted actor is not in the group: fall back to the object store
+            self.logger.event("weight_sync_fallback", transport="object_store", group=self.group)
+            self.group = None
+        if self.state_ref is None:
+            self.state_ref = ray.put(self._learner(self.learner.current_weights.remote()))
         deadline = time.monotonic() + 120
         while True:
             try:
@@ -242,7 +277,7 @@ class Orchestrator:
 
     # ---- the two loops ----------------------------------------------------------------------------------------
     def run(self) -> dict[str, Any]:
-        if self.state_ref is None and self.rollouts:
+        if self.rollouts and self.counters.steps == 0:
             self._publish(new_version=False)
         self._check_syncs(block=True)
         if self.counters.steps == 0:

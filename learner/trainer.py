@@ -34,7 +34,7 @@ from learner.losses import PairLoss, dense_dpo_loss, diffusion_dpo_loss, dpo_log
 from learner.reference import FrozenReference, StableUpdateReference, divergence_estimate, kernel_kl
 from learner.time_weighting import TimeWeighting
 from policy import POLICY, REF, DiffusionPolicy, WeightState, export_state
-from policy.lora import adapter_parameters, copy_into
+from policy.lora import adapter_parameters, checksum, copy_into, flat_view
 from rewards.registry import build_reward
 
 CANDIDATE = "candidate"  # scratch adapter where a reference candidate is evaluated
@@ -243,6 +243,15 @@ class Learner:
         """A new policy version as adapter bytes (cast to the rollout dtype)."""
         self.version += 1
         return export_state(self.policy.c.unet, POLICY, self.version, dtype)
+
+    def broadcast_weights(self, group: str, new_version: bool) -> tuple[int, str]:
+        """Send the policy adapter to every rollout actor over collective ``group`` (rank 0 = this learner)."""
+        import ray.util.collective as col
+
+        self.version += int(new_version)
+        flat, tensors = flat_view(self.policy.c.unet, POLICY)
+        col.broadcast(flat, src_rank=0, group_name=group)
+        return self.version, checksum(tensors)
 
     def current_weights(self, dtype: torch.dtype | None = None) -> WeightState:
         return export_state(self.policy.c.unet, POLICY, self.version, dtype)

@@ -168,3 +168,19 @@ def test_bad_sampler_config(kwargs, match):
 def test_bad_lora_settings(kwargs, match):
     with pytest.raises(ValueError, match=match):
         LoraSettings(**kwargs)
+
+
+def test_flat_buffer_round_trip_for_collective_transport(tiny_model_dir):
+    from policy.lora import flat_view, unflatten_into
+
+    src = DiffusionPolicy.from_pretrained(tiny_model_dir, sampler=SamplerConfig(num_steps=4))
+    src.add_lora(settings=LoraSettings(rank=2))
+    _perturb_adapter(src, "policy", 3)
+    flat, tensors = flat_view(src.c.unet, "policy")
+    dst = DiffusionPolicy.from_pretrained(tiny_model_dir, sampler=SamplerConfig(num_steps=4))
+    dst.add_lora(settings=LoraSettings(rank=2))
+    report = unflatten_into(dst.c.unet, "policy", flat.clone(), version=5)
+    assert report.version == 5 and report.checksum == export_state(src.c.unet, "policy", 5).checksum
+    assert report.keys_matched == len(tensors) and flat.ndim == 1
+    with pytest.raises(AdapterMismatchError, match=r"holds \d+ values"):
+        unflatten_into(dst.c.unet, "policy", flat[:-1], version=6)
