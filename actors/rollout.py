@@ -71,9 +71,6 @@ class RolloutWorker:
         self.version = version
         return report
 
-    def get_version(self) -> int:
-        return self.version
-
     # ---- generation -------------------------------------------------------------------------------------------
     def generate(self, prompts: Sequence[str], prompt_ids: Sequence[int], seeds: Sequence[int],
                  expected_version: int, round_index: int = 0) -> tuple[pa.RecordBatch, dict[str, float]]:

@@ -17,7 +17,7 @@ import math
 import numbers
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from pathlib import Path
 from types import TracebackType
 from typing import Any
@@ -134,15 +134,6 @@ class RunLogger:
                 raise KeyError(f"no metric {name!r} was logged; known: {known}")
             return list(self._history[name])
 
-    def curve(self, name: str) -> list[tuple[int, float, float]]:
-        """(step, mean, sem) for a metric logged via :func:`summary_stats` (``name_mean`` / ``name_sem``).
-
-        The input format of ``learner.plots.save_reward_curve``; a step with a missing (non-finite) SEM gets
-        NaN, which the plot draws without a band.
-        """
-        sem = dict(self.history(f"{name}_sem"))
-        return [(step, mean, sem.get(step, math.nan)) for step, mean in self.history(f"{name}_mean")]
-
     def close(self) -> None:
         """Flush and close every file; later calls are no-ops."""
         with self._lock:
@@ -235,27 +226,3 @@ def bucket_stats(
     return out
 
 
-class RateMeter:
-    """Per-key throughput (e.g. images/s per actor): counts since the last :meth:`rates` call ÷ elapsed time.
-
-    A window, not a run average, so a slowing actor shows at once. ``clock`` is injectable for tests.
-    """
-
-    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
-        self._clock = clock
-        self._start = clock()
-        self._counts: dict[str, float] = {}
-
-    def update(self, key: str, count: float) -> None:
-        if not count >= 0:
-            raise ValueError(f"count for {key!r} must be >= 0, got {count}")
-        self._counts[key] = self._counts.get(key, 0.0) + count
-
-    def rates(self) -> dict[str, float]:
-        """{key: count/second} over the window since the last call (NaN if no time passed), then resets."""
-        now = self._clock()
-        elapsed = now - self._start
-        out = {k: (c / elapsed if elapsed > 0 else math.nan) for k, c in self._counts.items()}
-        self._start = now
-        self._counts = dict.fromkeys(self._counts, 0.0)
-        return out

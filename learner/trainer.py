@@ -31,7 +31,7 @@ from learner.checkpoint import (
 )
 from learner.config import Config, ConfigError
 from learner.losses import PairLoss, dense_dpo_loss, diffusion_dpo_loss, dpo_logprob_loss
-from learner.reference import FrozenReference, StableUpdateReference, divergence_estimate, kernel_kl
+from learner.reference import build_reference, divergence_estimate, kernel_kl
 from learner.time_weighting import TimeWeighting
 from policy import POLICY, REF, DiffusionPolicy, WeightState, export_state
 from policy.lora import adapter_parameters, checksum, copy_into, flat_view
@@ -56,9 +56,9 @@ class Learner:
         self.device = self.policy.device
         self.policy.add_lora(POLICY, cfg.lora, trainable=True)
         self.moving_ref = cfg.reference.strategy == "stable_update"
-        self.reference: FrozenReference | StableUpdateReference = FrozenReference()
+        r = cfg.reference
+        self.reference = build_reference({"strategy": r.strategy, "tau": r.tau, "delta": r.delta, "ema": r.ema})
         if self.moving_ref:
-            self.reference = StableUpdateReference(cfg.reference.tau, cfg.reference.delta, cfg.reference.ema)
             self.policy.add_lora(REF, cfg.lora, trainable=False)
             self.policy.add_lora(CANDIDATE, cfg.lora, trainable=False)
         self.params = [p for p in self.policy.c.unet.parameters() if p.requires_grad]

@@ -59,9 +59,6 @@ class PromptEmbeds:
     cond: torch.Tensor
     uncond: torch.Tensor
 
-    def __getitem__(self, idx: slice | torch.Tensor | list[int]) -> PromptEmbeds:
-        return PromptEmbeds(self.cond[idx], self.uncond[idx])
-
     def repeat(self, k: int) -> PromptEmbeds:
         return PromptEmbeds(self.cond.repeat(k, 1, 1), self.uncond.repeat(k, 1, 1))
 

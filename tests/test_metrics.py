@@ -13,7 +13,7 @@ import torch
 from matplotlib.figure import Figure
 from PIL import Image
 
-from learner.metrics import RateMeter, RunLogger, bucket_stats, summary_stats
+from learner.metrics import RunLogger, bucket_stats, summary_stats
 from learner.plots import PAD, save_comparison_grid, save_image_grid, save_reward_curve
 
 F64 = torch.float64
@@ -151,21 +151,6 @@ def test_summary_stats_match_the_formulas():
         summary_stats(torch.empty(0))
 
 
-def test_curve_joins_logged_mean_and_sem_by_step(tmp_path: Path):
-    torch.manual_seed(2)
-    batches = [torch.randn(8, dtype=F64) + k for k in range(3)]
-    with RunLogger(tmp_path, tensorboard=False) as run:
-        for step, batch in zip((0, 5, 10), batches, strict=True):
-            run.log(step, summary_stats(batch), prefix="eval")
-        run.log(15, summary_stats(torch.tensor([4.0])), prefix="eval")  # n = 1: SEM is NaN, kept as NaN
-        curve = run.curve("eval/reward")
-    for (step, mean, sem), batch, want_step in zip(curve, batches, (0, 5, 10), strict=False):
-        want_mean, _, want_sem = manual_mean_std_sem(batch.tolist())
-        assert step == want_step
-        assert mean == pytest.approx(want_mean, rel=1e-12) and sem == pytest.approx(want_sem, rel=1e-12)
-    assert curve[3][:2] == (15, 4.0) and math.isnan(curve[3][2])
-
-
 def test_bucket_stats_match_a_manual_computation():
     torch.manual_seed(3)
     num_steps = 20
@@ -205,21 +190,6 @@ def test_bucket_stats_rejects_bad_input():
         bucket_stats(v, torch.zeros(3, dtype=torch.long), num_buckets=2, num_steps=10)
     with pytest.raises(ValueError, match="num_buckets"):
         bucket_stats(v, torch.zeros(4, dtype=torch.long), num_buckets=11, num_steps=10)
-
-
-def test_rate_meter_counts_per_window():
-    now = [100.0]
-    meter = RateMeter(clock=lambda: now[0])
-    meter.update("actor0", 10)
-    meter.update("actor1", 3)
-    meter.update("actor0", 6)
-    now[0] = 104.0
-    assert meter.rates() == {"actor0": 4.0, "actor1": 0.75}
-    now[0] = 106.0
-    meter.update("actor1", 5)
-    assert meter.rates() == {"actor0": 0.0, "actor1": 2.5}  # a silent actor shows 0, not nothing
-    with pytest.raises(ValueError, match="actor0"):
-        meter.update("actor0", -1)
 
 
 # ---------------------------------------------------------------------------------------------- plots
