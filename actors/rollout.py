@@ -98,33 +98,28 @@ class RolloutWorker:
                  "pairs": float(len(columns["prompt"])), "steps": float(n * self.cfg.sampler.num_steps)}
         return to_record_batch(kind, columns), stats
 
+    def _x0_next(self, x: torch.Tensor, k: int, embeds) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """x̂_0 of a child x_{t−1} of step k and its ε̂ at the next timestep; the last step's children are clean
+        latents already (no ε̂)."""
+        pol = self.policy
+        if k + 1 < len(pol.timesteps):
+            return pol.predict_x0(x, pol.timesteps[k + 1], embeds)
+        return x.float(), None
 
     def _rank(self, children: torch.Tensor, k: int, embeds, prompts: list[str]):
-        """Rewards of each child's x̂_0 ([2, B]) and the children's ε̂ at the next timestep (None at the end)."""
-        pol = self.policy
+        """Rewards of each child's x̂_0 ([2, B]), the x̂_0 and the children's ε̂ at the next timestep."""
         n, b = children.shape[:2]
-        flat = children.flatten(0, 1)
-        if k + 1 < len(pol.timesteps):
-            x0, eps = pol.predict_x0(flat, pol.timesteps[k + 1], embeds.repeat(n))
-        else:  # the last step's children are clean images already
-            x0, eps = flat.float(), None
-        rewards = self.reward(pol.decode(x0), prompts * n).view(n, b)
+        x0, eps = self._x0_next(children.flatten(0, 1), k, embeds.repeat(n))
+        rewards = self.reward(self.policy.decode(x0), prompts * n).view(n, b)
         return rewards, x0.view(children.shape), None if eps is None else eps.view(children.shape)
 
     def _guide(self, x_w: torch.Tensor, k: int, embeds, prompts: list[str]):
-        pol = self.policy
         g = self.cfg.guidance
-        if k + 1 < len(pol.timesteps):
-            t_next = pol.timesteps[k + 1]
 
-            def reward_fn(x: torch.Tensor) -> torch.Tensor:
-                return self.reward.local(pol.decode(pol.predict_x0(x, t_next, embeds)[0]), prompts)
-        else:
+        def reward_fn(x: torch.Tensor) -> torch.Tensor:
+            return self.reward.local(self.policy.decode(self._x0_next(x, k, embeds)[0]), prompts)
 
-            def reward_fn(x: torch.Tensor) -> torch.Tensor:
-                return self.reward.local(pol.decode(x), prompts)
-
-        eta = guidance_eta(k, len(pol.timesteps), g.eta_lo, g.eta_hi)
+        eta = guidance_eta(k, len(self.policy.timesteps), g.eta_lo, g.eta_hi)
         with torch.enable_grad():
             return reward_gradient_step(x_w, reward_fn, eta, delta=g.delta, max_grad_norm=g.max_grad_norm)
 
@@ -158,11 +153,7 @@ class RolloutWorker:
                     x_w = res.x
                     r_w = torch.where(guided, res.reward_after.cpu(), r_w)
                     logp_w = gaussian_logprob(x_w, out.mean, out.sigma, self.cfg.sampler.logprob_reduce)
-                    eps_next = None  # the moved winner needs a fresh ε̂ (and x̂_0) at the next step
-                    if k + 1 < len(pol.timesteps):
-                        x0_w = pol.predict_x0(x_w, pol.timesteps[k + 1], embeds)[0]
-                    else:
-                        x0_w = x_w.float()
+                    x0_w, eps_next = self._x0_next(x_w, k, embeds)  # the moved winner's, reused by the next step
             for name, value in (("x_t", x), ("x_w", x_w), ("x_l", x_l), ("x0_w", x0_w), ("x0_l", x0_l),
                                 ("reward_w", r_w), ("reward_l", r_l), ("logp_w", logp_w), ("logp_l", logp_l),
                                 ("guided", guided)):

@@ -83,7 +83,6 @@ class Orchestrator:
         self.counters = Counters()
         self.traj_log = TrajectoryLog(out_dir / "trajectories") if cfg.output.trajectory_log else None
         self.buffer: list[pa.RecordBatch] = []
-        self.buffered_pairs = 0
         self.version = 0
         self.state_ref: Any = None
         self.state_checksum = ""
@@ -220,7 +219,6 @@ class Orchestrator:
         if keep.any():
             kept = batch.filter(pa.array(keep))
             self.buffer.append(kept)
-            self.buffered_pairs += len(kept)
         self.logger.log(self.counters.steps, {"staleness_mean": float(staleness.mean()),
                                                "dropped_stale_total": float(self.counters.pairs_dropped_stale)},
                         "rollout")
@@ -239,8 +237,11 @@ class Orchestrator:
         table = pa.Table.from_batches(self.buffer).combine_chunks()
         take, rest = table.slice(0, n), table.slice(n)
         self.buffer = rest.to_batches() if len(rest) else []
-        self.buffered_pairs = len(rest)
         return take
+
+    @property
+    def buffered_pairs(self) -> int:
+        return sum(len(b) for b in self.buffer)
 
     # ---- learner --------------------------------------------------------------------------------------------------
     def _learner(self, ref: Any) -> Any:
@@ -344,7 +345,7 @@ class Orchestrator:
             while self.buffered_pairs >= self.cfg.train.batch_size and self.counters.steps < self.cfg.train.steps:
                 self._after_update(self._learner(self.learner.update.remote(self._take(self.cfg.train.batch_size))),
                                    bar)
-            self.buffer, self.buffered_pairs = [], 0  # on-policy: leftovers of this round are not reused
+            self.buffer = []  # on-policy: leftovers of this round are not reused
             self._publish(new_version=True)
             self._check_syncs(block=True)
 
