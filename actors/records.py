@@ -256,27 +256,6 @@ class PairBatch:
     def __len__(self) -> int:
         return len(self.prompts)
 
-    def select(self, idx: Sequence[int] | torch.Tensor | np.ndarray) -> PairBatch:
-        """The rows ``idx`` (in that order), as new tensors."""
-        index = torch.as_tensor(idx, dtype=torch.long).reshape(-1)
-        tensors = {name: t[index.to(t.device)] for name, t in self.tensors.items()}
-        return PairBatch(self.kind, tensors, [self.prompts[i] for i in index.tolist()])
-
-    @classmethod
-    def concat(cls, batches: Sequence[PairBatch]) -> PairBatch:
-        if not batches:
-            raise ValueError("PairBatch.concat needs at least one batch")
-        kinds = sorted({b.kind for b in batches})
-        if len(kinds) > 1:
-            raise ValueError(f"cannot concat PairBatches of different kinds {kinds}")
-        tensors = {}
-        for name in batches[0].tensors:
-            shapes = {tuple(b.tensors[name].shape[1:]) for b in batches}
-            if len(shapes) > 1:
-                raise ValueError(f"cannot concat column {name!r}: row shapes differ {sorted(shapes)}")
-            tensors[name] = torch.cat([b.tensors[name] for b in batches])
-        return cls(kinds[0], tensors, [p for b in batches for p in b.prompts])
-
 
 def from_table(table: pa.Table | pa.RecordBatch, device: str | torch.device = "cpu") -> PairBatch:
     """A record table/batch as torch tensors on ``device`` (the module docstring says which copy is made)."""

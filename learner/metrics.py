@@ -67,10 +67,10 @@ def _human(value: Any) -> str:
 
 
 class RunLogger:
-    """Writes every metric to JSON lines, TensorBoard (optional) and an in-memory history.
+    """Writes every metric to JSON lines and TensorBoard (optional).
 
     Non-finite values are kept as ``null`` in ``metrics.jsonl`` (a NaN loss is information, not a reason to
-    crash the run) but left out of TensorBoard and of :meth:`history`, whose consumers (plots) need numbers.
+    crash the run) but left out of TensorBoard, whose plots need numbers.
     Thread-safe: a learner may log from the thread that drains actor results.
     """
 
@@ -79,7 +79,6 @@ class RunLogger:
         self.out_dir.mkdir(parents=True, exist_ok=True)
         self.tb_dir = self.out_dir / "tb"
         self._lock = threading.Lock()
-        self._history: dict[str, list[tuple[int, float]]] = {}
         self._writer = None
         if tensorboard:
             from torch.utils.tensorboard import SummaryWriter  # imports tensorboard: only when asked for
@@ -108,11 +107,9 @@ class RunLogger:
         with self._lock:
             self._check_open()
             self._write(self._metrics_file, record)
-            for tag, v in values.items():
-                series = self._history.setdefault(tag, [])
-                if math.isfinite(v):
-                    series.append((step, v))
-                    if self._writer is not None:
+            if self._writer is not None:
+                for tag, v in values.items():
+                    if math.isfinite(v):
                         self._writer.add_scalar(tag, v, global_step=step)
         LOGGER.debug("step=%d %s", step, " ".join(f"{k}={_human(v)}" for k, v in values.items()))
 
@@ -125,14 +122,6 @@ class RunLogger:
             self._check_open()
             self._write(self._events_file, record)
         LOGGER.info("[event] %s", " ".join([kind, *(f"{k}={_human(v)}" for k, v in fields.items())]))
-
-    def history(self, name: str) -> list[tuple[int, float]]:
-        """(step, value) pairs of the finite values logged under tag ``name``, in logging order."""
-        with self._lock:
-            if name not in self._history:
-                known = ", ".join(sorted(self._history)) or "none yet"
-                raise KeyError(f"no metric {name!r} was logged; known: {known}")
-            return list(self._history[name])
 
     def close(self) -> None:
         """Flush and close every file; later calls are no-ops."""

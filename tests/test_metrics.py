@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from helpers import metric_history
 from matplotlib.figure import Figure
 from PIL import Image
 
@@ -48,7 +49,7 @@ def test_log_writes_one_json_line_per_call_and_keeps_history(tmp_path: Path):
     assert lines[0]["metrics"] == {"train/loss": 0.75, "train/accuracy": 0.5}
     assert lines[1]["metrics"] == {"train/loss": 0.5, "train/staleness": 2.0, "train/dropped": 4.0}
     assert lines[2]["metrics"] == {"reward_mean": 1.25}
-    assert run.history("train/loss") == [(0, 0.75), (3, 0.5)]
+    assert metric_history(run, "train/loss") == [(0, 0.75), (3, 0.5)]
     assert not (tmp_path / "tb").exists()
 
 
@@ -60,8 +61,8 @@ def test_non_finite_values_become_null_and_stay_out_of_history_and_tensorboard(t
     lines = read_jsonl(tmp_path / "metrics.jsonl")  # strict parse: no NaN/Infinity tokens
     assert lines[1]["metrics"] == {"train/loss": None, "train/kl": None}
     assert lines[2]["metrics"] == {"train/loss": 0.25, "train/kl": None}
-    assert run.history("train/loss") == [(1, 0.5), (3, 0.25)]
-    assert run.history("train/kl") == [(1, 0.1)]
+    assert metric_history(run, "train/loss") == [(1, 0.5), (3, 0.25)]
+    assert metric_history(run, "train/kl") == [(1, 0.1)]
     scalars = tb_scalars(tmp_path / "tb")
     assert [s for s, _ in scalars["train/loss"]] == [1, 3]
     assert [s for s, _ in scalars["train/kl"]] == [1]
@@ -120,7 +121,7 @@ def test_bad_logger_input_is_rejected_with_the_key_named(tmp_path: Path):
     with pytest.raises(ValueError, match="kind"):
         run.event("actor restarted")
     with pytest.raises(KeyError, match="'train/los'"):
-        run.history("train/los")
+        metric_history(run, "train/los")
     assert (tmp_path / "metrics.jsonl").read_text() == ""  # nothing half-written by a rejected call
     run.close()
     run.close()  # idempotent

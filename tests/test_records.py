@@ -13,6 +13,7 @@ from pathlib import Path
 import pyarrow as pa
 import pytest
 import torch
+from helpers import concat_pairs, select_rows
 
 from actors import records
 from actors.records import (
@@ -257,15 +258,15 @@ def test_select_and_concat():
     columns = make_columns("step", rows=5, seed=6)
     pairs = from_table(to_record_batch("step", columns))
     assert len(pairs) == 5
-    assert_rows_equal(pairs.select([3, 0]), columns, [3, 0])
-    assert_rows_equal(pairs.select(torch.tensor([4])), columns, [4])
-    joined = PairBatch.concat([pairs.select([1, 2]), pairs.select([4])])
+    assert_rows_equal(select_rows(pairs, [3, 0]), columns, [3, 0])
+    assert_rows_equal(select_rows(pairs, torch.tensor([4])), columns, [4])
+    joined = concat_pairs([select_rows(pairs, [1, 2]), select_rows(pairs, [4])])
     assert_rows_equal(joined, columns, [1, 2, 4])
     other = from_table(to_record_batch("trajectory", make_columns("trajectory", rows=1, seed=6)))
     with pytest.raises(ValueError, match="different kinds"):
-        PairBatch.concat([pairs, other])
+        concat_pairs([pairs, other])
     with pytest.raises(ValueError, match="at least one"):
-        PairBatch.concat([])
+        concat_pairs([])
 
 
 def test_iterate_batches_covers_every_row_once_and_is_deterministic(tmp_path):
@@ -312,7 +313,7 @@ def test_parquet_log_round_trip_is_bitwise(tmp_path, kind):
         assert len(pairs) == sum(len(c["prompt"]) for c in wanted)
         by_id = {int(pid): i for i, pid in enumerate(pairs.tensors["prompt_id"])}
         for columns in wanted:
-            assert_rows_equal(pairs.select([by_id[int(p)] for p in columns["prompt_id"]]), columns)
+            assert_rows_equal(select_rows(pairs, [by_id[int(p)] for p in columns["prompt_id"]]), columns)
 
 
 def test_writes_are_atomic_and_stray_files_are_ignored(tmp_path, monkeypatch):

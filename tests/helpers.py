@@ -1,0 +1,45 @@
+"""Helpers only the tests need: reading a run's metric series back, picking and joining PairBatch rows."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+
+from actors.records import PairBatch
+from learner.metrics import RunLogger
+
+
+def metric_history(run: RunLogger, name: str) -> list[tuple[int, float]]:
+    """(step, value) pairs of the finite values logged under tag ``name``, read back from metrics.jsonl."""
+    lines = [json.loads(line) for line in (run.out_dir / "metrics.jsonl").read_text().splitlines()]
+    logged = [(line["step"], line["metrics"]) for line in lines]
+    if not any(name in metrics for _, metrics in logged):
+        known = ", ".join(sorted({tag for _, metrics in logged for tag in metrics})) or "none yet"
+        raise KeyError(f"no metric {name!r} was logged; known: {known}")
+    return [(step, metrics[name]) for step, metrics in logged if metrics.get(name) is not None]
+
+
+def select_rows(pairs: PairBatch, idx: Sequence[int] | torch.Tensor | np.ndarray) -> PairBatch:
+    """The rows ``idx`` of ``pairs`` (in that order), as new tensors."""
+    index = torch.as_tensor(idx, dtype=torch.long).reshape(-1)
+    tensors = {name: t[index.to(t.device)] for name, t in pairs.tensors.items()}
+    return PairBatch(pairs.kind, tensors, [pairs.prompts[i] for i in index.tolist()])
+
+
+def concat_pairs(batches: Sequence[PairBatch]) -> PairBatch:
+    """The rows of ``batches`` one after the other; they must share kind and row shapes."""
+    if not batches:
+        raise ValueError("concat_pairs needs at least one batch")
+    kinds = sorted({b.kind for b in batches})
+    if len(kinds) > 1:
+        raise ValueError(f"cannot concat PairBatches of different kinds {kinds}")
+    tensors = {}
+    for name in batches[0].tensors:
+        shapes = {tuple(b.tensors[name].shape[1:]) for b in batches}
+        if len(shapes) > 1:
+            raise ValueError(f"cannot concat column {name!r}: row shapes differ {sorted(shapes)}")
+        tensors[name] = torch.cat([b.tensors[name] for b in batches])
+    return PairBatch(kinds[0], tensors, [p for b in batches for p in b.prompts])
