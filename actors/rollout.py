@@ -1,6 +1,6 @@
 """The rollout role: samples chains with the current policy and turns them into preference pairs.
 
-``step_branch`` (TailorPO, PAPERS.md §6/§8.2): at each configured step k, two children of the same x_t are
+``step_branch`` (TailorPO, docs/math.md §6): at each configured step k, two children of the same x_t are
 drawn, each is scored by the reward of its x̂_0 (Tweedie's estimate at the next timestep, decoded by the VAE,
 with CFG: our reading where the paper is silent), the preferred child continues the chain. With
 ``guidance: reward_gradient`` the winner is first pushed up the reward gradient (TailorPO-G; the gradient goes

@@ -1,6 +1,6 @@
 """TailorPO-G: one reward-gradient step on the winner child, kept only where it raises the reward.
 
-Paper (TailorPO, Sec. 3.4, Eq. 13–14, Alg. 1 lines 6–9; PAPERS.md §6, §8.2): x⁺ = x − η_t ∇_x (r_high − r(x))²
+Paper (TailorPO, Sec. 3.4, Eq. 13–14, Alg. 1 lines 6–9; docs/math.md §6): x⁺ = x − η_t ∇_x (r_high − r(x))²
 with r_high = r(x) + δ held constant, i.e. x⁺ = x + 2 η_t δ ∇_x r(x) (η ∇r at δ = 0.5); accepted per sample
 only if r(x⁺) > r(x). x⁺ then replaces x^w in the loss and in the rollout.
 """

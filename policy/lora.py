@@ -1,10 +1,10 @@
 """Named LoRA adapters on one frozen UNet, and their versioned, serialisable state.
 
 One base, two peft adapters: "policy" (trained) and "ref" (only when the reference moves); a frozen reference
-is the base with adapters disabled, so it costs no memory and is never sent (DESIGN.md, weight-sync rules).
+is the base with adapters disabled, so it costs no memory and is never sent (docs/design.md §3).
 A state travels as safetensors bytes tagged with a version. Loading checks names and shapes, copies in place
 and returns ``(version, keys matched, checksum)`` computed from what the module now holds, so a sync that
-silently did nothing is caught by comparing checksums (the bug RAY_PATTERNS.md §4 reports most).
+silently did nothing is caught by comparing checksums (the failure users report most, docs/design.md §3).
 """
 
 from __future__ import annotations

@@ -4,7 +4,7 @@ It owns one frozen base model (optionally with LoRA adapters) and exposes the sa
 ``step`` draws x_{t−1} ~ π(·|x_t, c) and returns its log-probability, ``branch`` draws k children of one x_t
 (TailorPO), ``sample`` runs whole chains, ``logprob`` recomputes stored transitions under any adapter.
 Classifier-free guidance is part of the policy: ε̂ = ε_u + w (ε_c − ε_u) at sampling and at recomputation
-alike, so a record's stored log-prob is reproducible under the weights that made it (DESIGN.md).
+alike, so a record's stored log-prob is reproducible under the weights that made it (docs/math.md §1).
 Noise comes from one generator per sample, seeded by the record's seed: a sample's chain does not depend on
 what else shares its batch.
 """

@@ -1,14 +1,14 @@
 """DDIM (eta > 0) step with its Gaussian log-probability: the building block of every method here.
 
-Formulas (DESIGN.md "Math conventions", PAPERS.md §0), with ᾱ the scheduler's ``alphas_cumprod``:
+Formulas (docs/math.md §1-2), with ᾱ the scheduler's ``alphas_cumprod``:
     x̂_0  = (x_t − √(1−ᾱ_t) ε̂) / √ᾱ_t
     σ_t² = η² (1−ᾱ_prev)/(1−ᾱ_t) · (1 − ᾱ_t/ᾱ_prev)
     μ    = √ᾱ_prev x̂_0 + √(1−ᾱ_prev−σ_t²) ε̂ ,   x_{t−1} = μ + σ_t z
     log π(x_{t−1} | x_t) = Σ or mean over latent dims of log N(x_{t−1}; μ, σ_t²)
 η = 1 is DDPM's posterior variance. The previous timestep is ``t − T//N`` with ᾱ of a negative index equal to
-``final_alpha_cumprod`` (diffusers' convention; for SD1.5 it equals the DDPO clamp, PAPERS.md §0).
+``final_alpha_cumprod`` (diffusers' convention; for SD1.5 it equals the DDPO clamp, docs/math.md §1).
 Everything is computed in float32 or wider: the log-ratio of two policies is a difference of squared distances
-that bf16 cannot resolve (PAPERS.md pitfall 2).
+that bf16 cannot resolve (docs/math.md §2).
 """
 
 from __future__ import annotations

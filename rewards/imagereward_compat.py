@@ -1,4 +1,4 @@
-"""Make ``image-reward==1.5`` importable and offline on transformers 4.57 (STACK.md, "ImageReward").
+"""Make ``image-reward==1.5`` importable and offline on transformers 4.57 (docs/dependencies.md §3).
 
 What it patches, and why (all idempotent; applied once by ``import_imagereward()``):
 1. ``transformers.modeling_utils.apply_chunking_to_forward`` and ``.prune_linear_layer``: ImageReward's BLIP

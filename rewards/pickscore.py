@@ -1,7 +1,7 @@
 """PickScore (Kirstain et al. 2023): a CLIP-H/14 fine-tuned on Pick-a-Pic preferences, via transformers.
 
 Score = ``logit_scale.exp() · cos(image, prompt)``, the convention of PickScore's published ``calc_probs``
-(≈ 20-22 for SD1.5 images; PAPERS.md tables). The model (``model_dir``: ``config.json`` + weights, e.g.
+(≈ 20-22 for SD1.5 images; docs/math.md §10). The model (``model_dir``: ``config.json`` + weights, e.g.
 yuvalkirstain/PickScore_v1) and the processor (``processor_dir``: tokenizer files + ``preprocessor_config.json``,
 e.g. laion/CLIP-ViT-H-14-laion2B-s32B-b79K; defaults to ``model_dir``) load with ``local_files_only=True``. Only
 the processor's settings are used for images (shortest-edge resize, centre crop, mean/std): the pixels go

@@ -1,7 +1,7 @@
 """What every model reward needs before its forward pass: torch-only image preprocessing and local weights.
 
 Reference scorers (DDPO's aesthetic scorer, ImageReward, PickScore's processor, open_clip's transforms) resize
-through PIL, which cuts the autograd graph (PAPERS.md pitfall 7: TailorPO-G needs ∇_x r). ``resize_crop_normalize``
+through PIL, which cuts the autograd graph (TailorPO-G needs ∇_x r, docs/math.md §6). ``resize_crop_normalize``
 redoes the same steps in torch so the graph survives: ``F.interpolate(..., antialias=True)`` (bicubic or
 bilinear; torch's antialiased bicubic uses PIL's a = -0.5 kernel, so on natural (smooth) images both up- and
 down-sizing match PIL to about one grey level; on pixel noise PIL's clipped 8-bit intermediate pass makes single

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Build .venv with the verified stack (../shared/STACK.md) on a fresh machine, or do nothing when it is
+# Build .venv with the verified stack (docs/dependencies.md) on a fresh machine, or do nothing when it is
 # already built from the same constraints.txt + pyproject.toml. Idempotent; safe to call every time.
 set -euo pipefail
 cd "$(dirname "$0")/.."
