@@ -1,6 +1,6 @@
 """Weight broadcast: what one policy publication costs, by LoRA rank and for the full UNet.
 
-Measured on the default model's UNet through the path the system uses (DESIGN.md, weight-sync rules):
+Measured on the default model's UNet through the path the system uses (docs/design.md §3):
 ``export_state`` (safetensors bytes + checksum) -> one ``ray.put`` -> the same ref to N plain Ray actors that
 hold the same UNet and ``load_state`` it (``set_weights``); plus the in-process load a single-process loop pays.
 The SD-1.5 architecture is sized, not timed: its UNet is built on the meta device (no memory, no time), the

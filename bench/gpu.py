@@ -23,7 +23,7 @@ import torch
 
 from bench.common import count_flops
 
-PEAK_BF16_TFLOPS = 790.0  # measured bf16 matmul peak of the lent H100/H200 (STACK.md)
+PEAK_BF16_TFLOPS = 790.0  # measured bf16 matmul peak of the lent H100/H200 (docs/dependencies.md §4)
 SAMPLE_BATCHES = (1, 4, 8, 16)
 LEARNER_BATCHES = (1, 2, 4, 8)
 NUM_STEPS = 20

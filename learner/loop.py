@@ -1,6 +1,6 @@
 """The driver: one loop that feeds rollout records to the learner and publishes weights back (on Ray).
 
-Single controller (RAY_PATTERNS.md, veRL): the actors are dumb RPC targets; all scheduling lives here.
+Single controller (veRL's pattern, docs/design.md §1): the actors are dumb RPC targets; all scheduling lives here.
 - async mode: every rollout actor always has one ``generate`` in flight; one learner ``update`` is in flight
   whenever enough pairs are buffered; every K updates the policy is published: one ``ray.put`` of the adapter
   bytes, the same ref passed to every actor. An actor runs its calls in order, so a ``set_weights`` sent after

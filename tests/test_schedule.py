@@ -22,7 +22,7 @@ FINAL = ABAR[0]  # set_alpha_to_one=False
 
 
 def reference_step(x, eps, t, t_prev, eta, x_prev):
-    """Float64 numpy transcription of DESIGN.md's math conventions, one sample at a time."""
+    """Float64 numpy transcription of the math conventions of docs/math.md §1, one sample at a time."""
     a_t = ABAR[t]
     a_p = ABAR[t_prev] if t_prev >= 0 else FINAL
     x0 = (x - np.sqrt(1 - a_t) * eps) / np.sqrt(a_t)

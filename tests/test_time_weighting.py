@@ -55,7 +55,7 @@ def test_discount_probs_bad_gamma_raises(gamma):
 
 def test_snr_lambda_sd15_numbers_range_and_monotone():
     ac = sd15_alphas_cumprod()
-    paper = {500: 1.11, 750: 1.28, 999: 2.00}  # PAPERS.md §8.1
+    paper = {500: 1.11, 750: 1.28, 999: 2.00}  # docs/math.md §7
     for norm in ("minmax", "max"):
         lam = snr_lambda(ac, torch.tensor(list(paper)), norm)
         for value, expected in zip(lam.tolist(), paper.values(), strict=True):
@@ -146,7 +146,7 @@ def test_weigh_fixed_steps():
 
 
 def test_train_grid_puts_almost_all_mass_on_high_t():
-    """PAPERS.md §8.1 (a): Cat(0.9^k) over 1000 training steps in generation order → > 99% on t ≥ 950."""
+    """docs/math.md §7 reading (a): Cat(0.9^k) over 1000 training steps in generation order → > 99% on t ≥ 950."""
     tw = make("timestep_aware", grid="train")
     assert torch.equal(tw.grid, 999 - torch.arange(1000))  # k = T − 1 − t
     assert tw.probs[tw.grid >= 950].sum().item() > 0.99
@@ -155,7 +155,7 @@ def test_train_grid_puts_almost_all_mass_on_high_t():
 
 
 def test_inference_grid_reading_b_numbers():
-    """PAPERS.md §8.1 (b): 50-step DDIM grid, γ = 0.9 → P(t ≥ 901) = 0.41, P(t ≥ 601) = 0.88."""
+    """docs/math.md §7 reading (b): 50-step DDIM grid, γ = 0.9 → P(t ≥ 901) = 0.41, P(t ≥ 601) = 0.88."""
     tw = TimeWeighting(TimeWeightConfig("timestep_aware"), sd15_alphas_cumprod(), ddim_grid(50))
     assert tw.grid[0].item() == 981 and tw.grid[-1].item() == 1
     assert tw.probs[tw.grid >= 901].sum().item() == pytest.approx(0.41, abs=0.01)
