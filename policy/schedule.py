@@ -1,14 +1,15 @@
 """DDIM (eta > 0) step with its Gaussian log-probability: the building block of every method here.
 
-Formulas (docs/math.md §1-2), with ᾱ the scheduler's ``alphas_cumprod``:
+Formulas (Song et al., DDIM, Eq. 12 and 16), with ᾱ the scheduler's ``alphas_cumprod``:
     x̂_0  = (x_t − √(1−ᾱ_t) ε̂) / √ᾱ_t
     σ_t² = η² (1−ᾱ_prev)/(1−ᾱ_t) · (1 − ᾱ_t/ᾱ_prev)
     μ    = √ᾱ_prev x̂_0 + √(1−ᾱ_prev−σ_t²) ε̂ ,   x_{t−1} = μ + σ_t z
     log π(x_{t−1} | x_t) = Σ or mean over latent dims of log N(x_{t−1}; μ, σ_t²)
 η = 1 is DDPM's posterior variance. The previous timestep is ``t − T//N`` with ᾱ of a negative index equal to
-``final_alpha_cumprod`` (diffusers' convention; for SD1.5 it equals the DDPO clamp, docs/math.md §1).
+``final_alpha_cumprod`` (diffusers' convention; for SD1.5 it equals the clamp of kvablack/ddpo-pytorch
+``ddim_with_logprob.py``). That value must be < 1: with ``set_alpha_to_one=True`` the last step has σ = 0.
 Everything is computed in float32 or wider: the log-ratio of two policies is a difference of squared distances
-that bf16 cannot resolve (docs/math.md §2).
+that bf16 cannot resolve.
 """
 
 from __future__ import annotations
@@ -54,6 +55,11 @@ def step_coefficients(
     alpha_t = ac[t]
     alpha_prev = torch.where(tp >= 0, ac[tp.clamp(min=0)], final)
     var = (1 - alpha_prev) / (1 - alpha_t) * (1 - alpha_t / alpha_prev)
+    if eta > 0 and bool((alpha_prev >= 1).any()):
+        raise ValueError(
+            f"sigma_t = 0 at timestep(s) {t[alpha_prev >= 1].tolist()} although eta = {eta}: the step lands on "
+            "alpha_cumprod = 1 (a scheduler with set_alpha_to_one=True makes the last DDIM step noise-free), so it "
+            "has no log-probability; load the scheduler with set_alpha_to_one=False")
     sigma = eta * var.clamp(min=0).sqrt()
     shape = (-1,) + (1,) * (ndim - 1)
     return StepCoefficients(alpha_t.view(shape), alpha_prev.view(shape), sigma.view(shape))
@@ -84,7 +90,8 @@ def _reduce(per_dim: torch.Tensor, reduce: Reduce) -> torch.Tensor:
 def _check_sigma(sigma: torch.Tensor) -> None:
     if not bool((sigma > 0).all()):
         raise ValueError(
-            "log-probability needs sigma > 0: DDIM with eta=0 is deterministic and has no density; use eta > 0"
+            "log-probability needs sigma > 0: DDIM with eta=0 is deterministic and has no density; use eta > 0 "
+            "(and a scheduler with set_alpha_to_one=False, whose last step keeps sigma > 0)"
         )
 
 

@@ -113,6 +113,17 @@ def test_eta_zero_has_no_logprob():
         logprob_ratio(x, x, x, c.sigma, "mean")
 
 
+def test_set_alpha_to_one_names_the_real_cause():
+    """ᾱ_prev = 1 at the last step (set_alpha_to_one=True) gives σ = 0 for any η > 0: the error must say so
+    instead of blaming η = 0. Interior steps of the same schedule stay valid."""
+    t, prev = torch.tensor([51, 1]), torch.tensor([1, -49])
+    with pytest.raises(ValueError, match="set_alpha_to_one=False") as info:
+        step_coefficients(torch.tensor(ABAR), 1.0, t, prev, 1.0)
+    assert "eta = 1.0" in str(info.value) and "[1]" in str(info.value)
+    c = step_coefficients(torch.tensor(ABAR), 1.0, t[:1], prev[:1], 1.0)
+    assert float(c.sigma) > 0
+
+
 def test_bad_reduce_and_negative_eta():
     with pytest.raises(ValueError, match="logprob_reduce"):
         gaussian_logprob(torch.zeros(1, 2), torch.zeros(1, 2), torch.ones(1, 1), "max")  # type: ignore[arg-type]
