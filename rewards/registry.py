@@ -29,6 +29,7 @@ _MODULES: dict[str, str] = {
     "world_fidelity": "rewards.world",
     "world_preference": "rewards.world",
     "world": "rewards.world",
+    "world_shape": "rewards.world",
 }
 
 

@@ -15,6 +15,8 @@ area a = mean(m) (fraction of the image) and centroid c = Σ m·(x, y) / Σ m (f
   is not rewarded. The data draws sizes uniformly and independently of the prompt, so the base model draws
   the average size (preference ≈ 0.5) and alignment has room to learn it.
 - ``world`` (the default) = fidelity + ``preference_weight`` · preference, in [0, 1 + w].
+- ``world_shape`` (an evaluation metric, not in the default reward) = 1 when the prompt's shape is the one
+  drawn, by the fit of world/shape_score.py, else 0.
 
 Images of any size are resized (bilinear, antialiased) to 32×32 first, so scores are resolution-independent.
 """
@@ -31,6 +33,7 @@ import torch.nn.functional as F
 from rewards.base import Reward, RewardConfigError
 from rewards.registry import register_reward
 from world.scenes import COLOURS, IMAGE_SIZE, JITTER, POSITIONS, parse_prompt
+from world.shape_score import shape_score
 
 # Mask area of ideal renders at the data's largest radius (0.18): the shapes' true area is π·0.18² = 0.102;
 # the anti-aliased rim counts less under the sharp colour mask (measured 0.082-0.100 over colours and shapes).
@@ -127,6 +130,17 @@ class WorldReward(_WorldReward):
         return (self.fid.fidelity(area, dist2) + self.preference_weight * self.pref.preference(area)).float()
 
 
+class WorldShape(Reward):
+    """1 when the prompt's shape is the best fit to its colour (world/shape_score.py), else 0; not differentiable
+    (an argmax). An evaluation metric for the shape word, which the rewards above do not read."""
+
+    name = "world_shape"
+
+    def score(self, images: torch.Tensor, prompts: Sequence[str]) -> torch.Tensor:
+        return shape_score(images, prompts)
+
+
 register_reward("world_fidelity")(WorldFidelity)
 register_reward("world_preference")(WorldPreference)
 register_reward("world")(WorldReward)
+register_reward("world_shape")(WorldShape)
