@@ -2,13 +2,16 @@
 
 Each loss builds a per-pair logit whose sign says whether the model currently prefers the winner, then hands
 it to one shared helper that applies −log σ per pair and the weighted mean OUTSIDE the log-sigmoid (the
-diffusers #6702 bug took the mean inside; PAPERS.md pitfall 4).
+diffusers #6702 bug took the mean inside the log-sigmoid).
 
 Two optional per-pair weightings, used by ``learner.time_weighting``:
   * ``beta_scale`` s_i multiplies β INSIDE the log-sigmoid (Rethinking-DPO Eq. 6 puts λ(t) there);
-  * ``weights`` w_i weigh pairs OUTSIDE: loss = Σ w_i L_i / Σ w_i (None = plain mean).
+  * ``weights`` w_i weigh pairs OUTSIDE: loss = mean_i w_i L_i (None = all ones). The weights are fixed
+    importance weights (γ^k normalised over the whole step grid), NOT renormalised over the batch: Σ w_i L_i / Σ w_i
+    would cancel them for a batch of one and bias the expectation for any finite batch.
 
-Inputs are upcast to float32 at least (bf16 cannot resolve a log-ratio; PAPERS.md pitfall 2).
+Inputs are upcast to float32 at least (bf16 cannot resolve a log-ratio of two nearby Gaussians). Sources and
+conventions: docs/math.md §3-5.
 """
 
 from __future__ import annotations
@@ -75,15 +78,12 @@ def _effective_beta(beta: float, beta_scale: Tensor | None, n: int, dtype: torch
 
 
 def _bradley_terry(logit: Tensor, weights: Tensor | None) -> PairLoss:
-    """−log σ(logit_i), averaged with weights outside the log-sigmoid; margin = logit (detached)."""
+    """mean_i w_i · −log σ(logit_i) (weights outside the log-sigmoid); margin = logit (detached)."""
     per_pair = -F.logsigmoid(logit)
-    if weights is None:
-        loss = per_pair.mean()
-    else:
+    if weights is not None:
         _check_nonneg_weights("weights", weights, logit.shape)
-        w = weights.to(per_pair.dtype)
-        loss = (w * per_pair).sum() / w.sum()
-    return PairLoss(loss, logit.detach())
+        per_pair = weights.to(per_pair.dtype) * per_pair
+    return PairLoss(per_pair.mean(), logit.detach())
 
 
 def dpo_logprob_loss(
@@ -99,8 +99,8 @@ def dpo_logprob_loss(
 
     TailorPO Eq. 10 (winner and loser are two children of the SAME x_t) and D3PO (matching steps of two
     trajectories). ``ratio_clip`` = ε is the D3PO/SPO hard two-sided clamp of the ratio to [1−ε, 1+ε]
-    (PAPERS.md pitfall 3), i.e. of the log-ratio to [log(1−ε), log(1+ε)], whose gradient is zero outside
-    the band; it is not a PPO-style min.
+    (yk7333/d3po ``scripts/rm/train_d3po.py``), i.e. of the log-ratio to [log(1−ε), log(1+ε)], whose gradient
+    is zero outside the band; it is not a PPO-style min.
     """
     _check_same_shape(1, logratio_w=logratio_w, logratio_l=logratio_l)
     dtype = _compute_dtype(logratio_w, logratio_l)
@@ -124,7 +124,7 @@ def diffusion_dpo_loss(
     beta_scale: Tensor | None = None,
     weights: Tensor | None = None,
 ) -> PairLoss:
-    """Diffusion-DPO ε-MSE surrogate (Wallace et al.; PAPERS.md §1, §7, Rethinking-DPO Eq. 6):
+    """Diffusion-DPO ε-MSE surrogate (Wallace et al. 2024, Eq. 14; Rethinking-DPO Eq. 6):
 
     logit_i = −0.5 β s_i [(mse_w − mse_ref_w) − (mse_l − mse_ref_l)], L = weighted mean of −log σ(logit_i).
     The mse_* are per-sample mean squared ε errors, computed by the caller with the same t and ε for winner
@@ -147,12 +147,15 @@ def dense_dpo_loss(
     kappa: float | None,
     step_weights: Tensor | None = None,
 ) -> PairLoss:
-    """Dense-reward DPO (Yang, Chen, Zhou ICML-24; PAPERS.md §5, §8.3) on [B, M] log π_θ − log π_init.
+    """Dense-reward DPO (Yang, Chen, Zhou ICML-24) on [B, M] log π_θ − log π_init.
 
-    l = C · mean_m clamp(logratio, −κ, κ) over the M sampled step indices (the same indices for winner and
-    loser), L = mean_B −log σ(l_w − l_l). The public code draws k ~ Cat(γ^k) and averages (importance
-    sampling); ``step_weights`` ([M] or [B, M]) instead gives C · Σ_m w_m clamp(·) / Σ_m w_m, the
-    explicit-γ^k-weights option. The clamp is hard (as in the code, although its comment says "soft").
+    l = C · mean_m w_m clamp(logratio, −κ, κ) over the M sampled step indices (the same indices for winner and
+    loser), L = mean_B −log σ(l_w − l_l). The public code (Shentao-YANG/Dense_Reward_T2I,
+    ``preference_based_policy_learner.py``) draws k ~ Cat(γ^k) and averages, w = 1: importance sampling of
+    the step index. ``step_weights`` w ([M] or [B, M]) is the explicit-weights form: k drawn uniformly and
+    w_k = γ^k/Z · (grid size), FIXED, so that E[l] is the same C · Σ_k (γ^k/Z) clamp_k in both forms
+    (renormalising w over the M drawn steps would cancel the discount at M = 1). The clamp is hard (as in the
+    code, although its comment says "soft").
     """
     _check_same_shape(2, logratio_w=logratio_w, logratio_l=logratio_l)
     _check_positive("scale_c", scale_c)
@@ -161,12 +164,9 @@ def dense_dpo_loss(
     if kappa is not None:
         _check_positive("kappa", kappa)
         lw, ll = lw.clamp(-kappa, kappa), ll.clamp(-kappa, kappa)
-    if step_weights is None:
-        l_w, l_l = lw.mean(1), ll.mean(1)
-    else:
-        m = lw.shape[1]
-        shape = torch.Size((m,)) if step_weights.ndim == 1 else lw.shape
+    if step_weights is not None:
+        shape = torch.Size((lw.shape[1],)) if step_weights.ndim == 1 else lw.shape
         _check_nonneg_weights("step_weights", step_weights, shape, dim=-1)
-        w = step_weights.to(dtype).expand_as(lw)
-        l_w, l_l = (w * lw).sum(1) / w.sum(1), (w * ll).sum(1) / w.sum(1)
-    return _bradley_terry(scale_c * (l_w - l_l), None)
+        w = step_weights.to(dtype)
+        lw, ll = w * lw, w * ll
+    return _bradley_terry(scale_c * (lw.mean(1) - ll.mean(1)), None)

@@ -37,7 +37,7 @@ def test_dpo_logprob_matches_closed_form_with_scale_and_weights():
     assert isinstance(out, PairLoss)
     z = [beta * s[i].item() * (lw[i].item() - ll[i].item()) for i in range(n)]
     per = [math.log1p(math.exp(-zi)) for zi in z]
-    expected = sum(w[i].item() * per[i] for i in range(n)) / w.sum().item()
+    expected = sum(w[i].item() * per[i] for i in range(n)) / n  # fixed weights: mean_i w_i L_i
     assert out.loss.dtype == F64 and out.loss.ndim == 0
     torch.testing.assert_close(out.loss, torch.tensor(expected, dtype=F64), rtol=1e-6, atol=0)
     torch.testing.assert_close(out.margin, torch.tensor(z, dtype=F64), rtol=1e-6, atol=0)
@@ -107,7 +107,7 @@ def test_diffusion_dpo_matches_closed_form():
     s, w = positive(n, 24), positive(n, 25)
     out = diffusion_dpo_loss(mw, mrw, ml, mrl, beta, beta_scale=s, weights=w)
     inside = -0.5 * beta * s * ((mw - mrw) - (ml - mrl))
-    expected = (w * neg_log_sigmoid(inside)).sum() / w.sum()
+    expected = (w * neg_log_sigmoid(inside)).mean()
     torch.testing.assert_close(out.loss, expected, rtol=1e-6, atol=0)
     torch.testing.assert_close(out.margin, inside, rtol=1e-6, atol=0)
 
@@ -142,8 +142,8 @@ def _dense_reference(lw, ll, c, kappa, w=None):
     if w is None:
         w = torch.ones_like(lw)
     w = w.expand_as(lw)
-    l_w = c * (w * lw).sum(1) / w.sum(1)
-    l_l = c * (w * ll).sum(1) / w.sum(1)
+    l_w = c * (w * lw).mean(1)  # C · mean_m w_m clip_m with fixed weights
+    l_l = c * (w * ll).mean(1)
     return neg_log_sigmoid(l_w - l_l).mean(), l_w - l_l
 
 
@@ -166,6 +166,15 @@ def test_dense_dpo_clip_zeroes_gradient_outside_band_only():
     ll = torch.zeros(1, 3, dtype=F64)
     dense_dpo_loss(lw, ll, scale_c=10.0, kappa=kappa).loss.backward()
     assert lw.grad[0, 0] == 0 and lw.grad[0, 2] == 0 and lw.grad[0, 1] != 0
+
+
+def test_fixed_weights_are_not_renormalised_by_the_batch():
+    """A discount weight must survive a batch of one (and one step): renormalising cancels it exactly."""
+    lw, ll, w = torch.tensor([0.3], dtype=F64), torch.tensor([-0.2], dtype=F64), torch.tensor([0.25], dtype=F64)
+    plain = dpo_logprob_loss(lw, ll, 1.0).loss
+    torch.testing.assert_close(dpo_logprob_loss(lw, ll, 1.0, weights=w).loss, 0.25 * plain, rtol=1e-12, atol=0)
+    dense = dense_dpo_loss(lw[:, None], ll[:, None], scale_c=2.0, kappa=None, step_weights=w[:, None])
+    torch.testing.assert_close(dense.margin, 2.0 * 0.25 * (lw - ll), rtol=1e-12, atol=0)
 
 
 # ---------------------------------------------------------------- bad input
