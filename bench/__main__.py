@@ -1,4 +1,6 @@
-"""``python -m bench [--quick]``: the whole benchmark suite in one command; prints tables, writes bench/RESULTS.md.
+"""``python -m bench [--quick]``: the whole benchmark suite in one command; prints tables, writes the measurements to
+bench/results.json and the tables into the generated block of bench/RESULTS.md (the analysis around it is
+written by hand and kept).
 
 Sections: (1) the single-process baseline, (2) this system on Ray with 1/2 rollout actors, sync/async, on the
 same work, (3) weight broadcast by LoRA rank and for the full UNet, (4) reward-actor batching. ``--gpu`` runs
@@ -10,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import json
 import os
 import sys
 import tempfile
@@ -44,7 +47,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--updates", type=int, default=None,
                    help=f"learner updates per run (default {DEFAULT_UPDATES}, --quick {QUICK_UPDATES})")
     p.add_argument("--sections", default=",".join(SECTIONS), help="comma-separated subset of " + ",".join(SECTIONS))
-    p.add_argument("--out", default=None, help="markdown report (default bench/RESULTS.md; --gpu: RESULTS_GPU.md)")
+    p.add_argument("--out", default=None, help="markdown report whose generated block is rewritten (default "
+                   "bench/RESULTS.md; --gpu: RESULTS_GPU.md); the JSON data goes next to it")
     args = p.parse_args(argv)
     args.sections = [s.strip() for s in args.sections.split(",") if s.strip()]
     bad = [s for s in args.sections if s not in SECTIONS]
@@ -193,105 +197,6 @@ def reward_tables(res: dict[str, Any]) -> str:
             "\n\nThrough one async Ray reward actor, callers waiting for each answer like rollout actors:\n\n" + second)
 
 
-def headline(res: dict[str, Any]) -> str | None:
-    runs = {r["name"]: r for r in res.get("system", [])}
-    best = runs.get("2 actors async")
-    if best is None or "baseline" not in res:
-        return None
-    b = res["baseline"]
-    return (f"2 actors async: {best['images_per_s'] / b['images_per_s']:.2f}x the single-process baseline's "
-            f"images/s ({best['images_per_s']:.2f} vs {b['images_per_s']:.2f}) and "
-            f"{best['updates_per_s'] / b['updates_per_s']:.2f}x its learner updates/s on the same "
-            f"{res['cores']} cores")
-
-
-def where_time_goes(res: dict[str, Any]) -> str:
-    """Where the time goes in the system vs the baseline, from the measured figures only."""
-    b, cores = res["baseline"], res["cores"]
-    runs = {r["name"]: r for r in res["system"]}
-    a2, a1 = runs["2 actors async"], runs["1 actor async"]
-    won = a2["images_per_s"] > b["images_per_s"]
-    lines = [f"With 2 rollout actors, async, the system {'beat' if won else '**did not beat**'} the single-process "
-             f"baseline on {cores} cores ({a2['images_per_s']:.2f} vs {b['images_per_s']:.2f} images/s, "
-             f"{a2['updates_per_s'] / b['updates_per_s']:.2f}x its updates/s). Measured:", ""]
-    probe = b["probe"]
-    g1, u1 = probe["gen_chains_per_s"][1], probe["update_s"][1]
-    top = max(probe["gen_chains_per_s"])
-    if top > 1:
-        gn, un = probe["gen_chains_per_s"][top], probe["update_s"][top]
-        lines.append(f"- **Threads.** In the baseline's process (calls of {probe['chains_per_call']} chains), one "
-                     f"thread generated {g1:.2f} chains/s and did an update in {u1:.2f} s; {top} threads: "
-                     f"{gn:.2f} chains/s and {un:.2f} s. The baseline ran with {b['threads']} thread(s), the faster"
-                     + (f": every op of the single process already uses all {cores} cores, so the system can only "
-                        "win by overlapping sampling with training on those same cores." if b["threads"] > 1 else
-                        ". A model this small gains nothing from intra-op threads here, and an OpenMP team stalls "
-                        "whenever another process holds one of its cores (load average at start: "
-                        f"{res['machine']['load_avg'][0]})."))
-    if "flops_per_chain" in b:
-        lines.append(f"- **Work.** One chain is {b['flops_per_chain'] / 1e9:.2f} GFLOP (its denoising steps, the "
-                     f"branch points' x̂_0 predictions and decodes) and one update {b['flops_per_update'] / 1e9:.2f} "
-                     f"GFLOP (forward and backward), counted with FlopCounterMode; the baseline sustained "
-                     f"{gflops(b, b):.1f} GFLOP/s: small ops, where per-op overhead counts, so chains/s also grows "
-                     f"with the chains per call ({b['gen_chains_per_s']:.2f} chains/s in the baseline's calls of "
-                     f"{b['chains_per_call']:.0f}; the system's actors made calls of {a2['chains_per_call']:.1f} "
-                     f"(2 actors) and {a1['chains_per_call']:.1f} (1 actor), sized by "
-                     f"`rollout.target_task_seconds`).")
-    lines.append(f"- **Cores shared.** The system runs a learner, 2 rollout actors and a reward actor (plus the "
-                 f"driver) on {cores} cores. Generate calls and updates kept {a2['busy_processes']:.2f} processes "
-                 f"busy on average with 2 async actors, {a1['busy_processes']:.2f} with 1 (baseline: "
-                 f"{b['busy_processes']:.2f}); above {cores} they time-share the cores: a rollout call ran at "
-                 f"{a2['gen_chains_per_s']:.2f} chains/s per actor with 2 actors against {a1['gen_chains_per_s']:.2f} "
-                 f"with 1, and an update took {a2['s_per_update']:.2f} s against {a1['s_per_update']:.2f} s "
-                 f"(baseline: {b['s_per_update']:.2f} s on {b['threads']} thread(s)).")
-    lost = a2.get("dropped_stale_pairs", 0) / res["pairs_per_prompt"] * res.get("chains_per_prompt", 1)
-    lines.append(f"- **Stale work.** With 2 async actors {a2.get('dropped_stale_pairs', 0)} pairs "
-                 f"({100 * lost / max(a2['chains'], 1):.0f}% of the chains sampled in the loop) arrived more than "
-                 f"`train.max_staleness` versions old and were dropped: counted in images/s, never trained on, "
-                 f"which is why updates/s gains less than images/s.")
-    overhead = []
-    if "reward_actor" in res:
-        req = res["reward_actor"][0]
-        local = {r["batch"]: r["ms_per_call"] for r in res["reward_local"]}
-        near = min(local, key=lambda k: abs(k - req["request_images"]))
-        call_s = a2["chains_per_call"] / a2["gen_chains_per_s"]
-        extra = res["pairs_per_prompt"] * (req["latency_ms"] - local[near]) / 1e3
-        overhead.append(f"a reward request of {req['request_images']} images takes {req['latency_ms']:.1f} ms "
-                        f"through the actor against {local[near]:.1f} ms in process (batch {near}); "
-                        f"{res['pairs_per_prompt']} per rollout call add ~{extra:.2f} s to a {call_s:.1f} s call "
-                        f"({100 * extra / call_s:.0f}%)")
-    pub = [r for r in res.get("broadcast", []) if r["rank"] == res.get("lora_rank")]
-    if pub:
-        ms = pub[0]["export_ms"] + pub[0]["put_ms"] + pub[0]["actors_ms"]
-        overhead.append(f"publishing the LoRA r{res['lora_rank']} policy (export + ray.put + 2 actors loading) "
-                        f"takes ~{ms:.0f} ms per update ({100 * ms / 1e3 / a2['s_per_update']:.0f}% of an update)")
-    if overhead:
-        lines.append("- **Ray overheads** are small: " + "; ".join(overhead) + ".")
-    lines += ["", "What should make the system faster here (not timed by this command): one process per core (on 2 "
-              "cores: 1 rollout actor + the learner, with `reward.num_actors: 0` so scoring runs inside the "
-              "rollout actor), a larger `train.max_staleness` or shorter "
-              "`rollout.target_task_seconds` with several actors so fewer pairs go stale, and a quiet machine; "
-              "beyond that, more cores or GPUs, where sampling and training overlap without competing for the "
-              "same cores."]
-    return "\n".join(lines)
-
-
-GPU_PLAN = """No GPU was available in this session, so nothing below was measured on one. `python -m bench --gpu`
-(bench/gpu.py) runs it on one CUDA GPU without Ray, driving the same RolloutWorker/Learner classes:
-
-- SD-1.5 architecture with random weights (`build_random_model(arch="sd15")`), 512 px (64×64 latents), bf16,
-  20 DDIM steps with classifier-free guidance;
-- sampling images/s per GPU at batch 1, 4, 8, 16, the FLOPs of each call counted with
-  `torch.utils.flop_counter.FlopCounterMode` and the achieved TFLOP/s against the ~790 TFLOP/s bf16 peak (MFU);
-- the learner's step time for LoRA r16 with batches of 1, 2, 4, 8 pairs, and peak GPU memory of each;
-- broadcast: export and load times of the r16 adapter and of the full UNet (bf16), in process; an NCCL
-  broadcast needs two GPUs and a collective transport the project does not have yet, so it is not timed;
-- speed-ups, each tried and reported separately: SDPA vs classic attention, channels-last, `torch.compile`,
-  `torch.compile(mode="reduce-overhead")` (CUDA graphs).
-
-On this CPU machine the FLOP counter ran (the GFLOP/s column above); tests/test_bench.py runs the GPU code's
-sampling and learner measurements on the tiny model on CPU."""
-
-
 def gpu_tables(gpu: dict[str, Any]) -> str:
     if "skipped" in gpu:
         return gpu["skipped"]
@@ -307,13 +212,25 @@ def gpu_tables(gpu: dict[str, Any]) -> str:
     return "\n".join(parts)
 
 
+GENERATED = ("<!-- BEGIN GENERATED by `python -m bench`: every run rewrites this block; write analysis outside it -->",
+             "<!-- END GENERATED -->")
+
+
+def write_report(path: Path, tables: str) -> None:
+    """Replace the generated block of ``path`` (appended when missing); the hand-written text around it stays."""
+    begin, end = GENERATED
+    text = path.read_text() if path.exists() else "# Benchmark results\n\n"
+    head, _, rest = text.partition(begin)
+    _, found, tail = rest.partition(end)
+    path.write_text(f"{head}{begin}\n{tables}\n{end}{tail if found else chr(10)}")
+
+
 def render(res: dict[str, Any], command: str) -> str:
+    """The measured tables as markdown, with the run's command, machine and settings; no analysis."""
     m = res["machine"]
-    out = ["# Benchmark results", ""]
+    out = []
     if res.get("quick"):
         out += ["**--quick smoke run: tiny random model and settings; these numbers mean nothing.**", ""]
-    if head := headline(res):
-        out += [f"**Headline: {head}.**", ""]
     out += [f"- command: `{command}` ({res['seconds']:.0f} s)", f"- date: {m['date']}",
             f"- machine: {m['cpu']}, {m['cores']} cores, {m['ram_gib']:.1f} GiB RAM, GPU: "
             f"{'yes' if m['cuda'] else 'none'}",
@@ -343,15 +260,12 @@ def render(res: dict[str, Any], command: str) -> str:
             if "probe" in b:
                 out += ["", "Thread scaling in the baseline's process (before its loop, before Ray starts):", "",
                         probe_table(b["probe"])]
-        runs = {r["name"]: r for r in res.get("system", [])}
-        if "baseline" in res and {"1 actor async", "2 actors async"} <= set(runs) and not res.get("quick"):
-            out += ["", "### Where the time goes", "", where_time_goes(res)]
     if "broadcast" in res:
-        out += ["", "## 3. Weight broadcast (object-store path; median of repeats)", "", broadcast_tables(res), "",
-                "No NCCL path was measured: no GPU here, and the project has no collective transport yet."]
+        out += ["", "## 3. Weight broadcast (object-store path; median of repeats)", "", broadcast_tables(res)]
     if "reward_local" in res:
         out += ["", "## 4. Reward batching (the default `world` reward)", "", reward_tables(res)]
-    out += ["", "## GPU", "", gpu_tables(res["gpu"]) if "gpu" in res else GPU_PLAN, ""]
+    if "gpu" in res:
+        out += ["", "## GPU", "", gpu_tables(res["gpu"])]
     return "\n".join(out)
 
 
@@ -380,8 +294,10 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     report = render(res, command)
     print("\n" + report)
-    out.write_text(report)
-    print(f"[bench] wrote {out} ({fmt(res['seconds'])} s)")
+    data = out.with_name("results_gpu.json" if args.gpu else "results.json")
+    data.write_text(json.dumps(res, indent=1, default=str) + "\n")
+    write_report(out, report)
+    print(f"[bench] wrote {data} and the tables of {out} ({fmt(res['seconds'])} s)")
     return 0
 
 

@@ -5,7 +5,8 @@ Measured on the default model's UNet through the path the system uses (docs/desi
 hold the same UNet and ``load_state`` it (``set_weights``); plus the in-process load a single-process loop pays.
 The SD-1.5 architecture is sized, not timed: its UNet is built on the meta device (no memory, no time), the
 adapter added there, and bytes = parameters × dtype size (safetensors adds a small JSON header).
-No NCCL path is timed: there is no GPU here, and the project has no collective transport yet (only this one).
+The collective transport (``train.weight_sync: collective``) is not timed here: its gloo path is a CPU test
+fallback and its nccl path needs GPUs.
 """
 
 from __future__ import annotations
