@@ -22,9 +22,9 @@ from typing import Any
 import pyarrow as pa
 import torch
 
+from actors.config import ConfigError, RolloutSettings
 from actors.records import to_record_batch
 from actors.reward import RewardClient
-from learner.config import Config, ConfigError
 from policy import POLICY, DiffusionPolicy, LoadReport, WeightState, load_state
 from policy.guidance import guidance_eta, reward_gradient_step
 from policy.lora import flat_view, unflatten_into
@@ -39,7 +39,7 @@ class StaleWeightsError(RuntimeError):
 
 
 class RolloutWorker:
-    def __init__(self, cfg: Config, actor_id: int = 0, reward_handles: Sequence[Any] = ()):
+    def __init__(self, cfg: RolloutSettings, actor_id: int = 0, reward_handles: Sequence[Any] = ()):
         torch.set_num_threads(cfg.rollout.torch_threads)
         self.cfg = cfg
         self.actor_id = actor_id
@@ -80,10 +80,9 @@ class RolloutWorker:
                 f"actor {self.actor_id} holds weights v{self.version}, asked for v{expected_version}")
         t0 = time.perf_counter()
         with torch.no_grad():
-            if self.cfg.pairs.kind == "step_branch":
-                kind, columns = "step", self._step_branch(list(prompts), list(seeds))
-            else:
-                kind, columns = "trajectory", self._trajectories(list(prompts), list(seeds))
+            kind = self.cfg.pairs.record_kind
+            make = self._step_branch if kind == "step" else self._trajectories
+            columns = make(list(prompts), list(seeds))
         n = len(prompts)
         chains = n * (2 if kind == "trajectory" else 1)
         slow = self.cfg.rollout.slowdown_s

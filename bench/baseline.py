@@ -48,7 +48,7 @@ def run_baseline(cfg: Config, updates: int | None = None, threads: tuple[int, ..
     from learner.trainer import Learner
 
     updates = updates or cfg.train.steps
-    worker, learner = RolloutWorker(cfg), Learner(cfg)
+    worker, learner = RolloutWorker(cfg.rollout_settings()), Learner(cfg)
     stream = PromptStream(load_prompts(cfg.data.train_prompts), seed=cfg.train.seed)
     size, bs = round_prompts(cfg), cfg.train.batch_size
     probe = thread_probe(worker, learner, stream, max(probe_chains, math.ceil(bs / pairs_per_prompt(cfg))), threads)

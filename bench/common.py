@@ -18,7 +18,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from learner.config import Config, build, load_yaml
+from learner.config import Config, build_config, load_yaml
 
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_CONFIG = ROOT / "configs" / "default.yaml"
@@ -58,7 +58,7 @@ def make_config(tree: dict[str, Any], **sections: dict[str, Any]) -> Config:
     merged = {k: dict(v) if isinstance(v, dict) else v for k, v in tree.items()}
     for name, values in sections.items():
         merged.setdefault(name, {}).update(values)
-    return build(Config, merged)
+    return build_config(merged)
 
 
 def pairs_per_prompt(cfg: Config) -> int:

@@ -106,7 +106,7 @@ def _tries(policy: Any, batch: int) -> dict[str, Any]:
     from diffusers.models.attention_processor import AttnProcessor, AttnProcessor2_0
 
     prompts, seeds = ["a photo of a cat"] * batch, list(range(batch))
-    unet = policy.c.unet
+    unet = policy.unet
 
     def rate() -> float:
         return batch / _seconds(lambda: policy.sample(prompts, seeds))
@@ -132,15 +132,15 @@ def _learner(path: Path, batches: tuple[int, ...], device: str = "cuda", dtype: 
     """One LoRA-r16 update per pair batch size (seconds, peak memory), and what publishing the adapter or the
     full UNet costs in process (export = safetensors bytes, load = copy into the actor-side UNet)."""
     from actors.rollout import RolloutWorker
-    from learner.config import Config, build
+    from learner.config import build_config
     from learner.trainer import Learner
     from policy import export_state, load_state
 
     tree = {"model": {"path": str(path), "dtype": dtype, "device": device}, "sampler": {"num_steps": num_steps},
             "lora": {"rank": 16, "alpha": 16.0}, "pairs": {"kind": "step_branch", "branch_steps": [0]},
             "reward": {"spec": {"world": 1.0}, "num_actors": 0}}
-    cfg = build(Config, tree)
-    worker, learner = RolloutWorker(cfg), Learner(cfg)
+    cfg = build_config(tree)
+    worker, learner = RolloutWorker(cfg.rollout_settings()), Learner(cfg)
     n = max(batches)
     records = worker.generate(["a red circle on the left"] * n, list(range(n)), list(range(n)), 0)[0]
     updates = []
@@ -150,7 +150,7 @@ def _learner(path: Path, batches: tuple[int, ...], device: str = "cuda", dtype: 
         secs = _seconds(lambda r=part: learner.update(r))
         updates.append({"pairs": b, "update_s": secs, "peak_gib": _peak_gib()})
     torch_dtype = learner.policy.dtype
-    unet_l, unet_w = learner.policy.c.unet, worker.policy.c.unet
+    unet_l, unet_w = learner.policy.unet, worker.policy.unet
     broadcast = []
     for what, name in (("LoRA r16", "policy"), ("full UNet", None)):
         state = export_state(unet_l, name, 1, torch_dtype)

@@ -8,17 +8,23 @@ Every config key is a flag (``--help`` lists them); problems a user can fix end 
 from __future__ import annotations
 
 import argparse
+import difflib
 import json
 import logging
 import os
 import socket
 import sys
 import time
+import typing
 import uuid
 from pathlib import Path
 from typing import Any
 
-from learner.config import Config, ConfigError, add_config_arguments, config_from_args, load_yaml
+import yaml
+from pydantic import BaseModel
+from pydantic.fields import FieldInfo
+
+from learner.config import Config, ConfigError, bounds, build_config, constraints, load_yaml
 
 DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "default.yaml"
 LOG = logging.getLogger("dpr")
@@ -29,17 +35,70 @@ WORKER_ENV = {"OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", "HF_HUB
 
 
 def parse_args(argv: list[str] | None = None) -> tuple[Config, argparse.Namespace]:
+    """The config from ``--config`` with every ``--section.key`` flag applied on top; ``--help`` lists each key
+    with its description, what it allows and the value the chosen YAML gives it."""
+    pre = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
+    pre.add_argument("--config", default=str(DEFAULT_CONFIG), help="experiment YAML")
+    pre.add_argument("--num-actors", type=int, default=None, help="shortcut for --rollout.num_actors")
+    pre.add_argument("--resume", action="store_true", help="continue from the newest complete checkpoint")
+    base = load_yaml(pre.parse_known_args(argv)[0].config)
     parser = argparse.ArgumentParser(prog="python -m learner.main", description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    parser.add_argument("--config", default=str(DEFAULT_CONFIG), help="experiment YAML")
-    parser.add_argument("--num-actors", type=int, default=None, help="shortcut for --rollout.num_actors")
-    parser.add_argument("--resume", action="store_true", help="continue from the newest complete checkpoint")
-    add_config_arguments(parser)
-    args = parser.parse_args(argv)
-    base = load_yaml(args.config)
+                                     parents=[pre], allow_abbrev=False)
+    add_config_arguments(parser, build_config(base))
+    args, unknown = parser.parse_known_args(argv)
+    if unknown:
+        raise ConfigError(f"{unknown_flag(unknown[0])} (unrecognized arguments: {' '.join(unknown)})")
     if args.num_actors is not None:
         base.setdefault("rollout", {})["num_actors"] = args.num_actors
-    return config_from_args(args, base), args
+    for key, raw in vars(args).items():
+        if key.startswith("cfg:"):
+            *parents, leaf = key[4:].split(".")
+            node = base
+            for p in parents:
+                node = node.setdefault(p, {})
+            node[leaf] = parse_value(raw)
+    return build_config(base), args
+
+
+def config_leaves(model: type[BaseModel] = Config, prefix: str = "") -> list[tuple[str, FieldInfo]]:
+    """(dotted key, field) of every leaf of the config schema."""
+    out = []
+    for name, info in model.model_fields.items():
+        if isinstance(info.annotation, type) and issubclass(info.annotation, BaseModel):
+            out += config_leaves(info.annotation, f"{prefix}{name}.")
+        else:
+            out.append((prefix + name, info))
+    return out
+
+
+def add_config_arguments(parser: argparse.ArgumentParser, shown: Config) -> None:
+    """One ``--section.key`` flag per config leaf; its help shows the value ``shown`` holds."""
+    values = shown.model_dump(mode="json")
+    group = parser.add_argument_group("config keys (override the YAML; values are parsed as YAML)")
+    for key, info in config_leaves():
+        value: Any = values
+        for part in key.split("."):
+            value = value[part]
+        allowed = typing.get_args(info.annotation) if typing.get_origin(info.annotation) is typing.Literal else ()
+        text = [info.description or "", f"one of {list(allowed)}" if allowed else bounds(constraints(info)),
+                f"value: {json.dumps(value)}"]
+        group.add_argument(f"--{key}", dest=f"cfg:{key}", metavar="V", default=argparse.SUPPRESS,
+                           help="; ".join(t for t in text if t).replace("%", "%%"))
+
+
+def parse_value(raw: str) -> Any:
+    """A command-line value as YAML (``{world: 1.0}``, ``null``, ``[0, 4]``); plain text stays text."""
+    try:
+        return yaml.safe_load(raw)
+    except yaml.YAMLError:
+        return raw
+
+
+def unknown_flag(flag: str) -> str:
+    keys = [k for k, _ in config_leaves()]
+    close = difflib.get_close_matches(flag.removeprefix("--"), keys, n=1)
+    hint = f"; did you mean '{close[0]}'?" if close else ""
+    return f"unknown config key '{flag.removeprefix('--')}'{hint}" if flag.startswith("--") else "unexpected value"
 
 
 def check_inputs(cfg: Config) -> tuple[list[str], list[str]]:
@@ -120,7 +179,8 @@ def launch(cfg: Config, run_id: str) -> tuple[Any, list[Any], list[Any]]:
     rollouts = [
         ray.remote(RolloutWorker).options(
             num_cpus=cfg.rollout.torch_threads, max_restarts=-1, max_task_retries=0, name=f"dpr-{run_id}-rollout-{i}",
-            **actor_resources("rollout", cfg.rollout.num_gpus, cfg.rollout.accelerator_type)).remote(cfg, i, rewards)
+            **actor_resources("rollout", cfg.rollout.num_gpus, cfg.rollout.accelerator_type)).remote(
+                cfg.rollout_settings(), i, rewards)
         for i in range(cfg.rollout.num_actors if not cfg.data.offline_dataset else 0)
     ]
     wait_ready(learner, rollouts, rewards)
@@ -158,7 +218,7 @@ def run(cfg: Config, resume: bool = False) -> dict[str, Any]:
     train_prompts, eval_prompts = check_inputs(cfg)
     out = Path(cfg.output.dir)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2, default=str))
+    (out / "config.json").write_text(cfg.model_dump_json(indent=2))
     t0 = time.perf_counter()
     owns_ray = start_ray(cfg)
     actors: list[Any] = []

@@ -15,23 +15,16 @@ steps: 981, 961, …, 1) or all T training steps (T−1, …, 0, i.e. k = T−1�
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Literal, NamedTuple
+from typing import Literal, NamedTuple, get_args
 
 import torch
+from pydantic import BaseModel, ConfigDict, Field
 from torch import Tensor
 
 Mode = Literal["uniform", "discount", "timestep_aware"]
 DiscountAs = Literal["sample", "weight"]
 Grid = Literal["inference", "train"]
 LambdaNorm = Literal["minmax", "max"]
-
-_ALLOWED: dict[str, tuple[str, ...]] = {
-    "mode": ("uniform", "discount", "timestep_aware"),
-    "discount_as": ("sample", "weight"),
-    "grid": ("inference", "train"),
-    "lambda_norm": ("minmax", "max"),
-}
 
 
 def _check_gamma(gamma: float) -> None:
@@ -54,8 +47,8 @@ def snr_lambda(alphas_cumprod: Tensor, timesteps: Tensor, norm: LambdaNorm = "mi
     The paper leaves "norm" open; ``"minmax"`` maps (v − min)/(max − min) and ``"max"`` maps v/max, with min
     and max over ALL training timesteps (they differ by ≤ 0.002 for SD1.5, PAPERS.md §8.1).
     """
-    if norm not in _ALLOWED["lambda_norm"]:
-        raise ValueError(f"norm must be one of {_ALLOWED['lambda_norm']}, got {norm!r}")
+    if norm not in get_args(LambdaNorm):
+        raise ValueError(f"norm must be one of {get_args(LambdaNorm)}, got {norm!r}")
     abar = alphas_cumprod.to(torch.float64)
     t = torch.as_tensor(timesteps, device=abar.device).long()
     if t.numel() and bool(((t < 0) | (t >= abar.numel())).any()):
@@ -66,22 +59,16 @@ def snr_lambda(alphas_cumprod: Tensor, timesteps: Tensor, norm: LambdaNorm = "mi
     return 1 + normed[t]
 
 
-@dataclass(frozen=True)
-class TimeWeightConfig:
+class TimeWeightConfig(BaseModel):
     """``mode``, γ, how the discount acts (``discount_as``), the grid Cat(γ^k) runs over, and λ's norm."""
 
-    mode: Mode = "uniform"
-    gamma: float = 0.9
-    discount_as: DiscountAs = "sample"
-    grid: Grid = "inference"
-    lambda_norm: LambdaNorm = "minmax"
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
-    def __post_init__(self) -> None:
-        for name, allowed in _ALLOWED.items():
-            value = getattr(self, name)
-            if value not in allowed:
-                raise ValueError(f"time_weight.{name} must be one of {allowed}, got {value!r}")
-        _check_gamma(self.gamma)
+    mode: Mode = Field("uniform", description="uniform | discount (dense-reward DPO) | timestep_aware (Rethinking)")
+    gamma: float = Field(0.9, gt=0, le=1, description="discount γ of Cat(γ^k)")
+    discount_as: DiscountAs = Field("sample", description="draw k ~ Cat(γ^k), or draw uniformly and weigh by γ^k")
+    grid: Grid = Field("inference", description="the set Cat(γ^k) runs over: the sampler's steps or all T")
+    lambda_norm: LambdaNorm = Field("minmax", description="how λ(t) = 1 + norm(1/√SNR(t)) normalises")
 
 
 class StepSample(NamedTuple):

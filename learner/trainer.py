@@ -2,14 +2,10 @@
 
 A plain class (Ray wraps it at launch). It holds one frozen base UNet with a trainable "policy" LoRA adapter
 and, when the reference moves, a "ref" adapter; a frozen reference is the base with adapters disabled.
-Loss × time weighting × reference strategy are independent config choices; every combination runs:
-
-- step pairs (TailorPO): both children share x_t, so one policy and one reference evaluation per pair give
-  both log-ratios; time weighting weighs the fixed steps (``TimeWeighting.weigh``).
-- trajectory pairs: ``dpo_logprob`` draws one step per pair (D3PO-style matching steps), ``dense_dpo`` draws
-  M shared step indices from Cat(γ^k) (dense-reward DPO), both via ``TimeWeighting.sample``.
-- ``diffusion_dpo`` on either kind: the clean latents of the pair (final latents, or the children's x̂_0) are
-  noised with the same t and ε (Wallace et al.), t drawn by the time weighting (Rethinking-DPO: Cat(γ^k) + λ(t)).
+Loss × time weighting × reference strategy are independent config choices; every combination runs except
+dense_dpo with timestep_aware (λ(t) scales β, which dense_dpo does not have).
+Each loss is a method registered per pair kind in learner/methods/ (one module per loss); this class gives
+them the shared pieces: log-ratios of step and trajectory pairs, the ε-MSE, the time weighting and the reference.
 """
 
 from __future__ import annotations
@@ -29,12 +25,13 @@ from learner.checkpoint import (
     restore_rng,
     tensors_to_optimizer_state,
 )
-from learner.config import Config, ConfigError
-from learner.losses import PairLoss, dense_dpo_loss, diffusion_dpo_loss, dpo_logprob_loss
+from learner.config import Config
+from learner.losses import PairLoss
+from learner.methods import find_method
 from learner.reference import build_reference, divergence_estimate, kernel_kl
 from learner.time_weighting import TimeWeighting
 from policy import POLICY, REF, DiffusionPolicy, WeightState, export_state
-from policy.lora import adapter_parameters, checksum, copy_into, flat_view
+from policy.lora import checksum, flat_view
 from rewards.registry import build_reward
 
 CANDIDATE = "candidate"  # scratch adapter where a reference candidate is evaluated
@@ -48,25 +45,24 @@ class Learner:
     def __init__(self, cfg: Config):
         torch.set_num_threads(cfg.train.torch_threads)
         self.cfg = cfg
-        if cfg.time_weight.grid == "train" and cfg.loss.kind != "diffusion_dpo":
-            raise ConfigError("time_weight.grid=train needs loss.kind=diffusion_dpo (sampler log-probs exist only "
-                              "on the inference grid)")
+        self.method = find_method(cfg.loss.kind, cfg.pairs.record_kind)
         torch.manual_seed(cfg.train.seed)
         self.policy = DiffusionPolicy.from_pretrained(cfg.model.path, cfg.model.device, cfg.model.dtype, cfg.sampler)
         self.device = self.policy.device
         self.policy.add_lora(POLICY, cfg.lora, trainable=True)
         self.moving_ref = cfg.reference.strategy == "stable_update"
-        r = cfg.reference
+        r = cfg.reference  # learner.reference takes a mapping until it takes the typed section
         self.reference = build_reference({"strategy": r.strategy, "tau": r.tau, "delta": r.delta, "ema": r.ema})
         if self.moving_ref:
             self.policy.add_lora(REF, cfg.lora, trainable=False)
             self.policy.add_lora(CANDIDATE, cfg.lora, trainable=False)
-        self.params = [p for p in self.policy.c.unet.parameters() if p.requires_grad]
+        self.params = self.policy.trainable_parameters()
         self.optimizer = torch.optim.AdamW(self.params, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
         self.time_weighting = TimeWeighting(cfg.time_weight, self.policy.alphas_cumprod, self.policy.timesteps)
         self.generator = torch.Generator().manual_seed(cfg.train.seed)
         self.step = 0  # optimizer steps taken
-        self.version = 0  # published policy versions
+        self.version = 0  # the last published policy version
+        self._published: dict[str, torch.Tensor] | None = None  # its snapshot
         self.nan_in_a_row = 0
         self.nan_total = 0
         self._eval_reward = None
@@ -78,7 +74,7 @@ class Learner:
         """One optimizer step on a batch of pairs; returns metrics. Non-finite losses skip the step."""
         t0 = time.perf_counter()
         batch = records if isinstance(records, PairBatch) else from_table(records)
-        self.policy.c.unet.train()
+        self.policy.train_mode(True)
         out, extra = self._loss(batch)
         metrics = {"loss": float(out.loss.detach()), "accuracy": float((out.margin > 0).float().mean()),
                    "margin": float(out.margin.mean()), "pairs": float(len(batch)), **extra}
@@ -93,7 +89,7 @@ class Learner:
         if not torch.isfinite(grad_norm):
             return self._skip(metrics)
         self.optimizer.step()
-        self.policy.c.unet.eval()
+        self.policy.train_mode(False)
         self.step += 1
         self.nan_in_a_row = 0
         metrics["grad_norm"] = float(grad_norm)
@@ -103,7 +99,7 @@ class Learner:
 
     def _skip(self, metrics: dict[str, float]) -> dict[str, float]:
         self.optimizer.zero_grad(set_to_none=True)
-        self.policy.c.unet.eval()
+        self.policy.train_mode(False)
         self.nan_in_a_row += 1
         self.nan_total += 1
         metrics.update(skipped_nonfinite=1.0, nonfinite_total=float(self.nan_total))
@@ -119,12 +115,9 @@ class Learner:
 
     def _loss(self, batch: PairBatch) -> tuple[PairLoss, dict[str, float]]:
         self._remember_winners(batch)
-        kind = self.cfg.loss.kind
-        if kind == "diffusion_dpo":
-            return self._diffusion_dpo(batch)
-        if batch.kind == "step":
-            return self._step_pairs(batch)
-        return self._trajectory_pairs(batch)
+        if batch.kind != self.cfg.pairs.record_kind:  # offline data may hold the other kind
+            return find_method(self.cfg.loss.kind, batch.kind)(self, batch)
+        return self.method(self, batch)
 
     def _logratios(self, x_t: torch.Tensor, t: torch.Tensor, emb, *x_prev: torch.Tensor) -> list[torch.Tensor]:
         """log π_θ − log π_ref of each ``x_prev`` given x_t (one policy and one reference evaluation)."""
@@ -133,28 +126,20 @@ class Learner:
         mu, sigma, _ = self.policy.mean(x_t, t, emb, adapter=POLICY)
         return [self.policy.logratio(x, mu, mu_ref, sigma) for x in x_prev]
 
-    def _step_pairs(self, batch: PairBatch) -> tuple[PairLoss, dict[str, float]]:
-        t = batch.tensors
+    def step_logratios(self, batch: PairBatch) -> tuple[torch.Tensor, torch.Tensor, dict[str, float]]:
+        """Winner's and loser's log-ratio [B] of step pairs: both children share x_t, so one policy and one
+        reference evaluation per pair give both."""
+        t, dev = batch.tensors, self.device
         emb = self.policy.encode_prompts(batch.prompts)
-        dev = self.device
         lw, ll = self._logratios(t["x_t"].to(dev), t["timestep"].to(dev), emb, t["x_w"].to(dev), t["x_l"].to(dev))
-        beta_scale, weight = self.time_weighting.weigh(t["step_index"])
-        extra = {"kl_ref": float((lw + ll).detach().mean() / 2)}
-        if self.cfg.loss.kind == "dense_dpo":
-            loss = dense_dpo_loss(lw[:, None], ll[:, None], scale_c=self.cfg.loss.scale_c, kappa=self.cfg.loss.kappa)
-            return loss, extra
-        return dpo_logprob_loss(lw, ll, self.cfg.loss.beta, ratio_clip=self.cfg.loss.ratio_clip,
-                                beta_scale=beta_scale.to(dev), weights=weight.to(dev)), extra
+        return lw, ll, {"kl_ref": float((lw + ll).detach().mean() / 2)}
 
-    def _trajectory_pairs(self, batch: PairBatch) -> tuple[PairLoss, dict[str, float]]:
-        t = batch.tensors
-        b = len(batch)
-        dense = self.cfg.loss.kind == "dense_dpo"
-        m = self.cfg.loss.num_step_samples if dense else 1
-        steps = self.time_weighting.sample(m if dense else b, self.generator)
-        k = steps.index.expand(b, m) if dense else steps.index.view(b, 1)  # [B, M] chain positions
+    def trajectory_logratios(self, batch: PairBatch, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor,
+                                                                                  dict[str, float]]:
+        """Winner's and loser's log-ratios [B, M] of trajectory pairs at chain positions ``k`` [B, M]."""
+        t, dev = batch.tensors, self.device
+        b, m = k.shape
         rows = torch.arange(b).view(b, 1).expand(b, m)
-        dev = self.device
 
         def gather(name: str, offset: int) -> torch.Tensor:
             return t[name][rows, k + offset].flatten(0, 1).to(dev)
@@ -164,14 +149,7 @@ class Learner:
         ts = t["timesteps"][rows, k].flatten().to(dev).repeat(2)
         emb = self.policy.encode_prompts([p for p in batch.prompts for _ in range(m)] * 2)
         (lr,) = self._logratios(x_t, ts, emb, x_prev)
-        lw, ll = lr[: b * m].view(b, m), lr[b * m :].view(b, m)
-        extra = {"kl_ref": float(lr.detach().mean())}
-        if dense:
-            weights = steps.weight.to(dev) if self.cfg.time_weight.discount_as == "weight" else None
-            return dense_dpo_loss(lw, ll, scale_c=self.cfg.loss.scale_c, kappa=self.cfg.loss.kappa,
-                                  step_weights=weights), extra
-        return dpo_logprob_loss(lw[:, 0], ll[:, 0], self.cfg.loss.beta, ratio_clip=self.cfg.loss.ratio_clip,
-                                beta_scale=steps.beta_scale.to(dev), weights=steps.weight.to(dev)), extra
+        return lr[: b * m].view(b, m), lr[b * m :].view(b, m), {"kl_ref": float(lr.detach().mean())}
 
     def _clean_pairs(self, batch: PairBatch) -> tuple[torch.Tensor, torch.Tensor]:
         t = batch.tensors
@@ -183,24 +161,10 @@ class Learner:
         a = self.policy.alphas_cumprod[timesteps.cpu()].float().view(-1, *([1] * (x0.ndim - 1))).to(x0.device)
         return a.sqrt() * x0 + (1 - a).sqrt() * noise
 
-    def _eps_mse(self, x_t, t, emb, noise, adapter) -> torch.Tensor:
+    def eps_mse(self, x_t, t, emb, noise, adapter) -> torch.Tensor:
+        """Per-sample ‖ε̂ − ε‖² (mean over elements) of the plain conditional ε̂ under ``adapter``."""
         eps = self.policy.eps(x_t, t, emb, adapter=adapter, guidance_scale=1.0)
         return (eps - noise).square().flatten(1).mean(1)
-
-    def _diffusion_dpo(self, batch: PairBatch) -> tuple[PairLoss, dict[str, float]]:
-        x0_w, x0_l = (x.to(self.device).float() for x in self._clean_pairs(batch))
-        b = len(batch)
-        steps = self.time_weighting.sample(b, self.generator)
-        noise = torch.randn(x0_w.shape, generator=self.generator).to(self.device)
-        x_t = torch.cat([self._noised(x0_w, steps.timestep, noise), self._noised(x0_l, steps.timestep, noise)])
-        ts, eps = steps.timestep.to(self.device).repeat(2), noise.repeat(2, 1, 1, 1)
-        emb = self.policy.encode_prompts(batch.prompts * 2)
-        with torch.no_grad():
-            mse_ref = self._eps_mse(x_t, ts, emb, eps, self.ref_adapter)
-        mse = self._eps_mse(x_t, ts, emb, eps, POLICY)
-        loss = diffusion_dpo_loss(mse[:b], mse_ref[:b], mse[b:], mse_ref[b:], self.cfg.loss.beta,
-                                  beta_scale=steps.beta_scale.to(self.device), weights=steps.weight.to(self.device))
-        return loss, {"kl_ref": float((mse_ref - mse).detach().mean())}
 
     # ---- reference ----------------------------------------------------------------------------------------------
     def _remember_winners(self, batch: PairBatch) -> None:
@@ -210,11 +174,11 @@ class Learner:
             self._last_prompts = batch.prompts[:n]
 
     def policy_tensors(self) -> dict[str, torch.Tensor]:
-        return {k: p.detach() for k, p in adapter_parameters(self.policy.c.unet, POLICY).items()}
+        return {k: p.detach() for k, p in self.policy.adapter_parameters(POLICY).items()}
 
     def divergence(self, candidate: dict[str, torch.Tensor]) -> float:
         """D(candidate ‖ initial model) on the last batch's winners (Rethinking-DPO Eq. 7/8; see reference.py)."""
-        copy_into(self.policy.c.unet, CANDIDATE, candidate)
+        self.policy.copy_into(CANDIDATE, candidate)
         x0 = self._last_x0_w.to(self.device)
         emb = self.policy.encode_prompts(self._last_prompts)
         steps = self.time_weighting.sample(len(x0), self.generator)
@@ -234,7 +198,7 @@ class Learner:
         if event is None:
             return {}
         if event.action == "replaced":
-            copy_into(self.policy.c.unet, REF, self.reference.state, self.reference.version)
+            self.policy.copy_into(REF, self.reference.state, self.reference.version)
         return {"ref_divergence": event.divergence, "ref_replaced": float(event.action == "replaced"),
                 "ref_frozen": float(self.reference.frozen)}
 
@@ -284,10 +248,10 @@ class Learner:
 
     def restore(self, tensors: dict[str, dict[str, torch.Tensor]], state: dict[str, Any]) -> int:
         """Load a checkpoint made by ``checkpoint``; returns the step it resumes from."""
-        copy_into(self.policy.c.unet, POLICY, tensors["policy"])
+        self.policy.copy_into(POLICY, tensors["policy"])
         self.reference.load_state_dict(dict(state["reference"], state=tensors.get("ref")))
         if self.moving_ref and self.reference.state is not None:
-            copy_into(self.policy.c.unet, REF, self.reference.state, self.reference.version)
+            self.policy.copy_into(REF, self.reference.state, self.reference.version)
         self.optimizer.load_state_dict(tensors_to_optimizer_state(tensors["optimizer"], state["optimizer"]))
         self.step, self.version = int(state["step"]), int(state["version"])
         self.nan_total, self.nan_in_a_row = int(state["nan_total"]), int(state["nan_in_a_row"])

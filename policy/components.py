@@ -10,9 +10,11 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 import torch
 from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
+from pydantic import BaseModel, ConfigDict, Field
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
 from policy.tokenizer import write_word_tokenizer
@@ -36,6 +38,16 @@ REQUIRED_FILES = (
 
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+class ModelConfig(BaseModel):
+    """Which model the roles load, in which dtype, on which device."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    path: str = Field("world/model", description="a local diffusers-layout directory")
+    dtype: Literal["float32", "bfloat16", "float16"] = Field("float32", description="rollout/learner compute dtype")
+    device: str = Field("auto", description="auto: cuda when the actor has a GPU, else cpu")
 
 
 def resolve_device(device: str | torch.device | None = "auto") -> torch.device:

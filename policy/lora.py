@@ -17,6 +17,7 @@ from dataclasses import dataclass
 
 import torch
 from peft import LoraConfig
+from pydantic import BaseModel, ConfigDict, Field
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
@@ -28,21 +29,15 @@ class AdapterMismatchError(ValueError):
     """A weight state does not fit the module it is loaded into (names or shapes differ)."""
 
 
-@dataclass(frozen=True)
-class LoraSettings:
+class LoraSettings(BaseModel):
     """LoRA hyper-parameters; defaults follow D3PO/SPO (rank 4 on the attention projections)."""
 
-    rank: int = 4
-    alpha: float = 4.0
-    target_modules: tuple[str, ...] = ("to_q", "to_k", "to_v", "to_out.0")
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
-    def __post_init__(self) -> None:
-        if self.rank < 1:
-            raise ValueError(f"lora.rank must be >= 1, got {self.rank}")
-        if self.alpha <= 0:
-            raise ValueError(f"lora.alpha must be > 0, got {self.alpha}")
-        if not self.target_modules:
-            raise ValueError("lora.target_modules must name at least one module")
+    rank: int = Field(4, ge=1, strict=True)
+    alpha: float = Field(4.0, gt=0, description="LoRA scale numerator (scale = alpha / rank)")
+    target_modules: tuple[str, ...] = Field(("to_q", "to_k", "to_v", "to_out.0"), min_length=1,
+                                            description="UNet modules that get an adapter")
 
 
 def add_adapter(unet: torch.nn.Module, name: str, settings: LoraSettings) -> None:

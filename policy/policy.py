@@ -16,9 +16,22 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from pydantic import BaseModel, ConfigDict, Field
 
 from policy.components import Components, load_components
-from policy.lora import POLICY, LoraSettings, adapter_names, add_adapter, use_adapter
+from policy.lora import (
+    POLICY,
+    LoadReport,
+    LoraSettings,
+    WeightState,
+    adapter_names,
+    adapter_parameters,
+    add_adapter,
+    copy_into,
+    export_state,
+    load_state,
+    use_adapter,
+)
 from policy.schedule import (
     Reduce,
     StepCoefficients,
@@ -32,24 +45,15 @@ from policy.schedule import (
 _DEFAULT = object()  # "the policy adapter if there is one, else the base"
 
 
-@dataclass(frozen=True)
-class SamplerConfig:
+class SamplerConfig(BaseModel):
     """Sampler settings; the paper presets use 20 (TailorPO, D3PO) or 50 (dense reward) steps with eta=1."""
 
-    num_steps: int = 20
-    guidance_scale: float = 5.0
-    eta: float = 1.0
-    logprob_reduce: Reduce = "mean"
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
-    def __post_init__(self) -> None:
-        if self.num_steps < 1:
-            raise ValueError(f"sampler.num_steps must be >= 1, got {self.num_steps}")
-        if self.eta <= 0:
-            raise ValueError(f"sampler.eta must be > 0 for a stochastic policy with a log-prob, got {self.eta}")
-        if self.guidance_scale < 0:
-            raise ValueError(f"sampler.guidance_scale must be >= 0, got {self.guidance_scale}")
-        if self.logprob_reduce not in ("mean", "sum"):
-            raise ValueError(f"sampler.logprob_reduce must be 'mean' or 'sum', got {self.logprob_reduce!r}")
+    num_steps: int = Field(20, ge=1, strict=True, description="DDIM steps per chain")
+    guidance_scale: float = Field(5.0, ge=0, description="classifier-free guidance w (part of the policy)")
+    eta: float = Field(1.0, gt=0, description="DDIM eta; > 0 for a stochastic policy with a log-prob")
+    logprob_reduce: Reduce = Field("mean", description="per-sample log-prob: mean or sum over latent elements")
 
 
 @dataclass
@@ -114,6 +118,32 @@ class DiffusionPolicy:
         add_adapter(self.c.unet, name, settings or LoraSettings())  # and makes the new adapter the trainable one
         for p in self.c.unet.parameters():
             p.requires_grad_(flags.get(id(p), trainable))
+
+    @property
+    def unet(self) -> torch.nn.Module:
+        """The denoiser that carries the LoRA adapters."""
+        return self.c.unet
+
+    def trainable_parameters(self) -> list[torch.nn.Parameter]:
+        return [p for p in self.c.unet.parameters() if p.requires_grad]
+
+    def adapter_parameters(self, name: str | None) -> dict[str, torch.nn.Parameter]:
+        """Adapter ``name``'s parameters by adapter-free name (``None``: the base weights)."""
+        return adapter_parameters(self.c.unet, name)
+
+    def copy_into(self, name: str | None, tensors: dict[str, torch.Tensor], version: int = 0) -> LoadReport:
+        return copy_into(self.c.unet, name, tensors, version)
+
+    def export(self, name: str | None, version: int, dtype: torch.dtype | None = None) -> WeightState:
+        """Adapter ``name`` as versioned safetensors bytes, cast to ``dtype``."""
+        return export_state(self.c.unet, name, version, dtype)
+
+    def load(self, state: WeightState, into: str | None = None) -> LoadReport:
+        return load_state(self.c.unet, state, into)
+
+    def train_mode(self, on: bool = True) -> None:
+        """Training mode (dropout etc.) for an update; sampling and evaluation run in eval mode."""
+        self.c.unet.train(on)
 
     def _adapter(self, adapter: object) -> str | None:
         if adapter is _DEFAULT:

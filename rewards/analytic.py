@@ -36,7 +36,7 @@ class JpegSize(Reward):
 
     def __init__(self, sign: float, name: str, quality: int = JPEG_QUALITY):
         if not 1 <= quality <= 100:
-            raise RewardConfigError(f"reward_options.{name}.quality must be in [1, 100], got {quality}")
+            raise RewardConfigError(f"reward.options.{name}.quality must be in [1, 100], got {quality}")
         self.sign, self.name, self.quality = sign, name, quality
 
     def score(self, images: torch.Tensor, prompts: Sequence[str]) -> torch.Tensor:

@@ -89,7 +89,7 @@ def imagereward(
     tokenizer_dir: str | None = None,
     device: str | None = None,
 ) -> ImageRewardScore:
-    opt = "reward_options.imagereward"
+    opt = "reward.options.imagereward"
     ckpt = require_path(checkpoint, f"{opt}.checkpoint", "ImageReward.pt (THUDM/ImageReward)")
     config = require_path(med_config, f"{opt}.med_config", "med_config.json (THUDM/ImageReward)")
     vocab_what = "bert-base-uncased's vocab.txt (or a tokenizer directory holding it)"

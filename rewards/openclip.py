@@ -62,7 +62,7 @@ class OpenClipReward(Reward):
         size = cfg["size"]
         height, width = (size, size) if isinstance(size, int) else size
         if height != width:
-            raise RewardConfigError(f"reward_options.{name}.arch: {arch} wants {height}x{width} input; only square")
+            raise RewardConfigError(f"reward.options.{name}.arch: {arch} wants {height}x{width} input; only square")
         self.size, self.mean, self.std = height, cfg["mean"], cfg["std"]
         self.interpolation = cfg["interpolation"]
         self.resize_mode = resize_mode or cfg["resize_mode"]
@@ -128,7 +128,7 @@ def clip_score(checkpoint: str | None = None, arch: str = OPENAI_L14, device: st
     """CLIP score; default OpenAI CLIP ViT-L/14 (open_clip-format weights, e.g. ``open_clip_pytorch_model.bin``)."""
     dev = resolve_device(device)
     what = f"the open_clip weights of {arch} (e.g. open_clip_pytorch_model.bin)"
-    model = load_open_clip(arch, checkpoint, "reward_options.clip_score.checkpoint", what, dev)
+    model = load_open_clip(arch, checkpoint, "reward.options.clip_score.checkpoint", what, dev)
     return ClipCosine("clip_score", model, arch)
 
 
@@ -136,7 +136,7 @@ def clip_score(checkpoint: str | None = None, arch: str = OPENAI_L14, device: st
 def hps(checkpoint: str | None = None, arch: str = "ViT-H-14", device: str | None = None) -> ClipCosine:
     """HPSv2: ViT-H-14 fine-tuned on HPD v2 (``HPS_v2_compressed.pt``, or ``HPS_v2.1_compressed.pt`` for v2.1)."""
     dev = resolve_device(device)
-    model = load_open_clip(arch, checkpoint, "reward_options.hps.checkpoint", "the HPS_v2_compressed.pt", dev)
+    model = load_open_clip(arch, checkpoint, "reward.options.hps.checkpoint", "the HPS_v2_compressed.pt", dev)
     return ClipCosine("hps", model, arch, resize_mode="longest")
 
 
@@ -147,12 +147,12 @@ def aesthetic(
     """LAION aesthetic predictor: OpenAI CLIP ViT-L/14 + ``sac+logos+ava1-l14-linearMSE.pth`` head."""
     dev = resolve_device(device)
     what = f"the open_clip weights of {arch} (e.g. open_clip_pytorch_model.bin)"
-    model = load_open_clip(arch, checkpoint, "reward_options.aesthetic.checkpoint", what, dev)
-    head_path = require_path(head, "reward_options.aesthetic.head", "the sac+logos+ava1-l14-linearMSE.pth")
+    model = load_open_clip(arch, checkpoint, "reward.options.aesthetic.checkpoint", what, dev)
+    head_path = require_path(head, "reward.options.aesthetic.head", "the sac+logos+ava1-l14-linearMSE.pth")
     mlp = AestheticHead(model.visual.output_dim)
     try:
-        mlp.load_state_dict(load_state_dict_file(head_path, "reward_options.aesthetic.head"))
+        mlp.load_state_dict(load_state_dict_file(head_path, "reward.options.aesthetic.head"))
     except RuntimeError as err:  # wrong keys or a head trained on another embedding width
         detail = " ".join(str(err).split())[:300]
-        raise RewardConfigError(f"reward_options.aesthetic.head: {head_path} does not fit the MLP: {detail}") from err
+        raise RewardConfigError(f"reward.options.aesthetic.head: {head_path} does not fit the MLP: {detail}") from err
     return Aesthetic(model, arch, mlp.to(dev).eval().requires_grad_(False))

@@ -34,12 +34,12 @@ class PickScore(Reward):
         size, crop = image_processor.size.get("shortest_edge"), image_processor.crop_size
         if size is None or crop != {"height": size, "width": size}:
             raise RewardConfigError(
-                f"reward_options.pickscore.processor_dir: expected a shortest_edge resize and an equal square "
+                f"reward.options.pickscore.processor_dir: expected a shortest_edge resize and an equal square "
                 f"crop (CLIP's), got size={image_processor.size} crop_size={crop}"
             )
         if image_processor.resample not in _RESAMPLE:
             raise RewardConfigError(
-                f"reward_options.pickscore.processor_dir: resample={image_processor.resample} is not supported; "
+                f"reward.options.pickscore.processor_dir: resample={image_processor.resample} is not supported; "
                 f"use 3 (bicubic) or 2 (bilinear)"
             )
         self.size, self.interpolation = size, _RESAMPLE[image_processor.resample]
@@ -68,9 +68,9 @@ class PickScore(Reward):
 
 @register_reward("pickscore")
 def pickscore(model_dir: str | None = None, processor_dir: str | None = None, device: str | None = None) -> PickScore:
-    mdir = require_path(model_dir, "reward_options.pickscore.model_dir", "the PickScore_v1 model files", "directory")
-    require_path(mdir / "config.json", "reward_options.pickscore.model_dir", "PickScore_v1's config.json + weights")
-    pkey = "reward_options.pickscore.processor_dir"
+    mdir = require_path(model_dir, "reward.options.pickscore.model_dir", "the PickScore_v1 model files", "directory")
+    require_path(mdir / "config.json", "reward.options.pickscore.model_dir", "PickScore_v1's config.json + weights")
+    pkey = "reward.options.pickscore.processor_dir"
     what = "the CLIP-ViT-H-14 processor"
     pdir = mdir if processor_dir is None else require_path(processor_dir, pkey, what, "directory")
     require_path(pdir / "preprocessor_config.json", pkey, "the CLIP-ViT-H-14 processor files")

@@ -1,7 +1,7 @@
 """Rewards by name, and weighted combinations of them (``{imagereward: 1.0, aesthetic: 0.5}``).
 
 Each reward module registers its factory with ``@register_reward("name")``; factories take the
-keyword options found under ``reward_options.<name>`` in the experiment config. Modules are imported
+keyword options found under ``reward.options.<name>`` in the experiment config. Modules are imported
 lazily (``_MODULES``) so that asking for an analytic reward never imports open_clip or ImageReward.
 """
 
@@ -13,8 +13,25 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import torch
+from pydantic import BaseModel, ConfigDict, Field
 
 from rewards.base import Reward, RewardConfigError
+
+
+class RewardConfig(BaseModel):
+    """Which reward (a name or a weighted sum), its options, and the reward actors that score it."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
+
+    spec: dict[str, float] = Field(default_factory=lambda: {"world": 1.0}, min_length=1, description=(
+        "reward name -> weight, e.g. {world: 1.0}"))
+    options: dict[str, dict[str, Any]] = Field(default_factory=dict, description=(
+        "per-reward keyword options (paths, devices): {name: {key: value}}"))
+    num_actors: int = Field(1, ge=0, strict=True, description="reward actors (0: score inside rollout actors)")
+    num_gpus: float = Field(0.0, ge=0)
+    max_batch: int = Field(256, ge=1, strict=True, description="a reward actor scores at most this many images")
+    max_wait_ms: float = Field(2.0, ge=0, description="... and waits this long to fill a batch from several actors")
+
 
 _FACTORIES: dict[str, Callable[..., Reward]] = {}
 # reward name -> module that registers it
@@ -60,7 +77,7 @@ def _make(name: str, kwargs: dict[str, Any]) -> Reward:
     params = inspect.signature(factory).parameters
     unknown = sorted(set(kwargs) - set(params))
     if unknown and not any(p.kind is p.VAR_KEYWORD for p in params.values()):
-        raise RewardConfigError(f"reward_options.{name}: unknown option(s) {unknown}; allowed: {sorted(params)}")
+        raise RewardConfigError(f"reward.options.{name}: unknown option(s) {unknown}; allowed: {sorted(params)}")
     return factory(**kwargs)
 
 

@@ -31,7 +31,7 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 @pytest.fixture()
 def make_config(tiny_model_dir, tmp_path):
     """A small experiment config on the tiny random model; keyword overrides are ``section={key: value}``."""
-    from learner.config import Config, build
+    from learner.config import Config, build_config
 
     def make(**sections) -> Config:
         tree = {
@@ -48,6 +48,6 @@ def make_config(tiny_model_dir, tmp_path):
         }
         for name, values in sections.items():
             tree.setdefault(name, {}).update(values)
-        return build(Config, tree)
+        return build_config(tree)
 
     return make

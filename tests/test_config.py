@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from learner.config import Config, ConfigError, build
+from learner.config import Config, ConfigError, build_config
 from learner.main import parse_args
 from learner.prompts import load_prompts
 from learner.scheduling import PromptStream, ThroughputBalancer
@@ -50,7 +50,7 @@ def test_cli_overrides_yaml_and_parses_values(tmp_path):
 ])
 def test_bad_values_fail_with_one_line(tree, match):
     with pytest.raises(ConfigError, match=match) as info:
-        build(Config, tree)
+        build_config(tree)
     assert "\n" not in str(info.value)
 
 

@@ -18,7 +18,7 @@ PROMPTS = ["a red circle on the left", "a blue square on the right", "a green tr
 
 
 def _records(cfg, n: int = 4, seed0: int = 0) -> pa.RecordBatch:
-    worker = RolloutWorker(cfg)
+    worker = RolloutWorker(cfg.rollout_settings())
     batch, stats = worker.generate(PROMPTS[:n], list(range(n)), [seed0 + i for i in range(n)], expected_version=0)
     assert stats["chains"] > 0 and stats["seconds"] > 0
     return batch
@@ -61,7 +61,7 @@ def test_trajectory_records_share_x_T_and_rank_by_final_reward(make_config):
 
 def test_weight_sync_by_version_and_checksum(make_config):
     cfg = make_config()
-    learner, worker = Learner(cfg), RolloutWorker(cfg)
+    learner, worker = Learner(cfg), RolloutWorker(cfg.rollout_settings())
     learner.update(_records(cfg))
     state = learner.publish()
     assert state.version == 1
@@ -181,7 +181,7 @@ def test_checkpoint_resume_is_exact(make_config, tmp_path):
 
 def test_guidance_moves_winners_up_the_reward(make_config):
     cfg = make_config(guidance={"kind": "reward_gradient", "eta_lo": 0.5, "eta_hi": 1.0, "max_grad_norm": 50.0})
-    worker = RolloutWorker(cfg)
+    worker = RolloutWorker(cfg.rollout_settings())
     batch = from_table(worker.generate(PROMPTS, [0, 1, 2, 3], [0, 1, 2, 3], expected_version=0)[0])
     t = batch.tensors
     assert t["guided"].any(), "some winners should have been moved"

@@ -72,7 +72,7 @@ def test_jpeg_quality_option():
     torch.testing.assert_close(
         low(images, PROMPTS[:2]), torch.tensor([reference_jpeg_kb(i, 50) for i in images]), rtol=0, atol=1e-6
     )
-    with pytest.raises(RewardConfigError, match=r"reward_options\.jpeg_compressibility\.quality"):
+    with pytest.raises(RewardConfigError, match=r"reward\.options\.jpeg_compressibility\.quality"):
         build_reward("jpeg_compressibility", {"jpeg_compressibility": {"quality": 0}})
 
 
@@ -158,6 +158,6 @@ def test_unknown_reward_option_is_a_one_line_config_error():
     from rewards.base import RewardConfigError
     from rewards.registry import build_reward
 
-    match = r"reward_options\.jpeg_compressibility: unknown option\(s\) \['qualty'\]"
+    match = r"reward\.options\.jpeg_compressibility: unknown option\(s\) \['qualty'\]"
     with pytest.raises(RewardConfigError, match=match):
         build_reward({"jpeg_compressibility": 1.0}, {"jpeg_compressibility": {"qualty": 90}})

@@ -146,11 +146,11 @@ def test_weighted_sum_of_model_rewards(clip_files):
 @pytest.mark.parametrize(
     ("name", "override", "message"),
     [
-        ("clip_score", {"checkpoint": "/nonexistent/c.bin"}, r"reward_options\.clip_score\.checkpoint: file not found"),
-        ("hps", {"checkpoint": "/nonexistent/h.pt"}, r"reward_options\.hps\.checkpoint: .*HPS_v2_compressed\.pt"),
-        ("hps", {"checkpoint": None}, r"reward_options\.hps\.checkpoint is required"),
-        ("aesthetic", {"head": "/nonexistent/head.pth"}, r"reward_options\.aesthetic\.head: file not found"),
-        ("clip_score", {"arch": "ViT-Q-99"}, r"reward_options\.clip_score\.arch: unknown open_clip arch"),
+        ("clip_score", {"checkpoint": "/nonexistent/c.bin"}, r"reward\.options\.clip_score\.checkpoint: file not found"),
+        ("hps", {"checkpoint": "/nonexistent/h.pt"}, r"reward\.options\.hps\.checkpoint: .*HPS_v2_compressed\.pt"),
+        ("hps", {"checkpoint": None}, r"reward\.options\.hps\.checkpoint is required"),
+        ("aesthetic", {"head": "/nonexistent/head.pth"}, r"reward\.options\.aesthetic\.head: file not found"),
+        ("clip_score", {"arch": "ViT-Q-99"}, r"reward\.options\.clip_score\.arch: unknown open_clip arch"),
     ],
 )
 def test_open_clip_config_errors_name_the_option(clip_files, name, override, message):
@@ -165,7 +165,7 @@ def test_aesthetic_head_of_the_wrong_width_is_refused(clip_files, tmp_path):
     wrong = aesthetic_head_layout(768)
     torch.save({f"layers.{k}": v for k, v in wrong.state_dict().items()}, tmp_path / "l14_head.pth")
     options = {**clip_files.options, "head": str(tmp_path / "l14_head.pth")}
-    with pytest.raises(RewardConfigError, match=r"reward_options\.aesthetic\.head: .* does not fit the MLP"):
+    with pytest.raises(RewardConfigError, match=r"reward\.options\.aesthetic\.head: .* does not fit the MLP"):
         build_reward("aesthetic", {"aesthetic": options})
 
 
@@ -216,12 +216,12 @@ def test_pickscore_preprocesses_like_its_processor(pick_files, h, w):
 
 
 def test_pickscore_config_errors_name_the_option(pick_files, tmp_path):
-    with pytest.raises(RewardConfigError, match=r"reward_options\.pickscore\.model_dir is required"):
+    with pytest.raises(RewardConfigError, match=r"reward\.options\.pickscore\.model_dir is required"):
         build_reward("pickscore")
-    with pytest.raises(RewardConfigError, match=r"reward_options\.pickscore\.model_dir: file not found: .*config"):
+    with pytest.raises(RewardConfigError, match=r"reward\.options\.pickscore\.model_dir: file not found: .*config"):
         build_reward("pickscore", {"pickscore": {"model_dir": str(tmp_path)}})
     options = {"model_dir": str(pick_files.dir), "processor_dir": str(tmp_path / "nope")}
-    with pytest.raises(RewardConfigError, match=r"reward_options\.pickscore\.processor_dir: directory not found"):
+    with pytest.raises(RewardConfigError, match=r"reward\.options\.pickscore\.processor_dir: directory not found"):
         build_reward("pickscore", {"pickscore": options})
 
 
@@ -295,7 +295,7 @@ def test_imagereward_missing_files_name_the_option(key, tmp_path):
         "tokenizer_dir": str(tmp_path),
         key: str(tmp_path / "missing" / "x"),
     }
-    with pytest.raises(RewardConfigError, match=rf"reward_options\.imagereward\.{key}: .*not found"):
+    with pytest.raises(RewardConfigError, match=rf"reward\.options\.imagereward\.{key}: .*not found"):
         build_reward("imagereward", {"imagereward": options})
 
 
@@ -308,12 +308,12 @@ def test_imagereward_refuses_weights_that_leave_parameters_random(tmp_path, capl
     state["extra"] = torch.zeros(1)
     torch.save(state, tmp_path / "ok.pt")
     with caplog.at_level(logging.WARNING):
-        load_weights(model, tmp_path / "ok.pt", "reward_options.imagereward.checkpoint")
+        load_weights(model, tmp_path / "ok.pt", "reward.options.imagereward.checkpoint")
     assert "unexpected" in caplog.text
     state.pop("0.weight")
     torch.save(state, tmp_path / "partial.pt")
-    with pytest.raises(RewardConfigError, match=r"reward_options\.imagereward\.checkpoint: .* lacks 1 .*0\.weight"):
-        load_weights(model, tmp_path / "partial.pt", "reward_options.imagereward.checkpoint")
+    with pytest.raises(RewardConfigError, match=r"reward\.options\.imagereward\.checkpoint: .* lacks 1 .*0\.weight"):
+        load_weights(model, tmp_path / "partial.pt", "reward.options.imagereward.checkpoint")
 
 
 def test_imagereward_compat_is_idempotent_and_local(tmp_path):

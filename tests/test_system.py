@@ -121,7 +121,7 @@ def test_nonfinite_losses_stop_the_run_with_one_line(make_config, capsys, tmp_pa
     base = make_config(train={"steps": 6, "lr": 1e30, "max_nan_steps": 2, "mode": "sync", "batch_size": 4})
     import yaml
 
-    cfg_path.write_text(yaml.safe_dump(json.loads(json.dumps(base.to_dict()))))
+    cfg_path.write_text(yaml.safe_dump(base.model_dump(mode="json")))
     assert main(["--config", str(cfg_path)]) == 1
     last = capsys.readouterr().err.strip().splitlines()[-1]  # above it: the progress bar
     assert last.startswith("error: ") and "non-finite losses in a row" in last and "lower train.lr" in last
@@ -132,7 +132,7 @@ def test_a_dead_learner_is_reported_with_the_resume_hint(make_config, capsys, tm
     base = make_config(train={"steps": 400, "mode": "sync", "batch_size": 4}, output={"checkpoint_every": 1})
     import yaml
 
-    cfg_path.write_text(yaml.safe_dump(json.loads(json.dumps(base.to_dict()))))
+    cfg_path.write_text(yaml.safe_dump(base.model_dump(mode="json")))
     killer = _kill_when("-learner", Path(base.output.dir), after_steps=2)
     assert main(["--config", str(cfg_path)]) == 2
     killer.join(timeout=1)

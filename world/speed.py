@@ -54,7 +54,7 @@ def main(argv: list[str] | None = None) -> None:
             f"{os.getloadavg()[0]:.1f}; batch times {', '.join(f'{t:.2f}' for t in times)} s")
     print(line)
     if args.record:
-        from world.evaluate import update_section
+        from world.train import update_section
 
         update_section("speed", f"## Sampling speed (`python -m world.speed`)\n\n{line}")
 

@@ -21,6 +21,7 @@ import copy
 import json
 import math
 import os
+import re
 import sys
 import tempfile
 import time
@@ -76,7 +77,7 @@ class TrainConfig:
 
 
 def build_parts(tokenizer: CLIPTokenizer, seed: int) -> tuple[AutoencoderKL, CLIPTextModel, UNet2DConditionModel]:
-    """The three networks at random init (also used by world.evaluate for the random-init baseline)."""
+    """The three networks at random init (also used by rewards.world_headroom for the random-init baseline)."""
     torch.manual_seed(seed)
     text_config = CLIPTextConfig(vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id,
                                  eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, **TEXT)
@@ -263,6 +264,14 @@ def write_training_md(cfg: TrainConfig, report: dict, path: Path) -> None:
         "",
     ]
     path.write_text("\n".join(lines))
+
+
+def update_section(name: str, text: str, path: Path = TRAINING_MD) -> None:
+    """Replace the text between ``<!-- name -->`` and ``<!-- /name -->`` (appended if the markers are missing)."""
+    block = f"<!-- {name} -->\n{text.strip()}\n<!-- /{name} -->"
+    old = path.read_text() if path.is_file() else ""
+    pattern = re.compile(rf"<!-- {name} -->.*?<!-- /{name} -->", re.S)
+    path.write_text(pattern.sub(lambda _: block, old) if pattern.search(old) else old.rstrip() + "\n\n" + block + "\n")
 
 
 def main(argv: list[str] | None = None) -> None:

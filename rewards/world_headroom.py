@@ -1,4 +1,4 @@
-"""Held-out evaluation of the embedded model: ``python -m world.evaluate --model world/model [--n 256]``.
+"""Held-out headroom of the world rewards on the embedded model: ``python -m rewards.world_headroom [--n 256]``.
 
 Why: the default alignment run needs headroom, i.e. a base model clearly better than random weights yet clearly
 below what the reward can give. Rows (mean ± standard error over ``n`` samples, prompts cycling over the
@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import re
 import tempfile
 from pathlib import Path
 
@@ -23,7 +22,7 @@ import torch
 from policy import DiffusionPolicy, SamplerConfig
 from rewards.world import WorldFidelity, WorldPreference, WorldReward
 from world.scenes import RADIUS_RANGE, render_batch, sample_scenes, split_prompts
-from world.train import ASSETS, TRAINING_MD, build_parts, save_model, write_tokenizer
+from world.train import ASSETS, build_parts, save_model, update_section, write_tokenizer
 
 REWARDS = {"world": WorldReward(), "world_fidelity": WorldFidelity(), "world_preference": WorldPreference()}
 
@@ -74,14 +73,6 @@ def save_grid(columns: dict[str, torch.Tensor], prompts: list[str], path: Path) 
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
     plt.close(fig)
-
-
-def update_section(name: str, text: str, path: Path = TRAINING_MD) -> None:
-    """Replace the text between ``<!-- name -->`` and ``<!-- /name -->`` (appended if the markers are missing)."""
-    block = f"<!-- {name} -->\n{text.strip()}\n<!-- /{name} -->"
-    old = path.read_text() if path.is_file() else ""
-    pattern = re.compile(rf"<!-- {name} -->.*?<!-- /{name} -->", re.S)
-    path.write_text(pattern.sub(lambda _: block, old) if pattern.search(old) else old.rstrip() + "\n\n" + block + "\n")
 
 
 def table(rows: dict[str, dict[str, dict[str, float]]]) -> str:
@@ -136,7 +127,7 @@ def main(argv: list[str] | None = None) -> None:
         columns[f"base, seed {j}"] = images["base model"][j * k : (j + 1) * k]
     save_grid(columns, heldout, out / "samples_heldout.png")
     if out.resolve() == ASSETS.resolve():  # the committed model's own record
-        update_section("evaluation", f"## Held-out evaluation (`python -m world.evaluate --n {args.n}`)\n\n"
+        update_section("evaluation", f"## Held-out evaluation (`python -m rewards.world_headroom --n {args.n}`)\n\n"
                        f"{args.steps} DDIM steps, eta {args.eta}, guidance {args.guidance}; mean ± standard error over "
                        f"{args.n} samples.\n\n{text}\n\nSamples: assets/samples_heldout.png")
 

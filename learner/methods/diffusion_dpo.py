@@ -1,0 +1,30 @@
+"""Diffusion-DPO (Wallace et al.): the clean latents of a pair (final latents, or a step pair's children's x̂_0)
+are noised with the same t and ε, and the loss compares the ε-MSE of policy and reference on winner and loser;
+t is drawn by the time weighting (Rethinking-DPO: Cat(γ^k) and λ(t))."""
+
+from __future__ import annotations
+
+import torch
+
+from learner.losses import diffusion_dpo_loss
+from learner.methods.registry import register_method
+from policy import POLICY
+
+
+@register_method("diffusion_dpo", "step")
+@register_method("diffusion_dpo", "trajectory")
+def on_clean_pairs(learner, batch):
+    dev = learner.device
+    x0_w, x0_l = (x.to(dev).float() for x in learner._clean_pairs(batch))
+    b = len(batch)
+    steps = learner.time_weighting.sample(b, learner.generator)
+    noise = torch.randn(x0_w.shape, generator=learner.generator).to(dev)
+    x_t = torch.cat([learner._noised(x0_w, steps.timestep, noise), learner._noised(x0_l, steps.timestep, noise)])
+    ts, eps = steps.timestep.to(dev).repeat(2), noise.repeat(2, 1, 1, 1)
+    emb = learner.policy.encode_prompts(batch.prompts * 2)
+    with torch.no_grad():
+        mse_ref = learner.eps_mse(x_t, ts, emb, eps, learner.ref_adapter)
+    mse = learner.eps_mse(x_t, ts, emb, eps, POLICY)
+    loss = diffusion_dpo_loss(mse[:b], mse_ref[:b], mse[b:], mse_ref[b:], learner.cfg.loss.beta,
+                              beta_scale=steps.beta_scale.to(dev), weights=steps.weight.to(dev))
+    return loss, {"kl_ref": float((mse_ref - mse).detach().mean())}
