@@ -25,10 +25,10 @@ import torch
 from actors.config import ConfigError, RolloutSettings
 from actors.records import to_record_batch
 from actors.reward import RewardClient
-from policy import POLICY, DiffusionPolicy, LoadReport, WeightState, load_state
+from policy import POLICY, DiffusionPolicy, LoadReport
 from policy.guidance import guidance_eta, reward_gradient_step
-from policy.lora import flat_view, unflatten_into
 from policy.schedule import gaussian_logprob
+from policy.transport import OBJECT_STORE, Transport
 from rewards.registry import build_reward
 
 SECOND_CHAIN_SEED_OFFSET = 1_000_003  # trajectory pairs: noise seed of the second chain
@@ -55,20 +55,10 @@ class RolloutWorker:
         self.reward = RewardClient(local, reward_handles)
 
     # ---- weights ----------------------------------------------------------------------------------------------
-    def set_weights(self, state: WeightState) -> LoadReport:
-        report = load_state(self.policy.c.unet, state, into=POLICY)
-        self.version = state.version
-        return report
-
-    def receive_weights(self, group: str, version: int) -> LoadReport:
-        """Receive the policy adapter from the learner's collective broadcast (see ``Learner.broadcast_weights``)."""
-        import ray.util.collective as col
-
-        flat, _ = flat_view(self.policy.c.unet, POLICY)
-        buffer = torch.empty_like(flat)
-        col.broadcast(buffer, src_rank=0, group_name=group)
-        report = unflatten_into(self.policy.c.unet, POLICY, buffer, version)
-        self.version = version
+    def receive_weights(self, payload: Any, transport: Transport = OBJECT_STORE) -> LoadReport:
+        """Load the version ``payload`` describes over ``transport`` (see ``Learner.send_weights``)."""
+        report = transport.receive(self.policy.unet, payload)
+        self.version = report.version
         return report
 
     # ---- generation -------------------------------------------------------------------------------------------

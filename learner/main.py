@@ -212,8 +212,9 @@ def root_cause(e: BaseException) -> str:
 def run(cfg: Config, resume: bool = False) -> dict[str, Any]:
     import ray
 
-    from learner.loop import Orchestrator, held_out_summary
+    from learner.loop import Driver
     from learner.metrics import RunLogger
+    from learner.report import held_out_summary
 
     train_prompts, eval_prompts = check_inputs(cfg)
     out = Path(cfg.output.dir)
@@ -226,22 +227,17 @@ def run(cfg: Config, resume: bool = False) -> dict[str, Any]:
         learner, rollouts, rewards = launch(cfg, uuid.uuid4().hex[:6])
         actors = [learner, *rollouts, *rewards]
         with RunLogger(out, tensorboard=cfg.output.tensorboard) as logger:
-            orch = Orchestrator(cfg, learner, rollouts, rewards, out, train_prompts, eval_prompts, logger, resume)
-            after = orch.run()
-            before = orch.eval_results.get("before")
+            driver = Driver(cfg, learner, rollouts, out, train_prompts, eval_prompts, logger, resume)
+            after = driver.run()
     finally:
         for actor in actors:
             ray.kill(actor, no_restart=True)
         if owns_ray:
             ray.shutdown()
     seconds = time.perf_counter() - t0
-    c = orch.counters
-    summary = {"steps": c.steps, "chains": c.chains, "seconds": seconds, "images_per_s": c.chains / seconds,
-               "actor_failures": c.actor_failures, "dropped_stale_pairs": c.pairs_dropped_stale,
-               "nonfinite_skipped": c.nonfinite_skipped, "staleness": c.staleness_hist,
-               "after": after["heldout_reward_mean"], "after_se": after["heldout_reward_sem"],
-               "actor_chains_per_s": {str(a): r for a, r in orch.balancer.rates.items()},
-               "actor_batch": [orch.balancer.size(a) for a in range(len(orch.rollouts))]}
+    summary = {**driver.summary(), "seconds": seconds, "images_per_s": driver.counters.chains / seconds,
+               "after": after["heldout_reward_mean"], "after_se": after["heldout_reward_sem"]}
+    before = driver.evaluator.results.get("before")
     if before is not None:
         summary.update(held_out_summary(before, after))
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
@@ -264,7 +260,8 @@ def print_summary(s: dict[str, Any], out: Path) -> None:
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
                         datefmt="%H:%M:%S")
-    from learner.loop import LearnerDiedError, WeightSyncError
+    from learner.loop import LearnerDiedError
+    from learner.weights import WeightSyncError
     from policy.components import ModelPathError
     from rewards.base import RewardConfigError
 

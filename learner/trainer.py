@@ -30,8 +30,9 @@ from learner.losses import PairLoss
 from learner.methods import find_method
 from learner.reference import build_reference, divergence_estimate, kernel_kl
 from learner.time_weighting import TimeWeighting
-from policy import POLICY, REF, DiffusionPolicy, WeightState, export_state
-from policy.lora import checksum, flat_view
+from policy import POLICY, REF, DiffusionPolicy
+from policy.lora import snapshot
+from policy.transport import OBJECT_STORE, Transport
 from rewards.registry import build_reward
 
 CANDIDATE = "candidate"  # scratch adapter where a reference candidate is evaluated
@@ -203,22 +204,14 @@ class Learner:
                 "ref_frozen": float(self.reference.frozen)}
 
     # ---- publishing, evaluation ---------------------------------------------------------------------------------
-    def publish(self, dtype: torch.dtype | None = None) -> WeightState:
-        """A new policy version as adapter bytes (cast to the rollout dtype)."""
-        self.version += 1
-        return export_state(self.policy.c.unet, POLICY, self.version, dtype)
+    def send_weights(self, version: int, transport: Transport = OBJECT_STORE) -> Any:
+        """Publish the policy adapter as ``version`` over ``transport`` (the driver picks it; see policy.transport).
 
-    def broadcast_weights(self, group: str, new_version: bool) -> tuple[int, str]:
-        """Send the policy adapter to every rollout actor over collective ``group`` (rank 0 = this learner)."""
-        import ray.util.collective as col
-
-        self.version += int(new_version)
-        flat, tensors = flat_view(self.policy.c.unet, POLICY)
-        col.broadcast(flat, src_rank=0, group_name=group)
-        return self.version, checksum(tensors)
-
-    def current_weights(self, dtype: torch.dtype | None = None) -> WeightState:
-        return export_state(self.policy.c.unet, POLICY, self.version, dtype)
+        The first send of a version snapshots the adapter, so a later re-send (to a restarted actor) carries the
+        same weights even after further updates."""
+        if version != self.version or self._published is None:
+            self.version, self._published = version, snapshot(self.policy.unet, POLICY)
+        return transport.send(self._published, version)
 
     def evaluate(self, prompts: list[str], seeds: list[int]) -> dict[str, Any]:
         """Fixed-seed samples of the current policy and their rewards (held-out evaluation)."""
@@ -253,7 +246,7 @@ class Learner:
         if self.moving_ref and self.reference.state is not None:
             self.policy.copy_into(REF, self.reference.state, self.reference.version)
         self.optimizer.load_state_dict(tensors_to_optimizer_state(tensors["optimizer"], state["optimizer"]))
-        self.step, self.version = int(state["step"]), int(state["version"])
+        self.step, self.version, self._published = int(state["step"]), int(state["version"]), None
         self.nan_total, self.nan_in_a_row = int(state["nan_total"]), int(state["nan_in_a_row"])
         restore_rng(RngSnapshot(state["rng"], tensors["rng"]), {"learner": self.generator})
         return self.step

@@ -149,12 +149,24 @@ def unflatten_into(unet: torch.nn.Module, name: str | None, flat: torch.Tensor, 
                      version)
 
 
+def snapshot(unet: torch.nn.Module, name: str | None) -> dict[str, torch.Tensor]:
+    """A detached copy of adapter ``name`` in sorted-key order: what a published version holds from then on."""
+    params = adapter_parameters(unet, name)
+    return {k: params[k].detach().clone() for k in sorted(params)}
+
+
+def pack_state(tensors: dict[str, torch.Tensor], adapter: str | None, version: int) -> WeightState:
+    """safetensors bytes of ``tensors`` (the state of ``adapter``) tagged with ``version``."""
+    tensors = {k: t.contiguous().cpu() for k, t in tensors.items()}
+    blob = st_save(tensors, metadata={"version": str(version), "adapter": adapter or ""})
+    return WeightState(version, adapter, blob, checksum(tensors))
+
+
 def export_state(unet: torch.nn.Module, name: str | None, version: int, dtype: torch.dtype | None = None
                  ) -> WeightState:
     """Serialise adapter ``name`` (None: full UNet) cast to ``dtype`` (the rollout dtype) with a version tag."""
-    tensors = {k: p.detach().to(dtype or p.dtype).contiguous().cpu() for k, p in adapter_parameters(unet, name).items()}
-    blob = st_save(tensors, metadata={"version": str(version), "adapter": name or ""})
-    return WeightState(version, name, blob, checksum(tensors))
+    return pack_state({k: p.detach().to(dtype or p.dtype) for k, p in adapter_parameters(unet, name).items()}, name,
+                      version)
 
 
 def load_state(unet: torch.nn.Module, state: WeightState, into: str | None = None) -> LoadReport:

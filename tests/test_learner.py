@@ -63,11 +63,11 @@ def test_weight_sync_by_version_and_checksum(make_config):
     cfg = make_config()
     learner, worker = Learner(cfg), RolloutWorker(cfg.rollout_settings())
     learner.update(_records(cfg))
-    state = learner.publish()
+    state = learner.send_weights(1)
     assert state.version == 1
     with pytest.raises(StaleWeightsError, match="holds weights v0, asked for v1"):
         worker.generate(PROMPTS[:1], [0], [0], expected_version=1)
-    report = worker.set_weights(state)
+    report = worker.receive_weights(state)
     assert (report.version, report.checksum) == (1, state.checksum)
     batch = from_table(worker.generate(PROMPTS[:2], [0, 1], [5, 6], expected_version=1)[0])
     assert set(batch.tensors["policy_version"].tolist()) == {1}

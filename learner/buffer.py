@@ -1,0 +1,55 @@
+"""The pair buffer between rollouts and the learner; it owns staleness.
+
+A record's staleness is how many versions were published after the one that sampled it. Records staler than
+``max_staleness`` are dropped and counted (a bounded off-policy gap); every record's staleness goes into a
+histogram that the run summary reports.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+
+
+class PairBuffer:
+    def __init__(self, max_staleness: int):
+        self.max_staleness = max_staleness
+        self.batches: list[pa.RecordBatch] = []
+        self.seen = 0
+        self.dropped = 0
+        self.histogram: dict[str, int] = {}  # staleness -> records (str keys: the checkpoint is JSON)
+
+    def __len__(self) -> int:
+        return sum(len(b) for b in self.batches)
+
+    def accept(self, batch: pa.RecordBatch, version: int) -> np.ndarray:
+        """Keep the records of ``batch`` fresh enough for ``version``; returns every record's staleness."""
+        staleness = version - batch.column("policy_version").to_numpy()
+        for s in staleness.tolist():
+            self.histogram[str(s)] = self.histogram.get(str(s), 0) + 1
+        keep = staleness <= self.max_staleness
+        self.dropped += int((~keep).sum())
+        self.seen += len(batch)
+        if keep.any():
+            self.batches.append(batch.filter(pa.array(keep)))
+        return staleness
+
+    def take(self, n: int) -> pa.Table:
+        """The oldest ``n`` pairs."""
+        table = pa.Table.from_batches(self.batches).combine_chunks()
+        rest = table.slice(n)
+        self.batches = rest.to_batches() if len(rest) else []
+        return table.slice(0, n)
+
+    def clear(self) -> None:
+        self.batches = []
+
+    def state_dict(self) -> dict[str, Any]:
+        """The counters (buffered records are not saved: a resumed run samples afresh)."""
+        return {"pairs_seen": self.seen, "pairs_dropped_stale": self.dropped, "staleness_hist": self.histogram}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.seen, self.dropped = int(state["pairs_seen"]), int(state["pairs_dropped_stale"])
+        self.histogram = dict(state["staleness_hist"])

@@ -1,0 +1,85 @@
+"""Evaluation and the run's report: fixed-seed held-out samples, image grids, the reward curve, before/after.
+
+Held-out prompts are sampled with the same seeds at every evaluation, so two evaluations differ only by the
+policy, and the before/after gain is a paired difference with its own standard error.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import torch
+
+from learner.config import EvalConfig
+from learner.metrics import RunLogger, bucket_stats, summary_stats
+from learner.plots import save_comparison_grid, save_image_grid, save_reward_curve
+from policy.transport import Getter
+
+LOG = logging.getLogger("dpr")
+EVAL_SEED = 123_457
+
+
+class Evaluator:
+    def __init__(self, learner: Any, get: Getter, prompts: list[str], cfg: EvalConfig, out: Path, logger: RunLogger):
+        self.learner, self.get, self.out, self.logger = learner, get, out, logger
+        self.prompts = [prompts[i % len(prompts)] for i in range(cfg.num_prompts)] * cfg.seeds_per_prompt
+        self.seeds = [EVAL_SEED + i for i in range(len(self.prompts))]
+        self.grid_prompts = cfg.grid_prompts
+        self.curve: list[tuple[int, float, float]] = []  # (step, mean, s.e.)
+        self.results: dict[str, dict[str, Any]] = {}  # tag -> the last evaluation under that tag
+        self.before_images: torch.Tensor | None = None
+
+    def evaluate(self, tag: str, step: int) -> dict[str, Any]:
+        """Held-out rewards of the current policy; updates the curve and writes the sample grids."""
+        out = self.get(self.learner.evaluate.remote(self.prompts, self.seeds))
+        rewards = out["rewards"]
+        stats = summary_stats(rewards, "heldout_reward")
+        self.logger.log(step, stats, "eval")
+        self.curve.append((step, stats["heldout_reward_mean"], stats["heldout_reward_sem"]))
+        save_reward_curve({"held-out reward (mean ± s.e.)": self.curve}, self.out / "reward_curve.png")
+        n = self.grid_prompts
+        if n:
+            grid, captions = out["images"][:n], self.prompts[:n]
+            save_image_grid(grid, captions, self.out / f"samples_{tag}_step{step:05d}.png", ncol=min(8, n))
+            if tag == "before":
+                self.before_images = grid
+            elif tag == "after" and self.before_images is not None:
+                save_comparison_grid({"before": self.before_images, "after": grid}, captions,
+                                     self.out / "before_after.png")
+        LOG.info("[eval %s] step=%d held-out reward %.4f ± %.4f (n=%d)", tag, step, stats["heldout_reward_mean"],
+                 stats["heldout_reward_sem"], len(rewards))
+        self.results[tag] = {"step": step, "rewards": rewards, **stats}
+        return self.results[tag]
+
+    def state_dict(self) -> dict[str, Any]:
+        """The reward curve in strict JSON: an undefined s.e. (one evaluation sample) is stored as null."""
+        return {"eval_curve": [[s, m, e if math.isfinite(e) else None] for s, m, e in self.curve]}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.curve = [(s, m, math.nan if e is None else e) for s, m, e in state["eval_curve"]]
+
+
+def log_rollout(logger: RunLogger, step: int, batch: pa.RecordBatch, staleness: np.ndarray, dropped: int,
+                num_steps: int) -> None:
+    """Staleness and training-reward statistics of an accepted rollout batch (per step bucket for step pairs)."""
+    logger.log(step, {"staleness_mean": float(staleness.mean()), "dropped_stale_total": float(dropped)}, "rollout")
+    r = torch.tensor(batch.column("reward_w").to_numpy())  # a copy: Arrow buffers are read-only
+    metrics = summary_stats(r, "train_reward_w")
+    if "step_index" in batch.schema.names:
+        steps = torch.tensor(batch.column("step_index").to_numpy()).long()
+        metrics.update(bucket_stats(r, steps, min(4, num_steps), num_steps, name="reward_w"))
+    logger.log(step, metrics, "rollout")
+
+
+def held_out_summary(before: dict[str, Any], after: dict[str, Any]) -> dict[str, float]:
+    """Before/after held-out means with standard errors, and the paired improvement in units of its s.e."""
+    diff = after["rewards"] - before["rewards"]
+    se = float(diff.std(correction=1) / math.sqrt(len(diff)))
+    return {"before": before["heldout_reward_mean"], "before_se": before["heldout_reward_sem"],
+            "after": after["heldout_reward_mean"], "after_se": after["heldout_reward_sem"],
+            "gain": float(diff.mean()), "gain_se": se, "gain_in_se": float(diff.mean()) / se if se else math.inf}

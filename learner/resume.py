@@ -1,0 +1,66 @@
+"""Checkpoint and resume of a whole run: the learner's own state (``Learner.checkpoint``/``restore``: adapters,
+optimizer, RNG) plus the driver's, stored under the key ``driver`` of the same atomic checkpoint.
+
+The driver's state is what a resumed run needs to continue the same schedule: the loop counters, the buffer's
+staleness counts, actor failures, the prompt cursor, the per-actor throughput estimates, the held-out reward
+curve, the trajectory log's position (rounds written after the checkpoint are dropped) and the elapsed time.
+Buffered pairs are not saved: a resumed run samples afresh with the restored policy.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from pathlib import Path
+from typing import Any
+
+from learner.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from learner.metrics import RunLogger
+from policy.transport import Getter
+
+
+class RunCheckpoints:
+    def __init__(self, learner: Any, get: Getter, root: Path, keep: int, logger: RunLogger):
+        self.learner, self.get, self.root, self.keep, self.logger = learner, get, root, keep, logger
+        self.last_step = -1  # the step of the newest checkpoint this run wrote
+
+    def save(self, driver: Any) -> Path:
+        """Write the learner's and ``driver``'s state at the driver's current step."""
+        groups, state = self.get(self.learner.checkpoint.remote())
+        state["driver"] = driver_state(driver)
+        step = driver.counters.steps
+        path = save_checkpoint(self.root, step, groups, state, keep=self.keep)
+        self.last_step = step
+        self.logger.event("checkpoint", step=step, path=str(path))
+        return path
+
+    def restore(self, driver: Any) -> int:
+        """Load the newest complete checkpoint into the learner and ``driver``; returns the published version."""
+        path = latest_checkpoint(self.root)
+        if path is None:
+            raise FileNotFoundError(f"--resume: no complete checkpoint under {self.root}")
+        tensors, state = load_checkpoint(path)
+        self.get(self.learner.restore.remote(tensors, state))
+        load_driver_state(driver, state["driver"])
+        self.logger.event("resumed", step=driver.counters.steps, path=str(path))
+        return int(state["version"])
+
+
+def driver_state(d: Any) -> dict[str, Any]:
+    return {"counters": dataclasses.asdict(d.counters), "buffer": d.buffer.state_dict(),
+            "actor_failures": d.weights.failures, "cursor": d.stream.cursor,
+            "rates": {str(k): v for k, v in d.balancer.rates.items()}, **d.evaluator.state_dict(),
+            "trajectory_rounds": d.traj_log.position() if d.traj_log else 0,
+            "elapsed": time.perf_counter() - d.started}
+
+
+def load_driver_state(d: Any, state: dict[str, Any]) -> None:
+    d.counters = dataclasses.replace(d.counters, **state["counters"])
+    d.buffer.load_state_dict(state["buffer"])
+    d.weights.failures = int(state["actor_failures"])
+    d.stream.cursor = int(state["cursor"])
+    d.balancer.rates = {int(k): float(v) for k, v in state["rates"].items()}
+    d.evaluator.load_state_dict(state)
+    if d.traj_log is not None:
+        d.traj_log.truncate_after(int(state["trajectory_rounds"]) - 1)
+    d.started -= float(state["elapsed"])

@@ -1,0 +1,87 @@
+"""The driver's side of weight transport: publish versions, verify every actor's load, re-send after a restart.
+
+Which transport carries the bytes is a ``policy.transport.Transport``; this part only knows its interface.
+Every actor load reports (version, keys, checksum) and a checksum that differs from the sent one stops the run.
+A rollout actor that dies is restarted by Ray (``max_restarts=-1``, ``max_task_retries=0``); it then gets the
+published version again, over the object store, since a restarted actor is no longer in a collective group.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from typing import Any
+
+import ray
+from ray.exceptions import RayActorError
+
+from learner.metrics import RunLogger
+from policy.transport import OBJECT_STORE, Collective, Getter, ObjectStore, Transport
+
+RESTART_WAIT_S = 120  # how long a rollout actor may take to come back after a failure
+
+
+class WeightSyncError(RuntimeError):
+    """An actor reports weights that differ from what was published (a silent no-op sync)."""
+
+
+def open_transport(kind: str, backend: str, learner: Any, actors: list[Any], on_gpus: bool, logger: RunLogger
+                   ) -> Transport:
+    """The configured transport (``train.weight_sync``); a collective group holds the learner and every actor."""
+    if kind == "object_store" or not actors:
+        return OBJECT_STORE
+    backend = ("nccl" if on_gpus else "gloo") if backend == "auto" else backend
+    group = f"dpr-weights-{time.time_ns():x}"
+    logger.event("collective_group", name=group, backend=backend, size=len(actors) + 1)
+    return Collective.create([learner, *actors], backend, group)
+
+
+class WeightSync:
+    def __init__(self, transport: Transport, learner: Any, actors: list[Any], get: Getter, logger: RunLogger):
+        self.transport, self.learner, self.actors, self.get, self.logger = transport, learner, actors, get, logger
+        self.version = 0  # the last published version
+        self.checksum = ""
+        self.failures = 0  # rollout actors restarted so far
+        self.pending: list[tuple[int, Any]] = []  # (actor, LoadReport ref) not yet verified
+
+    def publish(self, new_version: bool = True) -> None:
+        """Send the policy (a new version, or the current one again) to every rollout actor."""
+        sent = self.transport.publish(self.learner, self.actors, self.version + int(new_version), self.get)
+        self.version, self.checksum = sent.version, sent.checksum
+        self.pending.extend(enumerate(sent.loads))
+
+    def check(self, block: bool = False) -> None:
+        """Verify the loads that have finished (all of them when ``block``)."""
+        if not self.pending:
+            return
+        refs = [ref for _, ref in self.pending]
+        done = set(ray.wait(refs, num_returns=len(refs), timeout=None if block else 0)[0])
+        for actor, ref in self.pending:
+            if ref in done:  # an actor that died is recovered when its generate fails, so its load is skipped
+                with contextlib.suppress(RayActorError):
+                    self._verify(actor, ray.get(ref))
+        self.pending = [(actor, ref) for actor, ref in self.pending if ref not in done]
+
+    def recover(self, actor: int, error: Exception) -> None:
+        """A rollout actor failed: wait for Ray to restart it, then give it the published version again."""
+        self.failures += 1
+        self.logger.event("actor_failed", actor=actor, error=type(error).__name__, version=self.version)
+        if not isinstance(self.transport, ObjectStore):
+            self.logger.event("weight_sync_fallback", transport=OBJECT_STORE.name, was=self.transport.name)
+            self.transport = OBJECT_STORE
+        deadline = time.monotonic() + RESTART_WAIT_S
+        while True:
+            try:
+                (load,) = OBJECT_STORE.publish(self.learner, [self.actors[actor]], self.version, self.get).loads
+                self._verify(actor, ray.get(load, timeout=60))
+                break
+            except RayActorError as e:
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"rollout actor {actor} did not come back after a failure: {e}") from None
+                time.sleep(0.5)
+        self.logger.event("actor_recovered", actor=actor, version=self.version)
+
+    def _verify(self, actor: int, report: Any) -> None:
+        if report.version == self.version and report.checksum != self.checksum:
+            raise WeightSyncError(f"rollout actor {actor} loaded v{report.version} with checksum {report.checksum}, "
+                                  f"published {self.checksum}: weights did not land")

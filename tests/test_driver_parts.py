@@ -1,0 +1,75 @@
+"""The driver's parts without Ray: weight transport between the roles, the staleness buffer, the strict-JSON
+reward curve. (The Ray paths, collective transport and actor recovery included, are in test_system.py.)"""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pyarrow as pa
+import torch
+
+from actors.rollout import RolloutWorker
+from learner.buffer import PairBuffer
+from learner.report import Evaluator
+from learner.trainer import Learner
+from policy import POLICY
+from policy.lora import checksum
+from policy.transport import OBJECT_STORE
+
+
+def _perturb(learner: Learner) -> None:
+    with torch.no_grad():
+        for p in learner.policy.adapter_parameters(POLICY).values():
+            p.add_(0.01)
+
+
+def test_object_store_round_trip_and_a_resend_carries_the_published_version(make_config):
+    cfg = make_config()
+    learner, worker = Learner(cfg), RolloutWorker(cfg.rollout_settings())
+    _perturb(learner)
+    first = learner.send_weights(1, OBJECT_STORE)
+    report = worker.receive_weights(first, OBJECT_STORE)
+    assert (report.version, report.keys_matched, report.checksum) == (1, len(first.tensors()), first.checksum)
+    assert worker.version == 1
+    _perturb(learner)  # an update after the publish ...
+    again = learner.send_weights(1)  # ... does not leak into a re-send of version 1 (e.g. to a restarted actor)
+    assert again.checksum == first.checksum
+    assert worker.receive_weights(again).checksum == first.checksum
+    newer = learner.send_weights(2)
+    live = {k: p.detach() for k, p in learner.policy.adapter_parameters(POLICY).items()}
+    assert newer.checksum == checksum(live) != first.checksum
+
+
+def _records(versions: list[int]) -> pa.RecordBatch:
+    return pa.RecordBatch.from_pydict({"policy_version": versions, "reward_w": [0.0] * len(versions)})
+
+
+def test_buffer_drops_and_counts_stale_records_and_takes_the_oldest_first():
+    buf = PairBuffer(max_staleness=1)
+    staleness = buf.accept(_records([3, 2, 1, 3]), version=3)
+    assert staleness.tolist() == [0, 1, 2, 0]
+    assert (len(buf), buf.seen, buf.dropped) == (3, 4, 1)
+    buf.accept(_records([0, 4]), version=4)
+    assert (len(buf), buf.seen, buf.dropped) == (4, 6, 2)
+    assert buf.histogram == {"0": 3, "1": 1, "2": 1, "4": 1}
+    assert buf.take(2).column("policy_version").to_pylist() == [3, 2]
+    assert buf.take(2).column("policy_version").to_pylist() == [3, 4] and len(buf) == 0
+    restored = PairBuffer(max_staleness=1)
+    restored.load_state_dict(json.loads(json.dumps(buf.state_dict())))
+    assert restored.state_dict() == buf.state_dict()
+
+
+def test_evaluator_curve_survives_json_with_an_undefined_standard_error(make_config, tmp_path):
+    ev = Evaluator(None, None, ["a"], make_config().eval, tmp_path, None)
+    ev.curve = [(0, 0.5, math.nan), (10, 0.7, 0.01)]
+    state = json.loads(json.dumps(ev.state_dict(), allow_nan=False))
+    ev.load_state_dict(state)
+    assert ev.curve[1] == (10, 0.7, 0.01) and ev.curve[0][:2] == (0, 0.5) and math.isnan(ev.curve[0][2])
+
+
+def test_evaluator_samples_every_prompt_with_its_own_fixed_seed(make_config, tmp_path):
+    cfg = make_config(eval={"num_prompts": 3, "seeds_per_prompt": 2})
+    a = Evaluator(None, None, ["x", "y"], cfg.eval, tmp_path, None)
+    b = Evaluator(None, None, ["x", "y"], cfg.eval, tmp_path, None)
+    assert a.prompts == ["x", "y", "x"] * 2 and a.seeds == b.seeds and len(set(a.seeds)) == 6
