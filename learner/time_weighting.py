@@ -4,10 +4,14 @@ Conventions: k counts generation order, k = 0 is the FIRST denoising step (from 
 a 1-D LongTensor of training timesteps in generation order: the sampler's inference grid (SD1.5 with 50 DDIM
 steps: 981, 961, …, 1) or all T training steps (T−1, …, 0, i.e. k = T−1−t).
 
-* ``discount`` (Dense-reward DPO, PAPERS.md §5/§8.3): the public code draws k ~ Cat(γ^k) — importance sampling
-  of the step index (``discount_as="sample"``); ``"weight"`` draws k uniformly and weighs it by γ^k normalised
-  to mean 1 over the grid (same expectation, more variance, works at fixed steps).
-* ``timestep_aware`` (Rethinking-DPO, PAPERS.md §8.1): t drawn from Cat(γ^k) and β scaled by
+* ``discount`` (Dense-reward DPO, Yang, Chen, Zhou ICML-24; code Shentao-YANG/Dense_Reward_T2I
+  ``train_t2i.py``/``preference_based_policy_learner.py``): the public code draws k ~ Cat(γ^k) — importance
+  sampling of the step index (``discount_as="sample"``); ``"weight"`` draws k uniformly and weighs it by the
+  FIXED weight G·γ^k/Σ_j γ^j (G = grid size; mean 1 over the grid), so that E_uniform[w_k f(k)] =
+  E_Cat(γ^k)[f(k)] for any per-step term f: same expectation, more variance, works at fixed steps. The losses
+  use these weights as they are (``learner.losses``); renormalising them over a batch would undo the discount.
+* ``timestep_aware`` (Rethinking-DPO, Kang et al. AAAI-26, Eq. 6 and "timestep-aware optimization"): t drawn
+  from Cat(γ^k) and β scaled by
   λ(t) = 1 + norm(1/√SNR(t)) inside the log-sigmoid. The paper does not say over which set Cat(γ^t) runs:
   ``grid="inference"`` (default, the Dense-Reward reading) or ``grid="train"`` (the literal reading, which
   puts > 99% of the mass on t ≥ 950 for SD1.5).
@@ -45,7 +49,7 @@ def snr_lambda(alphas_cumprod: Tensor, timesteps: Tensor, norm: LambdaNorm = "mi
     """Rethinking-DPO λ(t) = 1 + norm(1/√SNR(t)), SNR = ᾱ/(1−ᾱ), in [1, 2] and growing with t (float64).
 
     The paper leaves "norm" open; ``"minmax"`` maps (v − min)/(max − min) and ``"max"`` maps v/max, with min
-    and max over ALL training timesteps (they differ by ≤ 0.002 for SD1.5, PAPERS.md §8.1).
+    and max over ALL training timesteps (they differ by ≤ 0.002 for SD1.5's schedule).
     """
     if norm not in get_args(LambdaNorm):
         raise ValueError(f"norm must be one of {get_args(LambdaNorm)}, got {norm!r}")

@@ -86,7 +86,7 @@ def test_snr_lambda_bad_input_raises():
 
 
 def make(mode: str, **kw) -> TimeWeighting:
-    return TimeWeighting(TimeWeightConfig(mode, **kw), sd15_alphas_cumprod(), ddim_grid(10))
+    return TimeWeighting(TimeWeightConfig(mode=mode, **kw), sd15_alphas_cumprod(), ddim_grid(10))
 
 
 @pytest.mark.parametrize(
@@ -156,7 +156,7 @@ def test_train_grid_puts_almost_all_mass_on_high_t():
 
 def test_inference_grid_reading_b_numbers():
     """docs/math.md §7 reading (b): 50-step DDIM grid, γ = 0.9 → P(t ≥ 901) = 0.41, P(t ≥ 601) = 0.88."""
-    tw = TimeWeighting(TimeWeightConfig("timestep_aware"), sd15_alphas_cumprod(), ddim_grid(50))
+    tw = TimeWeighting(TimeWeightConfig(mode="timestep_aware"), sd15_alphas_cumprod(), ddim_grid(50))
     assert tw.grid[0].item() == 981 and tw.grid[-1].item() == 1
     assert tw.probs[tw.grid >= 901].sum().item() == pytest.approx(0.41, abs=0.01)
     assert tw.probs[tw.grid >= 601].sum().item() == pytest.approx(0.88, abs=0.01)
@@ -172,18 +172,83 @@ def test_inference_grid_reading_b_numbers():
     ],
 )
 def test_bad_config_raises_naming_the_field(kw, field):
-    with pytest.raises(ValueError, match=f"time_weight.{field} must be one of"):
+    with pytest.raises(ValueError, match=f"(?s){field}\n  Input should be"):
         TimeWeightConfig(**kw)
 
 
 def test_bad_gamma_and_grid_raise():
-    with pytest.raises(ValueError, match="gamma must be in"):
-        TimeWeightConfig("discount", gamma=0.0)
+    with pytest.raises(ValueError, match="(?s)gamma.*greater than 0"):
+        TimeWeightConfig(mode="discount", gamma=0.0)
     ac = sd15_alphas_cumprod()
-    cfg = TimeWeightConfig("discount")
+    cfg = TimeWeightConfig(mode="discount")
     with pytest.raises(ValueError, match="strictly decreasing"):
         TimeWeighting(cfg, ac, torch.arange(1, 1000, 100))
     with pytest.raises(ValueError, match="must lie in"):
         TimeWeighting(cfg, ac, torch.tensor([1200, 500]))
     with pytest.raises(ValueError, match="n must be >= 1"):
         TimeWeighting(cfg, ac, ddim_grid(10)).sample(0)
+
+
+# ---------------------------------------------------------------- the discount's two forms agree in expectation
+
+# A per-step log-ratio margin that changes sign along the chain, so that which steps are weighted matters.
+STEP_MARGIN = torch.tensor([0.8, 0.6, 0.3, 0.1, -0.1, -0.3, -0.5, -0.6, -0.7, -0.8], dtype=F64)
+
+
+def _monte_carlo(estimate, draws: int, seed: int) -> tuple[float, float]:
+    """Mean and standard error of ``estimate(generator)`` over ``draws`` independent draws."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.tensor([estimate(g) for _ in range(draws)], dtype=F64)
+    return x.mean().item(), x.std().item() / math.sqrt(draws)
+
+
+@pytest.mark.parametrize("m", [1, 3])
+def test_dense_weight_form_has_the_sample_forms_expectation(m):
+    """E[C · mean_m w_m clip_m] with k uniform and fixed weights equals E[C · mean_m clip_m] with k ~ Cat(γ^k),
+    = C Σ_k p_k margin_k, and both differ from the undiscounted C · mean_k margin_k (at M = 1 a renormalised
+    weight would cancel exactly and give the undiscounted value)."""
+    from learner.losses import dense_dpo_loss
+
+    c, gamma = 10.0, 0.7
+    exact = c * float((discount_probs(10, gamma) * STEP_MARGIN).sum())
+    undiscounted = c * float(STEP_MARGIN.mean())
+    assert abs(exact - undiscounted) > 2.0
+
+    def form(tw: TimeWeighting):
+        def estimate(g: torch.Generator) -> float:
+            s = tw.sample(m, g)
+            weights = s.weight if tw.cfg.discount_as == "weight" else None
+            lw = STEP_MARGIN[s.index].view(1, m)
+            return dense_dpo_loss(lw, torch.zeros_like(lw), scale_c=c, kappa=None, step_weights=weights).margin.item()
+        return estimate
+
+    sample = make("discount", gamma=gamma, discount_as="sample")
+    weight = make("discount", gamma=gamma, discount_as="weight")
+    for tw, seed in ((sample, 0), (weight, 1)):
+        mean, se = _monte_carlo(form(tw), 2000, seed)
+        assert abs(mean - exact) < 4 * se + 1e-9, (tw.cfg.discount_as, mean, exact, se)
+        assert abs(mean - undiscounted) > 8 * se
+
+
+@pytest.mark.parametrize("batch", [1, 4])
+def test_weighted_pair_loss_has_the_sample_forms_expectation(batch):
+    """The same for the per-pair losses (weights outside the log-sigmoid): E[mean_i w_i L(k_i)] with k uniform
+    equals E[mean_i L(k_i)] with k ~ Cat(γ^k), for a batch of one as for larger ones."""
+    from learner.losses import dpo_logprob_loss
+
+    gamma = 0.7
+    per_step = -torch.nn.functional.logsigmoid(3.0 * STEP_MARGIN)
+    exact = float((discount_probs(10, gamma) * per_step).sum())
+    undiscounted = float(per_step.mean())
+
+    def form(tw: TimeWeighting):
+        def estimate(g: torch.Generator) -> float:
+            s = tw.sample(batch, g)
+            lw = STEP_MARGIN[s.index]
+            return dpo_logprob_loss(lw, torch.zeros_like(lw), 3.0, weights=s.weight).loss.item()
+        return estimate
+
+    for tw, seed in ((make("discount", gamma=gamma), 2), (make("discount", gamma=gamma, discount_as="weight"), 3)):
+        mean, se = _monte_carlo(form(tw), 2000, seed)
+        assert abs(mean - exact) < 4 * se, (tw.cfg.discount_as, mean, exact, se)
+        assert abs(mean - undiscounted) > 8 * se
