@@ -177,7 +177,7 @@ def test_bad_config_raises_naming_the_field(kw, field):
 
 
 def test_bad_gamma_and_grid_raise():
-    with pytest.raises(ValueError, match="(?s)gamma.*greater than 0"):
+    with pytest.raises(ValueError, match=r"(?s)gamma.*greater than 0"):
         TimeWeightConfig(mode="discount", gamma=0.0)
     ac = sd15_alphas_cumprod()
     cfg = TimeWeightConfig(mode="discount")
