@@ -144,12 +144,14 @@ def score(images: torch.Tensor, prompts: Sequence[str], rewards: Mapping[str, Re
 
 def compare(policy_a: DiffusionPolicy, policy_b: DiffusionPolicy, prompts: Sequence[str], seeds: Sequence[int],
             rewards: Mapping[str, Reward], main: str, batch: int = 64) -> Comparison:
-    """Sample both policies on the same (prompt, seed) pairs and score every reward on both."""
+    """Sample both policies on the same (prompt, seed) pairs and score every reward on both (one policy given
+    twice is sampled once: the seeds make its two sides identical anyway)."""
     if len(prompts) != len(seeds):
         raise ValueError(f"{len(prompts)} prompts but {len(seeds)} seeds")
     if main not in rewards:
         raise ValueError(f"main reward {main!r} is not among the rewards {sorted(rewards)}")
-    images = {side: sample(p, prompts, seeds, batch) for side, p in (("A", policy_a), ("B", policy_b))}
+    images = {"A": sample(policy_a, prompts, seeds, batch)}
+    images["B"] = images["A"] if policy_b is policy_a else sample(policy_b, prompts, seeds, batch)
     return Comparison(list(prompts), list(seeds), images,
                       {side: score(x, prompts, rewards) for side, x in images.items()}, main)
 
@@ -208,7 +210,8 @@ def main(argv: list[str] | None = None) -> int:
         prompts = [unique[i % len(unique)] for i in range(args.n)]
         seeds = [args.seed + i for i in range(args.n)]
         rewards, main_name = build_rewards(cfg, [r for r in args.rewards.split(",") if r.strip()], prompts)
-        (policy_a, info_a), (policy_b, info_b) = (load_policy(s, cfg) for s in (args.a, args.b))
+        policy_a, info_a = load_policy(args.a, cfg)
+        policy_b, info_b = (policy_a, info_a) if args.b == args.a else load_policy(args.b, cfg)
     except (ConfigError, CheckpointError, RewardConfigError, ModelPathError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
