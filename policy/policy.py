@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from policy.components import Components, load_components
 from policy.lora import (
@@ -52,8 +52,15 @@ class SamplerConfig(BaseModel):
 
     num_steps: int = Field(20, ge=1, strict=True, description="DDIM steps per chain")
     guidance_scale: float = Field(5.0, ge=0, description="classifier-free guidance w (part of the policy)")
-    eta: float = Field(1.0, gt=0, description="DDIM eta; > 0 for a stochastic policy with a log-prob")
+    eta: float = Field(1.0, description="DDIM eta; > 0 for a stochastic policy with a log-prob")
     logprob_reduce: Reduce = Field("mean", description="per-sample log-prob: mean or sum over latent elements")
+
+    @field_validator("eta")
+    @classmethod
+    def _stochastic(cls, eta: float) -> float:
+        if eta <= 0:  # eta = 0 is deterministic DDIM: no Gaussian, no log-prob
+            raise ValueError(f"sampler.eta must be > 0 for a stochastic policy with a log-prob, got {eta}")
+        return eta
 
 
 @dataclass

@@ -54,6 +54,31 @@ def test_bad_values_fail_with_one_line(tree, match):
     assert "\n" not in str(info.value)
 
 
+def test_an_unsupported_loss_and_pair_kind_fail_at_start_up(monkeypatch):
+    from learner.methods import registry
+
+    monkeypatch.delitem(registry._METHODS, ("dense_dpo", "trajectory"))
+    with pytest.raises(ConfigError, match=r"^loss\.kind=dense_dpo does not train on trajectory pairs; it accepts "
+                                          r"\['step'\] pairs$"):
+        build_config({"loss": {"kind": "dense_dpo"}, "pairs": {"kind": "trajectory"}})
+
+
+def test_help_shows_the_values_the_chosen_yaml_gives(capsys):
+    with pytest.raises(SystemExit):
+        parse_args(["--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "--sampler.logprob_reduce V per-sample log-prob: mean or sum over latent elements; one of ['mean', " \
+           "'sum']; value: \"sum\"" in text  # configs/default.yaml's value, not the schema default 'mean'
+    assert "--time_weight.gamma V discount γ of Cat(γ^k); in (0, 1]; value: 0.9" in text
+
+
+def test_cli_values_are_strict(tmp_path):
+    with pytest.raises(ConfigError, match=r"^train\.steps must be an integer, got True$"):
+        parse_args(["--train.steps", "true"])
+    with pytest.raises(ConfigError, match=r"^unknown config key 'loss\.betta'; did you mean 'loss\.beta'\?"):
+        parse_args(["--loss.betta", "1"])
+
+
 def test_cli_errors_are_one_line_and_help_lists_every_key(tmp_path):
     env_py = [sys.executable, "-m", "learner.main"]
     bad = subprocess.run([*env_py, "--loss.betta", "1"], capture_output=True, text=True, cwd=ROOT, timeout=120)
