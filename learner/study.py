@@ -255,7 +255,7 @@ def save_strip(images: torch.Tensor, path: Path) -> None:
 
 
 def load_strip(path: Path, n: int) -> torch.Tensor:
-    pixels = torch.from_numpy(np.asarray(Image.open(path).convert("RGB"))).float() / 255
+    pixels = torch.from_numpy(np.array(Image.open(path).convert("RGB"))).float() / 255
     return torch.stack(pixels.chunk(n, dim=1)).permute(0, 3, 1, 2)
 
 
@@ -316,7 +316,7 @@ def mean_curve(curves: Sequence[Sequence[Sequence[float]]]) -> np.ndarray:
 
 
 # ---- report ---------------------------------------------------------------------------------------------------
-def save_curves(curves: Mapping[str, np.ndarray], base: float, path: Path) -> None:
+def save_curves(curves: Mapping[str, np.ndarray], path: Path) -> None:
     """Held-out reward vs learner update and vs wall time, one line and ± s.e. band per cell."""
     fig = Figure(figsize=(11, 4), dpi=100)
     FigureCanvasAgg(fig)
@@ -326,10 +326,9 @@ def save_curves(curves: Mapping[str, np.ndarray], base: float, path: Path) -> No
             (line,) = ax.plot(x, c[:, 2], marker="o", markersize=3, label=cell)
             ax.fill_between(x, c[:, 2] - c[:, 3], c[:, 2] + c[:, 3], color=line.get_color(), alpha=0.2, lw=0)
     for ax, label in zip(axes, ("learner update", "wall time since the first evaluation (s)"), strict=True):
-        ax.axhline(base, color="grey", ls="--", lw=1)
         ax.set_xlabel(label)
         ax.grid(alpha=0.3)
-    axes[0].set_ylabel("held-out reward (in-run eval, mean ± s.e. over seeds)")
+    axes[0].set_ylabel("held-out reward (in-run eval; update 0: base)")
     axes[0].legend(loc="best")
     fig.tight_layout()
     fig.savefig(path, format="png")
@@ -361,7 +360,7 @@ def write_report(name: str, grid: Grid, out: Path, records: Sequence[Mapping[str
     (out / "results.json").write_text(json.dumps(summary, indent=1))
     curves = {c: mean_curve([r["curve"] for r in rs]) for c, rs in by_cell.items() if all(r["curve"] for r in rs)}
     if curves:
-        save_curves(curves, first["base_reward"]["mean"], out / "curves.png")
+        save_curves(curves, out / "curves.png")
     captions = first["grid_prompts"]
     strips = out / "cells"
     for c, rs in by_cell.items():
