@@ -17,6 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from actors.config import ConfigError, GuidanceConfig, PairsConfig, RolloutConfig, RolloutSettings
 from learner.methods import find_method, method_names
+from learner.reference import DEFAULT_DELTA
 from learner.time_weighting import TimeWeightConfig
 from policy.components import ModelConfig
 from policy.lora import LoraSettings
@@ -50,11 +51,14 @@ class ReferenceConfig(BaseModel):
     strategy: Literal["frozen", "stable_update"] = "frozen"
     tau: int = Field(32, ge=1, strict=True, description=(
         "stable_update: replace the reference every tau learner steps (Rethinking-DPO Fig. 1b: 32)"))
-    delta: float = Field(0.005, gt=0, description=(
-        "... while D(candidate || initial) <= delta (their SD1.5 value); past it the reference freezes"))
+    delta: float = Field(DEFAULT_DELTA, gt=0, description=(
+        "... while D(candidate || initial) <= delta; past it the reference freezes (default: kernel_kl's "
+        "calibration, docs/math.md)"))
     ema: float | None = Field(None, gt=0, le=1, description="soft replacement weight instead of a hard copy")
-    divergence: Literal["log_ratio", "kernel_kl"] = "log_ratio"
-    divergence_samples: int = Field(4, ge=1, strict=True, description="winner samples used to estimate D")
+    divergence: Literal["log_ratio", "kernel_kl"] = Field("kernel_kl", description=(
+        "kernel_kl grows with any drift from the initial model; log_ratio (the paper's Eq. 7) is one-sided"))
+    divergence_samples: int = Field(16, ge=1, strict=True, description=(
+        "winners of the last batch used to estimate D, each at 4 timesteps"))
 
 
 class TrainConfig(BaseModel):
@@ -145,6 +149,9 @@ class Config(BaseModel):
         if self.time_weight.grid == "train" and self.loss.kind != "diffusion_dpo":
             raise ValueError("time_weight.grid=train needs loss.kind=diffusion_dpo (sampler log-probs exist only "
                              "on the inference grid)")
+        if self.time_weight.mode == "timestep_aware" and self.loss.kind == "dense_dpo":
+            raise ValueError("time_weight.mode=timestep_aware scales beta, and loss.kind=dense_dpo has no beta; "
+                             "use time_weight.mode=discount")
         find_method(self.loss.kind, self.pairs.record_kind)
         return self
 

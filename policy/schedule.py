@@ -1,6 +1,6 @@
 """DDIM (eta > 0) step with its Gaussian log-probability: the building block of every method here.
 
-Formulas (Song et al., DDIM, Eq. 12 and 16), with ᾱ the scheduler's ``alphas_cumprod``:
+Formulas (Song et al., DDIM, Eq. 12 and 16; docs/math.md §1-2), with ᾱ the scheduler's ``alphas_cumprod``:
     x̂_0  = (x_t − √(1−ᾱ_t) ε̂) / √ᾱ_t
     σ_t² = η² (1−ᾱ_prev)/(1−ᾱ_t) · (1 − ᾱ_t/ᾱ_prev)
     μ    = √ᾱ_prev x̂_0 + √(1−ᾱ_prev−σ_t²) ε̂ ,   x_{t−1} = μ + σ_t z
@@ -9,7 +9,7 @@ Formulas (Song et al., DDIM, Eq. 12 and 16), with ᾱ the scheduler's ``alphas_c
 ``final_alpha_cumprod`` (diffusers' convention; for SD1.5 it equals the clamp of kvablack/ddpo-pytorch
 ``ddim_with_logprob.py``). That value must be < 1: with ``set_alpha_to_one=True`` the last step has σ = 0.
 Everything is computed in float32 or wider: the log-ratio of two policies is a difference of squared distances
-that bf16 cannot resolve.
+that bf16 cannot resolve (docs/math.md §2).
 """
 
 from __future__ import annotations

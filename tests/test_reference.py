@@ -59,6 +59,38 @@ def test_divergence_positive_when_candidate_explains_noise_better():
     assert kernel_kl(cand, init).item() > 0 and kernel_kl(init, cand).item() > 0
 
 
+@pytest.mark.parametrize("direction", ["fits_winners_better", "fits_winners_worse"])
+def test_only_kernel_kl_caps_drift_in_both_directions(direction):
+    """The cap exists to stop drift from the initial model. A candidate moving its ε̂ towards the true noise of the
+    winners (fits them better) and one moving it away (fits them worse, reported for Diffusion-DPO) drift equally
+    far: kernel_kl sees both and the stable reference freezes; Eq. 7's log-ratio is negative for the second, so a
+    cap on it lets that drift through however large it gets."""
+    noise, init = rand(16, 32, seed=7), rand(16, 32, seed=8)
+    towards = 1.0 if direction == "fits_winners_better" else -1.0
+    for size in (0.1, 0.5, 1.5):  # growing drift
+        cand = init + towards * size * (noise - init)
+        kkl = kernel_kl(cand, init).item()
+        assert kkl == pytest.approx(size**2 * (noise - init).square().mean().item(), rel=1e-9)
+        eq7 = divergence_estimate(noise, cand, init).item()
+        assert (eq7 > 0) == (direction == "fits_winners_better")
+        for measure, d in (("kernel_kl", kkl), ("log_ratio", eq7)):
+            ref = StableUpdateReference(tau=1, delta=0.05)
+            event = ref.maybe_update(1, policy(0), lambda _, d=d: d)
+            blind = measure == "log_ratio" and direction == "fits_winners_worse"
+            assert event.action == ("replaced" if blind or d <= 0.05 else "frozen"), (measure, size)
+            if size == 1.5 and not blind:
+                assert ref.frozen
+
+
+def test_default_divergence_is_kernel_kl_and_default_delta_is_its_calibration():
+    from learner.config import ReferenceConfig
+    from learner.reference import DEFAULT_DELTA
+
+    cfg = ReferenceConfig()
+    assert cfg.divergence == "kernel_kl" and cfg.delta == DEFAULT_DELTA
+    assert build_reference({"strategy": "stable_update"}).delta == DEFAULT_DELTA
+
+
 def test_divergence_bad_input_raises():
     with pytest.raises(ValueError, match="share one batched shape"):
         divergence_estimate(torch.zeros(2, 3), torch.zeros(2, 3), torch.zeros(2, 4))

@@ -10,8 +10,10 @@ from learner.methods.registry import register_method
 @register_method("dense_dpo", "step")
 def on_steps(learner, batch):
     lw, ll, extra = learner.step_logratios(batch)
+    _, weight = learner.time_weighting.weigh(batch.tensors["step_index"])  # the discount of the branching step
     loss = learner.cfg.loss
-    return dense_dpo_loss(lw[:, None], ll[:, None], scale_c=loss.scale_c, kappa=loss.kappa), extra
+    return dense_dpo_loss(lw[:, None], ll[:, None], scale_c=loss.scale_c, kappa=loss.kappa,
+                          step_weights=weight[:, None].to(learner.device)), extra
 
 
 @register_method("dense_dpo", "trajectory")
