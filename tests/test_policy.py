@@ -38,7 +38,8 @@ def _perturb_adapter(pol: DiffusionPolicy, name: str, seed: int, scale: float = 
 
 @pytest.mark.parametrize("reduce", ["mean", "sum"])
 def test_recomputed_logprobs_match_sampling_with_cfg(tiny_model_dir, reduce):
-    pol = DiffusionPolicy.from_pretrained(tiny_model_dir, sampler=SamplerConfig(num_steps=8, guidance_scale=4.0, eta=1.0, logprob_reduce=reduce))
+    sampler = SamplerConfig(num_steps=8, guidance_scale=4.0, eta=1.0, logprob_reduce=reduce)
+    pol = DiffusionPolicy.from_pretrained(tiny_model_dir, sampler=sampler)
     roll = pol.sample(PROMPTS, [1, 2, 3])
     assert roll.latents.shape == (9, 3, 4, 8, 8) and roll.logprobs.shape == (8, 3)
     assert roll.images.shape == (3, 3, 32, 32) and roll.images.min() >= 0 and roll.images.max() <= 1

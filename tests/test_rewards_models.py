@@ -146,7 +146,8 @@ def test_weighted_sum_of_model_rewards(clip_files):
 @pytest.mark.parametrize(
     ("name", "override", "message"),
     [
-        ("clip_score", {"checkpoint": "/nonexistent/c.bin"}, r"reward\.options\.clip_score\.checkpoint: file not found"),
+        ("clip_score", {"checkpoint": "/nonexistent/c.bin"},
+         r"reward\.options\.clip_score\.checkpoint: file not found"),
         ("hps", {"checkpoint": "/nonexistent/h.pt"}, r"reward\.options\.hps\.checkpoint: .*HPS_v2_compressed\.pt"),
         ("hps", {"checkpoint": None}, r"reward\.options\.hps\.checkpoint is required"),
         ("aesthetic", {"head": "/nonexistent/head.pth"}, r"reward\.options\.aesthetic\.head: file not found"),

@@ -48,8 +48,9 @@ SCHEDULER = dict(num_train_timesteps=1000, beta_schedule="scaled_linear", beta_s
 VAE = dict(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(16, 32, 32),
            down_block_types=("DownEncoderBlock2D",) * 3, up_block_types=("UpDecoderBlock2D",) * 3,
            layers_per_block=1, norm_num_groups=8, sample_size=IMAGE_SIZE)
-# (32, 48) channels, cross-attention only at the 4x4 level: cheaper per forward than the (32, 64) row of docs/dependencies.md §5 with
-# attention at both levels (the sampling target is >= 30 images/s); one shape on 8x8 latents needs little capacity.
+# (32, 48) channels, cross-attention only at the 4x4 level: cheaper per forward than the (32, 64) row of
+# docs/dependencies.md §5 with attention at both levels (the sampling target is >= 30 images/s); one shape on
+# 8x8 latents needs little capacity.
 UNET = dict(sample_size=IMAGE_SIZE // 4, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(32, 48),
             down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
             up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), cross_attention_dim=32, attention_head_dim=4,
