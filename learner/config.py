@@ -1,9 +1,10 @@
 """Experiment configuration: the composite of every package's section, loaded from YAML and the command line.
 
 Each package owns its sections as pydantic models (policy: model, sampler, lora; rewards: reward; actors:
-pairs, guidance, rollout; the learner: the rest, below). The field types and bounds are the one list of allowed
-values, and the dotted CLI flags and ``--help`` are generated from them (learner/main.py). Any problem ends in one
-``ConfigError`` line naming the key and what is allowed; an unknown key gets a did-you-mean.
+pairs, guidance, rollout; the learner: time_weight and reference in their modules, the rest below). The field
+types and bounds are the one list of allowed values, and the dotted CLI flags and ``--help`` are generated from
+them (learner/main.py). Any problem ends in one ``ConfigError`` line naming the key and what is allowed; an
+unknown key gets a did-you-mean.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from actors.config import ConfigError, GuidanceConfig, PairsConfig, RolloutConfig, RolloutSettings
 from learner.methods import find_method, method_names
-from learner.reference import DEFAULT_DELTA
+from learner.reference import ReferenceConfig
 from learner.time_weighting import TimeWeightConfig
 from policy.components import ModelConfig
 from policy.lora import LoraSettings
@@ -43,22 +44,6 @@ class LossConfig(BaseModel):
         if kind not in method_names():
             raise ValueError(f"loss.kind must be one of {method_names()}, got {kind!r}")
         return kind
-
-
-class ReferenceConfig(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
-
-    strategy: Literal["frozen", "stable_update"] = "frozen"
-    tau: int = Field(32, ge=1, strict=True, description=(
-        "stable_update: replace the reference every tau learner steps (Rethinking-DPO Fig. 1b: 32)"))
-    delta: float = Field(DEFAULT_DELTA, gt=0, description=(
-        "... while D(candidate || initial) <= delta; past it the reference freezes (default: kernel_kl's "
-        "calibration, docs/math.md)"))
-    ema: float | None = Field(None, gt=0, le=1, description="soft replacement weight instead of a hard copy")
-    divergence: Literal["log_ratio", "kernel_kl"] = Field("kernel_kl", description=(
-        "kernel_kl grows with any drift from the initial model; log_ratio (the paper's Eq. 7) is one-sided"))
-    divergence_samples: int = Field(16, ge=1, strict=True, description=(
-        "winners of the last batch used to estimate D, each at 4 timesteps"))
 
 
 class TrainConfig(BaseModel):

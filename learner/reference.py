@@ -20,6 +20,7 @@ from collections.abc import Callable, Mapping
 from typing import Any, Literal, NamedTuple
 
 import torch
+from pydantic import BaseModel, ConfigDict, Field
 from torch import Tensor
 
 Reduce = Literal["mean", "sum"]
@@ -68,6 +69,30 @@ def kernel_kl(eps_candidate: Tensor, eps_init: Tensor, reduce: Reduce = "mean") 
     return _per_sample((cand - init).square(), reduce).mean()
 
 
+# δ for kernel_kl, calibrated to the paper's δ = 0.005 on its Eq. 7 scale: in a Diffusion-DPO + stable-reference
+# run on the embedded world (β 500, lr 2e-3, τ 4, trajectory pairs; docs/math.md, "Stable reference: the divergence
+# cap") the Eq. 7 estimate crossed 0.005 between updates 20 and 24, where kernel_kl was 6.7e-4 and 9.3e-4.
+DEFAULT_DELTA = 1e-3
+
+
+class ReferenceConfig(BaseModel):
+    """The ``reference`` section: the one place for the strategy's defaults and allowed values."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
+
+    strategy: Literal["frozen", "stable_update"] = "frozen"
+    tau: int = Field(32, ge=1, strict=True, description=(
+        "stable_update: replace the reference every tau learner steps (Rethinking-DPO Fig. 1b: 32)"))
+    delta: float = Field(DEFAULT_DELTA, gt=0, description=(
+        "... while D(candidate || initial) <= delta; past it the reference freezes (default: kernel_kl's "
+        "calibration, docs/math.md)"))
+    ema: float | None = Field(None, gt=0, le=1, description="soft replacement weight instead of a hard copy")
+    divergence: Literal["log_ratio", "kernel_kl"] = Field("kernel_kl", description=(
+        "kernel_kl grows with any drift from the initial model; log_ratio (the paper's Eq. 7) is one-sided"))
+    divergence_samples: int = Field(16, ge=1, strict=True, description=(
+        "winners of the last batch used to estimate D, each at 4 timesteps"))
+
+
 class RefEvent(NamedTuple):
     """What a reference update did at learner ``step``: ``action`` is ``"replaced"`` or ``"frozen"``."""
 
@@ -103,19 +128,14 @@ class StableUpdateReference:
 
     ``ema`` (optional, not in the paper): the candidate is ema·policy + (1−ema)·current_ref instead of the
     policy itself (current_ref ``None`` = zeros, the initial LoRA delta). ``state`` holds private clones, so
-    in-place changes to the policy tensors never reach the reference between replacements.
+    in-place changes to the policy tensors never reach the reference between replacements. The parameters come
+    validated from ``ReferenceConfig`` (``build_reference``).
     """
 
     moves = True
 
     def __init__(self, tau: int, delta: float, ema: float | None = None) -> None:
-        if not isinstance(tau, int) or isinstance(tau, bool) or tau < 1:
-            raise ValueError(f"tau must be >= 1, got {tau}")
-        if not isinstance(delta, (int, float)) or not delta > 0:
-            raise ValueError(f"delta must be > 0, got {delta}")
-        if ema is not None and (not isinstance(ema, (int, float)) or not 0 < ema <= 1):
-            raise ValueError(f"ema must be in (0, 1] or None, got {ema}")
-        self.tau, self.delta, self.ema = tau, float(delta), ema
+        self.tau, self.delta, self.ema = tau, delta, ema
         self.state: LoraState | None = None
         self.version = 0
         self.frozen = False
@@ -169,26 +189,8 @@ class StableUpdateReference:
         self.history = [RefEvent(int(s), float(d), str(a)) for s, d, a in sd["history"]]
 
 
-STRATEGIES = ("frozen", "stable_update")
-# δ for kernel_kl, calibrated to the paper's δ = 0.005 on its Eq. 7 scale: in a Diffusion-DPO + stable-reference
-# run on the embedded world (β 500, lr 2e-3, τ 4, trajectory pairs; docs/math.md, "Stable reference: the divergence
-# cap") the Eq. 7 estimate crossed 0.005 between updates 20 and 24, where kernel_kl was 6.7e-4 and 9.3e-4.
-DEFAULT_DELTA = 1e-3
-_KEYS = {"strategy", "tau", "delta", "ema"}
-
-
-def build_reference(cfg: Mapping[str, Any]) -> FrozenReference | StableUpdateReference:
-    """{"strategy": "frozen" | "stable_update", "tau", "delta", "ema"} → a reference strategy.
-
-    Defaults for stable_update: τ = 32 (Rethinking-DPO Fig. 1b), no EMA, and δ = DEFAULT_DELTA for the default
-    ``kernel_kl`` divergence (the paper's 0.005 is on the scale of its Eq. 7 estimate, not of kernel_kl).
-    """
-    unknown = set(cfg) - _KEYS
-    if unknown:
-        raise ValueError(f"unknown reference key(s) {sorted(unknown)}; allowed: {sorted(_KEYS)}")
-    strategy = cfg.get("strategy", "frozen")
-    if strategy == "frozen":
-        return FrozenReference()
-    if strategy == "stable_update":
-        return StableUpdateReference(cfg.get("tau", 32), cfg.get("delta", DEFAULT_DELTA), cfg.get("ema"))
-    raise ValueError(f"reference.strategy must be one of {STRATEGIES}, got {strategy!r}")
+def build_reference(cfg: ReferenceConfig) -> FrozenReference | StableUpdateReference:
+    """The strategy the (validated) ``reference`` section names."""
+    if cfg.strategy == "stable_update":
+        return StableUpdateReference(cfg.tau, cfg.delta, cfg.ema)
+    return FrozenReference()

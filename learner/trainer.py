@@ -53,8 +53,7 @@ class Learner:
         self.device = self.policy.device
         self.policy.add_lora(POLICY, cfg.lora, trainable=True)
         self.moving_ref = cfg.reference.strategy == "stable_update"
-        r = cfg.reference  # learner.reference takes a mapping until it takes the typed section
-        self.reference = build_reference({"strategy": r.strategy, "tau": r.tau, "delta": r.delta, "ema": r.ema})
+        self.reference = build_reference(cfg.reference)
         if self.moving_ref:
             self.policy.add_lora(REF, cfg.lora, trainable=False)
             self.policy.add_lora(CANDIDATE, cfg.lora, trainable=False)
@@ -73,7 +72,7 @@ class Learner:
 
     # ---- the update ---------------------------------------------------------------------------------------------
     def update(self, records: pa.Table | pa.RecordBatch | PairBatch) -> dict[str, float]:
-        """One optimizer step on a batch of pairs; returns metrics. Non-finite losses skip the step."""
+        """One optimizer step on a batch of pairs; returns metrics. A non-finite loss or gradient skips the step."""
         t0 = time.perf_counter()
         batch = records if isinstance(records, PairBatch) else from_table(records)
         self.policy.train_mode(True)
@@ -84,12 +83,12 @@ class Learner:
         metrics["reward_w"] = float(t["reward_w"].mean())
         metrics["reward_l"] = float(t["reward_l"].mean())
         if not math.isfinite(metrics["loss"]):
-            return self._skip(metrics)
+            return self._skip(metrics, "loss")
         self.optimizer.zero_grad(set_to_none=True)
         out.loss.backward()
         grad_norm = torch.nn.utils.clip_grad_norm_(self.params, self.cfg.train.grad_clip)
         if not torch.isfinite(grad_norm):
-            return self._skip(metrics)
+            return self._skip(metrics, "gradient")
         self.optimizer.step()
         self.policy.train_mode(False)
         self.step += 1
@@ -99,7 +98,8 @@ class Learner:
         metrics["update_seconds"] = time.perf_counter() - t0
         return metrics
 
-    def _skip(self, metrics: dict[str, float]) -> dict[str, float]:
+    def _skip(self, metrics: dict[str, float], what: str) -> dict[str, float]:
+        """Drop this step's gradients; ``what`` (loss or gradient) was non-finite."""
         self.optimizer.zero_grad(set_to_none=True)
         self.policy.train_mode(False)
         self.nan_in_a_row += 1
@@ -107,8 +107,9 @@ class Learner:
         metrics.update(skipped_nonfinite=1.0, nonfinite_total=float(self.nan_total))
         if self.nan_in_a_row >= self.cfg.train.max_nan_steps:
             raise NonFiniteLossError(
-                f"{self.nan_in_a_row} non-finite losses in a row at step {self.step}: training diverged; lower "
-                f"train.lr or loss.beta (limit: train.max_nan_steps={self.cfg.train.max_nan_steps})")
+                f"{self.nan_in_a_row} steps in a row with a non-finite loss or gradient (the last: its {what}) at "
+                f"step {self.step}: training diverged; lower train.lr or loss.beta (limit: "
+                f"train.max_nan_steps={self.cfg.train.max_nan_steps})")
         return metrics
 
     @property

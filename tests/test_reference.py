@@ -6,8 +6,11 @@ import pytest
 import torch
 from torch import nn
 
+from learner.config import ConfigError, build_config
 from learner.reference import (
+    DEFAULT_DELTA,
     FrozenReference,
+    ReferenceConfig,
     RefEvent,
     StableUpdateReference,
     build_reference,
@@ -83,12 +86,9 @@ def test_only_kernel_kl_caps_drift_in_both_directions(direction):
 
 
 def test_default_divergence_is_kernel_kl_and_default_delta_is_its_calibration():
-    from learner.config import ReferenceConfig
-    from learner.reference import DEFAULT_DELTA
-
     cfg = ReferenceConfig()
     assert cfg.divergence == "kernel_kl" and cfg.delta == DEFAULT_DELTA
-    assert build_reference({"strategy": "stable_update"}).delta == DEFAULT_DELTA
+    assert build_reference(ReferenceConfig(strategy="stable_update")).delta == DEFAULT_DELTA
 
 
 def test_divergence_bad_input_raises():
@@ -223,16 +223,17 @@ def test_state_dict_round_trip():
 @pytest.mark.parametrize(
     ("kw", "msg"),
     [
-        ({"tau": 0, "delta": 0.1}, "tau must be >= 1"),
-        ({"tau": 1.5, "delta": 0.1}, "tau must be >= 1"),
-        ({"tau": 2, "delta": 0.0}, "delta must be > 0"),
-        ({"tau": 2, "delta": 0.1, "ema": 0.0}, "ema must be in"),
-        ({"tau": 2, "delta": 0.1, "ema": 1.5}, "ema must be in"),
+        ({"tau": 0, "delta": 0.1}, r"^reference\.tau must be >= 1, got 0$"),
+        ({"tau": 1.5, "delta": 0.1}, r"^reference\.tau must be an integer, got 1\.5$"),
+        ({"tau": 2, "delta": 0.0}, r"^reference\.delta must be > 0, got 0\.0$"),
+        ({"tau": 2, "delta": 0.1, "ema": 0.0}, r"^reference\.ema must be in \(0, 1\], got 0\.0$"),
+        ({"tau": 2, "delta": 0.1, "ema": 1.5}, r"^reference\.ema must be in \(0, 1\], got 1\.5$"),
     ],
 )
 def test_bad_parameters_raise(kw, msg):
-    with pytest.raises(ValueError, match=msg):
-        StableUpdateReference(**kw)
+    """The reference section is checked once, by the config, in one line naming the key."""
+    with pytest.raises(ConfigError, match=msg):
+        build_config({"reference": {"strategy": "stable_update", **kw}})
 
 
 def test_step_counted_from_one():
@@ -241,10 +242,12 @@ def test_step_counted_from_one():
 
 
 def test_build_reference():
-    assert isinstance(build_reference({"strategy": "frozen"}), FrozenReference)
-    ref = build_reference({"strategy": "stable_update", "tau": 16, "delta": 0.002, "ema": 0.5})
+    assert isinstance(build_reference(ReferenceConfig(strategy="frozen")), FrozenReference)
+    cfg = build_config({"reference": {"strategy": "stable_update", "tau": 16, "delta": 0.002, "ema": 0.5}})
+    ref = build_reference(cfg.reference)
     assert isinstance(ref, StableUpdateReference) and (ref.tau, ref.delta, ref.ema) == (16, 0.002, 0.5)
-    with pytest.raises(ValueError, match=r"reference\.strategy must be one of \('frozen', 'stable_update'\)"):
-        build_reference({"strategy": "ema"})
-    with pytest.raises(ValueError, match="unknown reference key"):
-        build_reference({"strategy": "frozen", "tua": 3})
+    strategies = r"^reference\.strategy must be one of 'frozen' or 'stable_update', got 'ema'$"
+    with pytest.raises(ConfigError, match=strategies):
+        build_config({"reference": {"strategy": "ema"}})
+    with pytest.raises(ConfigError, match=r"^unknown config key 'reference\.tua'; did you mean 'reference\.tau'\?$"):
+        build_config({"reference": {"strategy": "frozen", "tua": 3}})
