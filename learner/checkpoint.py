@@ -124,17 +124,17 @@ def _step_dirs(root: Path) -> list[tuple[int, Path]]:
 
 
 def _prune(root: Path, step: int, keep: int) -> None:
-    """Keep the newest ``keep`` manifests up to ``step``; drop the rest, stale temps and abandoned futures.
+    """Keep the newest ``keep`` manifests up to ``step``; drop older ones, uncommitted ones and stale temps.
 
-    A directory with a larger step than the one just saved belongs to a run that was resumed from an older
-    checkpoint; left in place, the next resume would jump back onto that abandoned branch.
+    A committed directory with a larger step is never removed: only a resume that found it corrupt leaves one
+    behind, and it stays for inspection.
     """
     kept = 0
     for s, path in _step_dirs(root):
-        if s > step:
-            logger.warning("removing checkpoint %s: newer than step %d just saved (abandoned run)", path,
-                           step)
-        elif kept < keep and (path / MANIFEST).is_file():
+        committed = (path / MANIFEST).is_file()
+        if s > step and committed:
+            continue
+        if s <= step and committed and kept < keep:
             kept += 1
             continue
         shutil.rmtree(path, ignore_errors=True)
@@ -223,6 +223,11 @@ def _verify(path: Path) -> dict[str, Any]:
         raise CheckpointError(f"{manifest_path} is unreadable: {e!r}") from e
     if not intact:
         raise CheckpointError(f"{manifest_path} does not match its own checksum: corrupt or modified")
+    listed = groups if isinstance(groups, list) else [groups]
+    bad = [g for g in listed if not isinstance(g, str) or not _GROUP.fullmatch(g)]
+    if bad:  # a group names a file: "../x" or "/x" would read outside the checkpoint directory
+        raise CheckpointError(f"{manifest_path} names tensor group {bad[0]!r}, which is not a plain file name "
+                              f"({_GROUP.pattern}): refusing to read outside the checkpoint")
     if manifest.get("format") != FORMAT:
         raise CheckpointError(f"{manifest_path} has format {manifest.get('format')!r}, expected {FORMAT}")
     m = _STEP_DIR.fullmatch(path.name)

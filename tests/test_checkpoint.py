@@ -293,17 +293,37 @@ def test_retention_keeps_newest(tmp_path: Path) -> None:
     assert sorted(p.name for p in tmp_path.iterdir()) == ["latest", "step-00000025"]
 
 
-def test_resave_same_step_replaces_and_abandoned_future_is_dropped(tmp_path: Path,
-                                                                   caplog: pytest.LogCaptureFixture) -> None:
+def test_resave_same_step_replaces_and_newer_checkpoints_are_kept(tmp_path: Path) -> None:
     for step in (10, 20, 30):
         save_checkpoint(tmp_path, step, _tiny(step), {"step": step, "run": "old"})
-    # resumed from 20 (say 30 was judged bad): saving 20 again replaces it and drops the abandoned 30
-    with caplog.at_level(logging.WARNING, logger="learner.checkpoint"):
-        save_checkpoint(tmp_path, 20, _tiny(20), {"step": 20, "run": "new"})
-    assert "abandoned run" in caplog.text and "step-00000030" in caplog.text
-    assert latest_checkpoint(tmp_path) == tmp_path / "step-00000020"
+    # saving 20 again replaces it; pruning never removes a newer checkpoint (30), nor more than keep allows
+    save_checkpoint(tmp_path, 20, _tiny(20), {"step": 20, "run": "new"}, keep=1)
     assert load_checkpoint(tmp_path / "step-00000020")[1] == {"step": 20, "run": "new"}
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["latest", "step-00000010", "step-00000020"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["latest", "step-00000020", "step-00000030"]
+
+
+def _forge(path: Path, group: str, data: bytes) -> None:
+    """Rewrite ``path``'s manifest to list tensor group ``group`` (its file holding ``data``), checksum included."""
+    manifest = _manifest(path)
+    digest = hashlib.sha256(data).hexdigest()
+    manifest["groups"] = [group]
+    manifest["files"] = {"state.json": manifest["files"]["state.json"],
+                         f"{group}.safetensors": {"sha256": digest, "size": len(data)}}
+    body = {k: v for k, v in manifest.items() if k != "checksum"}
+    manifest["checksum"] = hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
+    (path / "manifest.json").write_text(json.dumps(manifest))
+
+
+@pytest.mark.parametrize("group", ["../outside", "/tmp/outside", "a/b", "..", ".hidden"])
+def test_manifest_group_names_cannot_leave_the_checkpoint(tmp_path: Path, group: str) -> None:
+    path = save_checkpoint(tmp_path / "ckpt", 1, _tiny(1), {"step": 1})
+    data = (path / "policy.safetensors").read_bytes()
+    (tmp_path / "outside.safetensors").write_bytes(data)  # what a crafted manifest would point at
+    (tmp_path / "ckpt" / "outside.safetensors").write_bytes(data)
+    _forge(path, group, data)
+    with pytest.raises(CheckpointError, match="not a plain file name"):
+        load_checkpoint(path)
+    assert latest_checkpoint(tmp_path / "ckpt") is None
 
 
 def test_empty_or_missing_root_has_no_checkpoint(tmp_path: Path) -> None:

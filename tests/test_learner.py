@@ -6,6 +6,7 @@ from __future__ import annotations
 import pyarrow as pa
 import pytest
 import torch
+from helpers import recomputed_logprob
 
 from actors.records import from_table
 from actors.rollout import RolloutWorker, StaleWeightsError
@@ -29,8 +30,8 @@ def _pair_logprobs(learner: Learner, batch) -> tuple[torch.Tensor, torch.Tensor]
     t = batch.tensors
     emb = learner.policy.encode_prompts(batch.prompts)
     with torch.no_grad():
-        lw = learner.policy.logprob(t["x_t"], t["x_w"], t["timestep"], emb, adapter=POLICY)
-        ll = learner.policy.logprob(t["x_t"], t["x_l"], t["timestep"], emb, adapter=POLICY)
+        lw = recomputed_logprob(learner.policy, t["x_t"], t["x_w"], t["timestep"], emb, adapter=POLICY)
+        ll = recomputed_logprob(learner.policy, t["x_t"], t["x_l"], t["timestep"], emb, adapter=POLICY)
     return lw, ll
 
 
@@ -154,8 +155,17 @@ def test_nonfinite_losses_are_skipped_then_stop_the_run(make_config):
     m = learner.update(bad)
     assert m["skipped_nonfinite"] == 1.0 and learner.step == 0
     assert all(torch.equal(before[k], v) for k, v in learner.policy_tensors().items())
-    with pytest.raises(NonFiniteLossError, match="2 non-finite losses in a row"):
+    with pytest.raises(NonFiniteLossError,
+                       match=r"2 steps in a row with a non-finite loss or gradient \(the last: its loss"):
         learner.update(bad)
+
+
+def test_a_nonfinite_gradient_is_named_as_such(make_config, monkeypatch):
+    cfg = make_config(train={"max_nan_steps": 1})
+    learner = Learner(cfg)
+    monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", lambda *a, **k: torch.tensor(float("inf")))
+    with pytest.raises(NonFiniteLossError, match=r"non-finite loss or gradient \(the last: its gradient\)"):
+        learner.update(from_table(_records(cfg, n=2)))
 
 
 def test_checkpoint_resume_is_exact(make_config, tmp_path):

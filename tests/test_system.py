@@ -124,7 +124,7 @@ def test_nonfinite_losses_stop_the_run_with_one_line(make_config, capsys, tmp_pa
     cfg_path.write_text(yaml.safe_dump(base.model_dump(mode="json")))
     assert main(["--config", str(cfg_path)]) == 1
     last = capsys.readouterr().err.strip().splitlines()[-1]  # above it: the progress bar
-    assert last.startswith("error: ") and "non-finite losses in a row" in last and "lower train.lr" in last
+    assert last.startswith("error: ") and "non-finite loss or gradient" in last and "lower train.lr" in last
 
 
 def test_a_dead_learner_is_reported_with_the_resume_hint(make_config, capsys, tmp_path):
