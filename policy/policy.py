@@ -258,12 +258,6 @@ class DiffusionPolicy:
                        images)
 
     # ---- recomputation --------------------------------------------------------------------------------------
-    def logprob(self, x_t: torch.Tensor, x_prev: torch.Tensor, timestep: torch.Tensor, embeds: PromptEmbeds,
-                adapter: object = _DEFAULT) -> torch.Tensor:
-        """log π(x_prev | x_t, c) for stored transitions (batched; ``timestep`` scalar or [B])."""
-        mu, sigma, _ = self.mean(x_t, timestep, embeds, adapter)
-        return gaussian_logprob(x_prev, mu, sigma, self.sampler.logprob_reduce)
-
     def logratio(self, x_prev: torch.Tensor, mean_a: torch.Tensor, mean_b: torch.Tensor, sigma: torch.Tensor
                  ) -> torch.Tensor:
         """log π_a − log π_b of ``x_prev`` given both means (float32 difference of squared distances)."""

@@ -1,4 +1,5 @@
-"""Helpers only the tests need: reading a run's metric series back, picking and joining PairBatch rows."""
+"""Helpers only the tests need: reading a run's metric series back, picking and joining PairBatch rows, and
+recomputing a stored transition's log-probability."""
 
 from __future__ import annotations
 
@@ -10,6 +11,8 @@ import torch
 
 from actors.records import PairBatch
 from learner.metrics import RunLogger
+from policy import DiffusionPolicy
+from policy.schedule import gaussian_logprob
 
 
 def metric_history(run: RunLogger, name: str) -> list[tuple[int, float]]:
@@ -43,3 +46,11 @@ def concat_pairs(batches: Sequence[PairBatch]) -> PairBatch:
             raise ValueError(f"cannot concat column {name!r}: row shapes differ {sorted(shapes)}")
         tensors[name] = torch.cat([b.tensors[name] for b in batches])
     return PairBatch(kinds[0], tensors, [p for b in batches for p in b.prompts])
+
+
+def recomputed_logprob(policy: DiffusionPolicy, x_t: torch.Tensor, x_prev: torch.Tensor, timestep: torch.Tensor,
+                       embeds, **adapter) -> torch.Tensor:
+    """log π(x_prev | x_t, c) of stored transitions (batched; ``timestep`` scalar or [B]); ``adapter=`` as in
+    ``DiffusionPolicy.mean``."""
+    mu, sigma, _ = policy.mean(x_t, timestep, embeds, **adapter)
+    return gaussian_logprob(x_prev, mu, sigma, policy.sampler.logprob_reduce)

@@ -6,6 +6,7 @@ import shutil
 
 import pytest
 import torch
+from helpers import recomputed_logprob
 
 from policy import (
     REF,
@@ -49,7 +50,7 @@ def test_recomputed_logprobs_match_sampling_with_cfg(tiny_model_dir, reduce):
     x_prev = roll.latents[steps + 1].flatten(0, 1)
     ts = pol.timesteps.repeat_interleave(3)
     with torch.no_grad():
-        lp = pol.logprob(x_t, x_prev, ts, embeds.repeat(8))
+        lp = recomputed_logprob(pol, x_t, x_prev, ts, embeds.repeat(8))
     per = 4 * 8 * 8 if reduce == "sum" else 1  # a sum over 256 dims: compare per dimension (float32 resolution)
     assert (lp.view(8, 3) - roll.logprobs).abs().max() / per < 1e-4
 
