@@ -37,7 +37,7 @@ from matplotlib.figure import Figure
 from PIL import Image
 
 from learner.config import Config, ConfigError, build_config, load_yaml
-from learner.main import DEFAULT_CONFIG
+from learner.main import DEFAULT_CONFIG, root_cause
 
 ROOT = Path(__file__).resolve().parent.parent
 WORLD_METRICS = ROOT / "world" / "assets" / "metrics.json"
@@ -469,6 +469,14 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, ModelPathError, RewardConfigError, CheckpointError, LearnerDiedError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except Exception as e:  # raised inside an actor: one line, as learner.main does; finished runs are kept
+        import ray
+
+        if not isinstance(e, ray.exceptions.RayError):
+            raise
+        print(f"error: {root_cause(e)} (full trace in /tmp/ray/session_latest/logs; rerun to resume)",
+              file=sys.stderr)
+        return 1
     print(f"\n{args.grid}: the claim {summary['verdict']}; wrote {out / 'RESULTS.md'} and {out / 'results.json'}")
     return 0
 
