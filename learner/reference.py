@@ -23,17 +23,10 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 from torch import Tensor
 
-Reduce = Literal["mean", "sum"]
+from policy.schedule import Reduce, reduce_per_sample
+
 LoraState = dict[str, Tensor]
 Divergence = Callable[[LoraState], float]
-
-
-def _per_sample(x: Tensor, reduce: Reduce) -> Tensor:
-    if reduce == "mean":
-        return x.flatten(1).mean(1)
-    if reduce == "sum":
-        return x.flatten(1).sum(1)
-    raise ValueError(f"reduce must be 'mean' or 'sum', got {reduce!r}")
 
 
 def _widen(*tensors: Tensor) -> list[Tensor]:
@@ -57,7 +50,7 @@ def divergence_estimate(noise: Tensor, eps_candidate: Tensor, eps_init: Tensor, 
     (``"mean"``, the scale δ = 0.005 suggests) or the sum; no factor T, no 0.5.
     """
     noise, cand, init = _widen(noise, eps_candidate, eps_init)
-    return _per_sample((noise - init).square() - (noise - cand).square(), reduce).mean()
+    return reduce_per_sample((noise - init).square() - (noise - cand).square(), reduce).mean()
 
 
 def kernel_kl(eps_candidate: Tensor, eps_init: Tensor, reduce: Reduce = "mean") -> Tensor:
@@ -66,7 +59,7 @@ def kernel_kl(eps_candidate: Tensor, eps_init: Tensor, reduce: Reduce = "mean") 
     the models agree, so it caps any drift, not only drift towards the preferred data (the default,
     ``divergence: kernel_kl``)."""
     cand, init = _widen(eps_candidate, eps_init)
-    return _per_sample((cand - init).square(), reduce).mean()
+    return reduce_per_sample((cand - init).square(), reduce).mean()
 
 
 # δ for kernel_kl, calibrated to the paper's δ = 0.005 on its Eq. 7 scale: in a Diffusion-DPO + stable-reference

@@ -78,13 +78,14 @@ def ddim_mean(x_t: torch.Tensor, eps: torch.Tensor, c: StepCoefficients) -> tupl
     return c.alpha_prev.sqrt() * x0 + direction * eps, x0
 
 
-def _reduce(per_dim: torch.Tensor, reduce: Reduce) -> torch.Tensor:
+def reduce_per_sample(per_dim: torch.Tensor, reduce: Reduce) -> torch.Tensor:
+    """[B, ...] → [B]: the mean or the sum over every non-batch dim (the log-probs' and the divergences' scale)."""
     flat = per_dim.flatten(1)
     if reduce == "mean":
         return flat.mean(1)
     if reduce == "sum":
         return flat.sum(1)
-    raise ValueError(f"logprob_reduce must be 'mean' or 'sum', got {reduce!r}")
+    raise ValueError(f"reduce must be 'mean' or 'sum' (sampler.logprob_reduce), got {reduce!r}")
 
 
 def _check_sigma(sigma: torch.Tensor) -> None:
@@ -100,7 +101,7 @@ def gaussian_logprob(x_prev: torch.Tensor, mean: torch.Tensor, sigma: torch.Tens
     _check_sigma(sigma)
     x_prev, mean = _widen(x_prev), _widen(mean)
     per_dim = -((x_prev - mean) ** 2) / (2 * sigma**2) - sigma.log() - _LOG_SQRT_2PI
-    return _reduce(per_dim, reduce)
+    return reduce_per_sample(per_dim, reduce)
 
 
 def logprob_ratio(
@@ -113,4 +114,4 @@ def logprob_ratio(
     _check_sigma(sigma)
     x_prev, mean_a, mean_b = _widen(x_prev), _widen(mean_a), _widen(mean_b)
     per_dim = ((x_prev - mean_b) ** 2 - (x_prev - mean_a) ** 2) / (2 * sigma**2)
-    return _reduce(per_dim, reduce)
+    return reduce_per_sample(per_dim, reduce)
