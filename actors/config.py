@@ -80,3 +80,5 @@ class RolloutSettings(BaseModel):
     guidance: GuidanceConfig
     reward: RewardConfig
     rollout: RolloutConfig
+    trainable: Literal["lora", "full"] = "lora"  # the learner's train.trainable: full loads into the UNet itself
+    weight_dtype: str | None = None  # the learner's train.weight_dtype: what published weights arrive in

@@ -5,6 +5,8 @@ the worker runs as an async actor: concurrent requests from several rollout acto
 together, up to ``max_batch`` images or after ``max_wait_ms``, because one large forward pass of a reward model
 costs far less than many small ones. ``RewardClient`` is what a rollout actor holds: a local reward, or
 handles to reward actors that it spreads requests over (round robin).
+A reward with ``reward.options.<name>.runtime_env`` gets an actor of its own, started in that environment
+(``start_reward_actors``); clients add its (weighted) score to the rest, so the main environment never imports it.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ import torch
 
 from policy.components import resolve_device
 from rewards.base import Reward
-from rewards.registry import build_reward
+from rewards.registry import RewardConfig, build_reward, own_env_rewards
 
 
 class RewardWorker:
@@ -80,20 +82,50 @@ class RewardWorker:
         return dict(self.stats)
 
 
-class RewardClient:
-    """How a rollout actor scores images: in-process, or over reward actors (round robin)."""
+def start_reward_actors(reward: RewardConfig, prefix: str, shared: bool = True, env_vars: dict | None = None
+                        ) -> tuple[list[Any], list[Any]]:
+    """Start ``reward.num_actors`` shared reward actors for the rewards of the main environment (when ``shared``)
+    and one actor per reward with a runtime_env; returns (shared handles, own-environment handles)."""
+    import ray
 
-    def __init__(self, local: Reward | None = None, handles: Sequence[Any] = ()):
-        if local is None and not handles:
+    from cluster.resources import actor_resources
+
+    def start(name: str, spec: dict[str, float], runtime_env: dict | None) -> Any:
+        return ray.remote(RewardWorker).options(
+            num_cpus=1, max_restarts=-1, max_task_retries=0, max_concurrency=256, name=f"{prefix}-{name}",
+            runtime_env=runtime_env, **actor_resources("reward", reward.num_gpus)).remote(
+                spec, reward.options, reward.max_batch, reward.max_wait_ms)
+
+    main = reward.main_env_spec()
+    handles = [start(f"reward-{i}", main, None) for i in range(reward.num_actors if shared and main else 0)]
+    own = [start(f"reward-{name.replace(':', '.')}", {name: reward.spec[name]},
+                 {**env, "env_vars": {**(env_vars or {}), **env.get("env_vars", {})}})
+           for name, env in own_env_rewards(reward.options).items()]
+    return handles, own
+
+
+class RewardClient:
+    """How a rollout actor (or the learner's evaluation) scores images: in-process, or over reward actors (round
+    robin), plus the scores of the own-environment reward actors ``own``, which are added."""
+
+    def __init__(self, local: Reward | None = None, handles: Sequence[Any] = (), own: Sequence[Any] = ()):
+        if local is None and not handles and not own:
             raise ValueError("RewardClient needs a local reward or at least one reward actor handle")
         self.local = local
         self.handles = list(handles)
+        self.own = list(own)
         self._next = itertools.cycle(range(len(self.handles))) if self.handles else None
 
     def __call__(self, images: torch.Tensor, prompts: Sequence[str]) -> torch.Tensor:
-        if self.local is not None:
-            return self.local(images, list(prompts)).detach().float().cpu()
+        prompts, refs = list(prompts), []
+        if self.handles or self.own:  # remote parts first, so they run while the local part is scored
+            on_cpu = images.detach().cpu()
+            refs = [h.score.remote(on_cpu, prompts) for h in self.own]
+            if self.handles:
+                refs.append(self.handles[next(self._next)].score.remote(on_cpu, prompts))
+        local = self.local(images, prompts).detach().float().cpu() if self.local is not None else 0.0
+        if not refs:
+            return local
         import ray
 
-        handle = self.handles[next(self._next)]
-        return ray.get(handle.score.remote(images.detach().cpu(), list(prompts)))
+        return local + sum(ray.get(refs))

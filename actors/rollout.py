@@ -39,25 +39,29 @@ class StaleWeightsError(RuntimeError):
 
 
 class RolloutWorker:
-    def __init__(self, cfg: RolloutSettings, actor_id: int = 0, reward_handles: Sequence[Any] = ()):
+    def __init__(self, cfg: RolloutSettings, actor_id: int = 0, reward_handles: Sequence[Any] = (),
+                 own_reward_handles: Sequence[Any] = ()):
         torch.set_num_threads(cfg.rollout.torch_threads)
         self.cfg = cfg
         self.actor_id = actor_id
         self.policy = DiffusionPolicy.from_pretrained(cfg.model.path, cfg.model.device, cfg.model.dtype, cfg.sampler)
-        self.policy.add_lora(POLICY, cfg.lora, trainable=False)
+        if cfg.trainable == "lora":
+            self.policy.add_lora(POLICY, cfg.lora, trainable=False)
+        self.weight_dtype = getattr(torch, cfg.weight_dtype) if cfg.weight_dtype else None
         self.version = 0
         self.guided = cfg.guidance.kind == "reward_gradient"
         local = None
-        if self.guided or not reward_handles:  # guidance needs the reward's gradient, so it must live here
-            local = build_reward(cfg.reward.spec, cfg.reward.options).to(self.policy.device)
+        main = cfg.reward.main_env_spec() if own_reward_handles else cfg.reward.spec
+        if main and (self.guided or not reward_handles):  # guidance needs the reward's gradient: it must live here
+            local = build_reward(main, cfg.reward.options).to(self.policy.device)
             if self.guided and not local.differentiable:
                 raise ConfigError(f"guidance.kind=reward_gradient needs a differentiable reward; {local.name} is not")
-        self.reward = RewardClient(local, reward_handles)
+        self.reward = RewardClient(local, reward_handles, own_reward_handles)
 
     # ---- weights ----------------------------------------------------------------------------------------------
     def receive_weights(self, payload: Any, transport: Transport = OBJECT_STORE) -> LoadReport:
         """Load the version ``payload`` describes over ``transport`` (see ``Learner.send_weights``)."""
-        report = transport.receive(self.policy.unet, payload)
+        report = transport.receive(self.policy.unet, payload, self.policy.slot, self.weight_dtype)
         self.version = report.version
         return report
 

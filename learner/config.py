@@ -50,6 +50,10 @@ class TrainConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
     steps: int = Field(200, ge=1, strict=True, description="learner updates")
+    trainable: Literal["lora", "full"] = Field("lora", description=(
+        "lora: train the LoRA adapter; full: the whole UNet (text encoder and VAE frozen), as Diffusion-DPO does"))
+    weight_dtype: Literal["float32", "bfloat16", "float16"] | None = Field(None, description=(
+        "dtype the published policy travels in (null: as trained); bfloat16 halves a full-UNet broadcast"))
     batch_size: int = Field(32, ge=1, strict=True, description="preference pairs per update")
     lr: float = Field(3e-4, gt=0)
     weight_decay: float = Field(1e-4, ge=0)
@@ -131,6 +135,9 @@ class Config(BaseModel):
             raise ValueError(f"pairs.branch_steps {bad} are beyond sampler.num_steps={self.sampler.num_steps}")
         if self.guidance.kind == "reward_gradient" and self.pairs.kind != "step_branch":
             raise ValueError("guidance.kind=reward_gradient needs pairs.kind=step_branch (TailorPO-G)")
+        if self.guidance.kind == "reward_gradient" and len(self.reward.main_env_spec()) < len(self.reward.spec):
+            raise ValueError("guidance.kind=reward_gradient needs the reward's gradient in the rollout actor; a reward "
+                             "with reward.options.<name>.runtime_env runs in its own actor and has none there")
         if self.time_weight.grid == "train" and self.loss.kind != "diffusion_dpo":
             raise ValueError("time_weight.grid=train needs loss.kind=diffusion_dpo (sampler log-probs exist only "
                              "on the inference grid)")
@@ -139,10 +146,14 @@ class Config(BaseModel):
                              "use time_weight.mode=discount")
         find_method(self.loss.kind, self.pairs.record_kind)
         return self
+        if self.train.trainable == "full" and self.reference.ema is not None:
+            raise ValueError("reference.ema blends LoRA deltas with the zero delta of the initial model; with "
+                             "train.trainable=full use a hard replacement (reference.ema: null)")
 
     def rollout_settings(self) -> RolloutSettings:
         """The sections a rollout actor runs on."""
-        return RolloutSettings.model_validate(self)
+        return RolloutSettings.model_validate(self).model_copy(update={
+            "trainable": self.train.trainable, "weight_dtype": self.train.weight_dtype})
 
 
 # ---- one-line errors -------------------------------------------------------------------------------------------

@@ -31,7 +31,6 @@ from learner.config import Config, ConfigError, build_config, load_yaml
 from learner.plots import save_comparison_grid
 from learner.prompts import load_prompts
 from policy import POLICY, DiffusionPolicy
-from policy.lora import copy_into
 from rewards.base import Reward, RewardConfigError
 from rewards.registry import build_reward
 
@@ -104,8 +103,10 @@ def load_policy(source: str, cfg: Config, device: str = "cpu") -> tuple[Diffusio
     if "policy" not in tensors:
         raise CheckpointError(f"{step_dir} holds no 'policy' tensor group (groups: {sorted(tensors)})")
     policy = DiffusionPolicy.from_pretrained(run_cfg.model.path, device, cfg.model.dtype, cfg.sampler)
-    policy.add_lora(POLICY, run_cfg.lora, trainable=False)
-    copy_into(policy.c.unet, POLICY, tensors["policy"], int(state.get("step", 0)))
+    slot = POLICY if run_cfg.train.trainable == "lora" else None  # a full checkpoint holds the whole UNet
+    if slot:
+        policy.add_lora(POLICY, run_cfg.lora, trainable=False)
+    policy.copy_into(slot, tensors["policy"], int(state.get("step", 0)))
     return policy, {"source": str(step_dir), "model": run_cfg.model.path, "step": state.get("step")}
 
 

@@ -141,6 +141,9 @@ def start_ray(cfg: Config) -> bool:
 def probe_address(address: str, timeout_s: float = 5.0) -> None:
     """Fail in seconds, not minutes, when a ``host:port`` cluster address does not answer (Ray itself retries for
     ~5 minutes before giving up). ``auto`` is resolved by Ray from the local session file and fails fast."""
+    # a reward with reward.options.<name>.runtime_env runs in its own actor and environment, offline runs too
+    # (the learner's evaluation scores with it)
+    rewards, own = start_reward_actors(cfg.reward, f"dpr-{run_id}", not cfg.data.offline_dataset, WORKER_ENV)
     target = address.removeprefix("ray://")
     host, _, port = target.rpartition(":")
     if address == "auto" or not host or not port.isdigit():
@@ -161,30 +164,23 @@ def launch(cfg: Config, run_id: str) -> tuple[Any, list[Any], list[Any]]:
     """
     import ray
 
-    from actors.reward import RewardWorker
+    from actors.reward import start_reward_actors
     from actors.rollout import RolloutWorker
     from cluster.resources import actor_resources
     from learner.trainer import Learner
 
     learner = ray.remote(Learner).options(
         num_cpus=cfg.train.torch_threads, max_restarts=0, name=f"dpr-{run_id}-learner",
-        **actor_resources("learner", cfg.train.num_gpus, cfg.train.accelerator_type)).remote(cfg)
-    rewards = [
-        ray.remote(RewardWorker).options(
-            num_cpus=1, max_restarts=-1, max_task_retries=0, max_concurrency=256, name=f"dpr-{run_id}-reward-{i}",
-            **actor_resources("reward", cfg.reward.num_gpus)).remote(
-                cfg.reward.spec, cfg.reward.options, cfg.reward.max_batch, cfg.reward.max_wait_ms)
-        for i in range(cfg.reward.num_actors if not cfg.data.offline_dataset else 0)
-    ]
+        **actor_resources("learner", cfg.train.num_gpus, cfg.train.accelerator_type)).remote(cfg, own)
     rollouts = [
         ray.remote(RolloutWorker).options(
             num_cpus=cfg.rollout.torch_threads, max_restarts=-1, max_task_retries=0, name=f"dpr-{run_id}-rollout-{i}",
             **actor_resources("rollout", cfg.rollout.num_gpus, cfg.rollout.accelerator_type)).remote(
-                cfg.rollout_settings(), i, rewards)
+                cfg.rollout_settings(), i, rewards, own)
         for i in range(cfg.rollout.num_actors if not cfg.data.offline_dataset else 0)
     ]
-    wait_ready(learner, rollouts, rewards)
-    return learner, rollouts, rewards
+    wait_ready(learner, rollouts, [*rewards, *own])
+    return learner, rollouts, [*rewards, *own]
 
 
 def wait_ready(learner: Any, rollouts: list[Any], rewards: list[Any]) -> None:

@@ -2,6 +2,9 @@
 
 A plain class (Ray wraps it at launch). It holds one frozen base UNet with a trainable "policy" LoRA adapter
 and, when the reference moves, a "ref" adapter; a frozen reference is the base with adapters disabled.
+With ``train.trainable: full`` the UNet itself is trained and the initial model, the moving reference and the
+divergence candidate are frozen whole-UNet copies under the same names (DiffusionPolicy.train_full), so every
+loss, reference strategy and checkpoint works unchanged.
 Loss × time weighting × reference strategy are independent config choices; every combination runs except
 dense_dpo with timestep_aware (λ(t) scales β, which dense_dpo does not have).
 Each loss is a method registered per pair kind in learner/methods/ (one module per loss); this class gives
@@ -12,12 +15,14 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Sequence
 from typing import Any
 
 import pyarrow as pa
 import torch
 
 from actors.records import PairBatch, from_table
+from actors.reward import RewardClient
 from learner.checkpoint import (
     RngSnapshot,
     capture_rng,
@@ -44,20 +49,28 @@ class NonFiniteLossError(RuntimeError):
 
 
 class Learner:
-    def __init__(self, cfg: Config):
+    def __init__(self, cfg: Config, own_reward_handles: Sequence[Any] = ()):
         torch.set_num_threads(cfg.train.torch_threads)
         self.cfg = cfg
         self.method = find_method(cfg.loss.kind, cfg.pairs.record_kind)
         torch.manual_seed(cfg.train.seed)
         self.policy = DiffusionPolicy.from_pretrained(cfg.model.path, cfg.model.device, cfg.model.dtype, cfg.sampler)
         self.device = self.policy.device
-        self.policy.add_lora(POLICY, cfg.lora, trainable=True)
+        full = cfg.train.trainable == "full"
+        if full:
+            self.policy.train_full()
+        else:
+            self.policy.add_lora(POLICY, cfg.lora, trainable=True)
         self.moving_ref = cfg.reference.strategy == "stable_update"
         self.reference = build_reference(cfg.reference)
         if self.moving_ref:
-            self.policy.add_lora(REF, cfg.lora, trainable=False)
-            self.policy.add_lora(CANDIDATE, cfg.lora, trainable=False)
+            for name in (REF, CANDIDATE):
+                if full:
+                    self.policy.add_copy(name)
+                else:
+                    self.policy.add_lora(name, cfg.lora, trainable=False)
         self.params = self.policy.trainable_parameters()
+        self.weight_dtype = getattr(torch, cfg.train.weight_dtype) if cfg.train.weight_dtype else None
         self.optimizer = torch.optim.AdamW(self.params, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
         self.time_weighting = TimeWeighting(cfg.time_weight, self.policy.alphas_cumprod, self.policy.timesteps)
         self.generator = torch.Generator().manual_seed(cfg.train.seed)
@@ -66,7 +79,8 @@ class Learner:
         self._published: dict[str, torch.Tensor] | None = None  # its snapshot
         self.nan_in_a_row = 0
         self.nan_total = 0
-        self._eval_reward = None
+        self._eval_reward: RewardClient | None = None
+        self._own_rewards = list(own_reward_handles)  # reward actors in their own environments (evaluation)
         self._last_x0_w: torch.Tensor | None = None
         self._last_prompts: list[str] = []
 
@@ -94,9 +108,23 @@ class Learner:
         self.step += 1
         self.nan_in_a_row = 0
         metrics["grad_norm"] = float(grad_norm)
+        if self.step == 1:
+            metrics.update(self.memory())
         metrics.update(self._maybe_move_reference())
         metrics["update_seconds"] = time.perf_counter() - t0
         return metrics
+
+    def memory(self) -> dict[str, float]:
+        """Bytes held for training (reported with the first update): trainable parameters, the optimizer's state
+        (AdamW: two moments per parameter), and every UNet weight held (frozen copies included)."""
+        def nbytes(tensors) -> float:
+            return float(sum(t.numel() * t.element_size() for t in tensors))
+
+        unets = {id(m): m for m in (self.policy.unet, *self.policy.copies())}
+        return {"memory/trainable_bytes": nbytes(self.params),
+                "memory/optimizer_bytes": nbytes(v for s in self.optimizer.state.values() for v in s.values()
+                                                 if isinstance(v, torch.Tensor)),
+                "memory/unet_bytes": nbytes(p for m in unets.values() for p in m.parameters())}
 
     def _skip(self, metrics: dict[str, float], what: str) -> dict[str, float]:
         """Drop this step's gradients; ``what`` (loss or gradient) was non-finite."""
@@ -223,13 +251,18 @@ class Learner:
         The first send of a version snapshots the adapter, so a later re-send (to a restarted actor) carries the
         same weights even after further updates."""
         if version != self.version or self._published is None:
-            self.version, self._published = version, snapshot(self.policy.unet, POLICY)
-        return transport.send(self._published, version)
+            state = snapshot(self.policy.unet, self.policy.slot)
+            if self.weight_dtype is not None:
+                state = {k: t.to(self.weight_dtype) for k, t in state.items()}
+            self.version, self._published = version, state
+        return transport.send(self._published, version, self.policy.slot)
 
     def evaluate(self, prompts: list[str], seeds: list[int]) -> dict[str, Any]:
         """Fixed-seed samples of the current policy and their rewards (held-out evaluation)."""
         if self._eval_reward is None:
-            self._eval_reward = build_reward(self.cfg.reward.spec, self.cfg.reward.options).to(self.device)
+            main = self.cfg.reward.main_env_spec() if self._own_rewards else self.cfg.reward.spec
+            local = build_reward(main, self.cfg.reward.options).to(self.device) if main else None
+            self._eval_reward = RewardClient(local, own=self._own_rewards)
         roll = self.policy.sample(prompts, seeds, adapter=POLICY)
         with torch.no_grad():
             rewards = self._eval_reward(roll.images, prompts).float().cpu()

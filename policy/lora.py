@@ -129,26 +129,6 @@ class LoadReport:
     checksum: str
 
 
-def flat_view(unet: torch.nn.Module, name: str | None, dtype: torch.dtype | None = None
-              ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """Adapter ``name`` as one contiguous 1-D buffer (sorted keys) for a collective broadcast, plus its tensors."""
-    params = adapter_parameters(unet, name)
-    tensors = {k: params[k].detach().to(dtype or params[k].dtype) for k in sorted(params)}
-    return torch.cat([t.reshape(-1) for t in tensors.values()]).contiguous(), tensors
-
-
-def unflatten_into(unet: torch.nn.Module, name: str | None, flat: torch.Tensor, version: int) -> LoadReport:
-    """Copy a buffer made by ``flat_view`` (same adapter layout on both ends) into adapter ``name``."""
-    params = adapter_parameters(unet, name)
-    sizes = [params[k].numel() for k in sorted(params)]
-    if flat.numel() != sum(sizes):
-        raise AdapterMismatchError(f"weight buffer v{version} holds {flat.numel()} values, adapter {name!r} has "
-                                   f"{sum(sizes)}; check lora settings")
-    parts = torch.split(flat, sizes)
-    return copy_into(unet, name, {k: p.view(params[k].shape) for k, p in zip(sorted(params), parts, strict=True)},
-                     version)
-
-
 def snapshot(unet: torch.nn.Module, name: str | None) -> dict[str, torch.Tensor]:
     """A detached copy of adapter ``name`` in sorted-key order: what a published version holds from then on."""
     params = adapter_parameters(unet, name)

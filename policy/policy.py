@@ -11,6 +11,7 @@ what else shares its batch.
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,7 +30,6 @@ from policy.lora import (
     add_adapter,
     copy_into,
     export_state,
-    load_state,
     use_adapter,
 )
 from policy.schedule import (
@@ -112,6 +112,7 @@ class DiffusionPolicy:
         self.final_alpha_cumprod = float(sched.final_alpha_cumprod)
         self.stride = self.num_train_timesteps // self.sampler.num_steps
         self._uncond: torch.Tensor | None = None
+        self._copies: dict[str | None, torch.nn.Module] = {}  # full training: whole UNets by name (see train_full)
 
     @classmethod
     def from_pretrained(cls, model_dir: str | Path, device: str | torch.device = "cpu",
@@ -126,27 +127,62 @@ class DiffusionPolicy:
         for p in self.c.unet.parameters():
             p.requires_grad_(flags.get(id(p), trainable))
 
+    def train_full(self) -> None:
+        """Full fine-tuning: the UNet itself becomes the trainable policy, and a frozen copy of it taken now is the
+        initial model, which the name ``None`` means from then on (with LoRA, ``None`` is the base with adapters
+        disabled). The text encoder and VAE stay frozen, as in Diffusion-DPO."""
+        self._copies[None] = self._frozen_copy(self.c.unet)
+        self._copies[POLICY] = self.c.unet
+        self.c.unet.requires_grad_(True)
+
+    def add_copy(self, name: str) -> None:
+        """Full training: a frozen whole-UNet copy ``name`` of the initial model (a moving reference, a candidate)."""
+        self._copies[name] = self._frozen_copy(self._copies[None])
+
+    @staticmethod
+    def _frozen_copy(unet: torch.nn.Module) -> torch.nn.Module:
+        return copy.deepcopy(unet).requires_grad_(False).eval()
+
+    def copies(self) -> list[torch.nn.Module]:
+        """The frozen whole-UNet copies (full training only)."""
+        return [m for m in self._copies.values() if m is not self.c.unet]
+
+    @property
+    def full(self) -> bool:
+        return POLICY in self._copies
+
     @property
     def unet(self) -> torch.nn.Module:
-        """The denoiser that carries the LoRA adapters."""
+        """The denoiser that is trained and published (it carries the LoRA adapters, or is itself the policy)."""
         return self.c.unet
+
+    @property
+    def slot(self) -> str | None:
+        """Where the policy's weights sit in ``unet``: the POLICY adapter, or (full training) the UNet itself."""
+        return None if self.full or POLICY not in adapter_names(self.c.unet) else POLICY
+
+    def _resolve(self, name: object) -> tuple[torch.nn.Module, str | None]:
+        """(module, adapter within it) that ``name`` denotes."""
+        name = self._adapter(name)
+        return (self._copies[name], None) if name in self._copies else (self.c.unet, name)
 
     def trainable_parameters(self) -> list[torch.nn.Parameter]:
         return [p for p in self.c.unet.parameters() if p.requires_grad]
 
     def adapter_parameters(self, name: str | None) -> dict[str, torch.nn.Parameter]:
-        """Adapter ``name``'s parameters by adapter-free name (``None``: the base weights)."""
-        return adapter_parameters(self.c.unet, name)
+        """Adapter ``name``'s parameters by adapter-free name (``None``: the base weights; with full training,
+        a name is a whole UNet)."""
+        return adapter_parameters(*self._resolve(name))
 
     def copy_into(self, name: str | None, tensors: dict[str, torch.Tensor], version: int = 0) -> LoadReport:
-        return copy_into(self.c.unet, name, tensors, version)
+        return copy_into(*self._resolve(name), tensors, version)
 
     def export(self, name: str | None, version: int, dtype: torch.dtype | None = None) -> WeightState:
         """Adapter ``name`` as versioned safetensors bytes, cast to ``dtype``."""
-        return export_state(self.c.unet, name, version, dtype)
+        return export_state(*self._resolve(name), version, dtype)
 
     def load(self, state: WeightState, into: str | None = None) -> LoadReport:
-        return load_state(self.c.unet, state, into)
+        return copy_into(*self._resolve(state.adapter if into is None else into), state.tensors(), state.version)
 
     def train_mode(self, on: bool = True) -> None:
         """Training mode (dropout etc.) for an update; sampling and evaluation run in eval mode."""
@@ -154,7 +190,7 @@ class DiffusionPolicy:
 
     def _adapter(self, adapter: object) -> str | None:
         if adapter is _DEFAULT:
-            return POLICY if POLICY in adapter_names(self.c.unet) else None
+            return POLICY if self.full or POLICY in adapter_names(self.c.unet) else None
         return adapter  # type: ignore[return-value]
 
     # ---- text -----------------------------------------------------------------------------------------------
@@ -180,10 +216,11 @@ class DiffusionPolicy:
         t = torch.as_tensor(timestep, device=self.device).reshape(-1).expand(x_t.shape[0])
         w = self.sampler.guidance_scale if guidance_scale is None else guidance_scale
         x_in = x_t.to(self.dtype)
-        with use_adapter(self.c.unet, self._adapter(adapter)):
+        unet, name = self._resolve(adapter)
+        with use_adapter(unet, name):
             if w == 1.0:
-                return self.c.unet(x_in, t, encoder_hidden_states=embeds.cond).sample.float()
-            out = self.c.unet(torch.cat([x_in, x_in]), torch.cat([t, t]),
+                return unet(x_in, t, encoder_hidden_states=embeds.cond).sample.float()
+            out = unet(torch.cat([x_in, x_in]), torch.cat([t, t]),
                               encoder_hidden_states=torch.cat([embeds.uncond, embeds.cond])).sample.float()
         eps_u, eps_c = out.chunk(2)
         return eps_u + w * (eps_c - eps_u)

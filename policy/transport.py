@@ -1,4 +1,4 @@
-"""How the policy adapter travels from the learner to the rollout actors: one interface, one class per transport.
+"""How the policy travels from the learner to the rollout actors: one interface, one class per transport.
 
 A transport is a small picklable object with three halves, each run where it belongs: ``publish`` in the
 driver (it calls the learner's ``send_weights`` and every rollout actor's ``receive_weights``, both of which
@@ -7,6 +7,10 @@ snapshot the learner took when it first published the version, so a re-send afte
 exactly the weights that version names. Every ``receive`` returns ``LoadReport(version, keys matched,
 checksum)`` computed from what the actor's module now holds; the driver compares it with the sent checksum, so
 a load that silently did nothing stops the run. A new transport (say CUDA IPC) is one more subclass here.
+``slot`` names where the weights live in the UNet on both ends (``policy.DiffusionPolicy.slot``): the POLICY
+adapter, or ``None`` for the UNet itself. A full UNet travels in the dtype the learner cast it to
+(``train.weight_dtype``: bfloat16 halves the bytes) and, over a collective, in buckets of at most
+``BUCKET_BYTES``, so that no 1-D copy of the whole model (3.4 GB for SD-1.5 in float32) is ever made.
 """
 
 from __future__ import annotations
@@ -18,9 +22,25 @@ from typing import Any
 
 import torch
 
-from policy.lora import POLICY, LoadReport, WeightState, checksum, flat_view, load_state, pack_state, unflatten_into
+from policy.lora import LoadReport, WeightState, adapter_parameters, checksum, copy_into, load_state, pack_state
 
 Getter = Callable[[Any], Any]  # the driver's ray.get of a learner call (turns the learner's death into one line)
+BUCKET_BYTES = 256 << 20  # one collective broadcast carries at most this much (a larger tensor goes alone)
+
+
+def buckets(nbytes: dict[str, int], max_bytes: int | None = None) -> list[list[str]]:
+    """Sorted keys cut into consecutive runs of at most ``max_bytes`` (default ``BUCKET_BYTES``): the same cut on
+    both ends of a broadcast."""
+    max_bytes = max_bytes or BUCKET_BYTES
+    out: list[list[str]] = [[]]
+    size = 0
+    for key in sorted(nbytes):
+        if out[-1] and size + nbytes[key] > max_bytes:
+            out.append([])
+            size = 0
+        out[-1].append(key)
+        size += nbytes[key]
+    return out
 
 
 @dataclass(frozen=True)
@@ -40,12 +60,14 @@ class Transport(ABC):
         """Driver: send ``version`` from the learner to ``actors``; the actors' loads are left in flight."""
 
     @abstractmethod
-    def send(self, tensors: dict[str, torch.Tensor], version: int) -> Any:
+    def send(self, tensors: dict[str, torch.Tensor], version: int, slot: str | None) -> Any:
         """Learner: put the snapshot ``tensors`` of ``version`` on the wire; returns what ``publish`` needs."""
 
     @abstractmethod
-    def receive(self, unet: torch.nn.Module, payload: Any) -> LoadReport:
-        """Rollout actor: load the version described by ``payload`` into the policy adapter."""
+    def receive(self, unet: torch.nn.Module, payload: Any, slot: str | None, dtype: torch.dtype | None = None
+                ) -> LoadReport:
+        """Rollout actor: load the version described by ``payload`` into ``slot``; ``dtype``: the one it was sent in
+        (None: the actor's own)."""
 
 
 class ObjectStore(Transport):
@@ -63,11 +85,12 @@ class ObjectStore(Transport):
         ref = ray.put(state)
         return Published(state.version, state.checksum, [a.receive_weights.remote(ref, self) for a in actors])
 
-    def send(self, tensors: dict[str, torch.Tensor], version: int) -> WeightState:
-        return pack_state(tensors, POLICY, version)
+    def send(self, tensors: dict[str, torch.Tensor], version: int, slot: str | None) -> WeightState:
+        return pack_state(tensors, slot, version)
 
-    def receive(self, unet: torch.nn.Module, payload: WeightState) -> LoadReport:
-        return load_state(unet, payload, into=POLICY)
+    def receive(self, unet: torch.nn.Module, payload: WeightState, slot: str | None, dtype: torch.dtype | None = None
+                ) -> LoadReport:
+        return load_state(unet, payload, into=slot)
 
 
 @dataclass(frozen=True)
@@ -94,18 +117,27 @@ class Collective(Transport):
         loads = [a.receive_weights.remote(version, self) for a in actors]  # every rank must join the broadcast
         return Published(version, get(learner.send_weights.remote(version, self)), loads)
 
-    def send(self, tensors: dict[str, torch.Tensor], version: int) -> str:
+    def send(self, tensors: dict[str, torch.Tensor], version: int, slot: str | None) -> str:
         import ray.util.collective as col
 
-        col.broadcast(torch.cat([t.reshape(-1) for t in tensors.values()]), src_rank=0, group_name=self.group)
+        for keys in buckets({k: t.numel() * t.element_size() for k, t in tensors.items()}):
+            col.broadcast(torch.cat([tensors[k].reshape(-1) for k in keys]), src_rank=0, group_name=self.group)
         return checksum(tensors)
 
-    def receive(self, unet: torch.nn.Module, payload: int) -> LoadReport:
+    def receive(self, unet: torch.nn.Module, payload: int, slot: str | None, dtype: torch.dtype | None = None
+                ) -> LoadReport:
         import ray.util.collective as col
 
-        buffer = torch.empty_like(flat_view(unet, POLICY)[0])
-        col.broadcast(buffer, src_rank=0, group_name=self.group)
-        return unflatten_into(unet, POLICY, buffer, payload)
+        params = adapter_parameters(unet, slot)
+        first = next(iter(params.values()))
+        dtype = dtype or first.dtype  # one dtype for the whole state, as the learner's snapshot has
+        got: dict[str, torch.Tensor] = {}
+        for keys in buckets({k: p.numel() * dtype.itemsize for k, p in params.items()}):
+            buffer = torch.empty(sum(params[k].numel() for k in keys), dtype=dtype, device=first.device)
+            col.broadcast(buffer, src_rank=0, group_name=self.group)
+            parts = torch.split(buffer, [params[k].numel() for k in keys])
+            got.update({k: part.view(params[k].shape) for k, part in zip(keys, parts, strict=True)})
+        return copy_into(unet, slot, got, payload)
 
 
 OBJECT_STORE = ObjectStore()

@@ -3,6 +3,9 @@
 Each reward module registers its factory with ``@register_reward("name")``; factories take the
 keyword options found under ``reward.options.<name>`` in the experiment config. Modules are imported
 lazily (``_MODULES``) so that asking for an analytic reward never imports open_clip or ImageReward.
+A reward of one's own is named ``package.module:Factory``. ``reward.options.<name>.runtime_env`` (Ray's
+runtime_env: pip, env_vars, working_dir, py_modules, py_executable, container, ...) is not a factory option: it
+puts that reward in its own reward actor with its own dependencies (``own_env_rewards``, actors/reward.py).
 """
 
 from __future__ import annotations
@@ -13,7 +16,7 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from rewards.base import Reward, RewardConfigError
 
@@ -31,6 +34,34 @@ class RewardConfig(BaseModel):
     num_gpus: float = Field(0.0, ge=0)
     max_batch: int = Field(256, ge=1, strict=True, description="a reward actor scores at most this many images")
     max_wait_ms: float = Field(2.0, ge=0, description="... and waits this long to fill a batch from several actors")
+
+    @model_validator(mode="after")
+    def _runtime_envs(self) -> RewardConfig:
+        for name, env in own_env_rewards(self.options).items():
+            if name not in self.spec:
+                raise ValueError(f"reward.options.{name}.runtime_env is set but {name!r} is not in reward.spec")
+            if not isinstance(env, dict):
+                raise ValueError(f"reward.options.{name}.runtime_env must be a mapping (Ray's runtime_env), got "
+                                 f"{type(env).__name__}")
+            unknown = sorted(set(env) - set(RUNTIME_ENV_KEYS))
+            if unknown:
+                raise ValueError(f"reward.options.{name}.runtime_env: unknown key(s) {unknown}; allowed: "
+                                 f"{list(RUNTIME_ENV_KEYS)}")
+        return self
+
+    def main_env_spec(self) -> dict[str, float]:
+        """The part of ``spec`` scored in the main environment (every reward without a runtime_env)."""
+        return {n: w for n, w in self.spec.items() if n not in own_env_rewards(self.options)}
+
+
+RUNTIME_ENV = "runtime_env"
+RUNTIME_ENV_KEYS = ("pip", "uv", "conda", "env_vars", "working_dir", "py_modules", "py_executable", "container",
+                    "image_uri", "excludes", "config")  # ray.runtime_env.RuntimeEnv's public fields
+
+
+def own_env_rewards(options: Mapping[str, Mapping[str, Any]]) -> dict[str, Any]:
+    """{reward name: its runtime_env} for the rewards that run in their own environment."""
+    return {name: o[RUNTIME_ENV] for name, o in options.items() if RUNTIME_ENV in o}
 
 
 _FACTORIES: dict[str, Callable[..., Reward]] = {}
@@ -65,6 +96,13 @@ def available_rewards() -> list[str]:
 
 
 def _factory(name: str) -> Callable[..., Reward]:
+    if ":" in name:  # package.module:Factory, a reward of one's own
+        module, _, attr = name.partition(":")
+        try:
+            return getattr(importlib.import_module(module), attr)
+        except (ImportError, AttributeError) as e:
+            raise RewardConfigError(f"reward {name!r} cannot be loaded here ({e}); give it the environment it "
+                                    f"needs with reward.options.{name}.runtime_env") from None
     if name not in _FACTORIES:
         if name not in _MODULES:
             raise RewardConfigError(f"unknown reward {name!r}; known: {', '.join(available_rewards())}")
@@ -104,5 +142,6 @@ def build_reward(spec: str | Mapping[str, float], options: Mapping[str, Mapping[
     weights = {spec: 1.0} if isinstance(spec, str) else dict(spec)
     if not weights:
         raise RewardConfigError("reward spec is empty; name at least one reward")
-    parts = [(float(w), _make(name, dict(options.get(name, {})))) for name, w in weights.items()]
+    kwargs = {name: {k: v for k, v in options.get(name, {}).items() if k != RUNTIME_ENV} for name in weights}
+    parts = [(float(w), _make(name, kwargs[name])) for name, w in weights.items()]
     return parts[0][1] if len(parts) == 1 and parts[0][0] == 1.0 else WeightedSum(parts)

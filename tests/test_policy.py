@@ -18,7 +18,7 @@ from policy import (
     export_state,
     load_state,
 )
-from policy.lora import use_adapter
+from policy.lora import snapshot, use_adapter
 from policy.schedule import gaussian_logprob
 
 PROMPTS = ["a red circle on the left", "a blue square on the right", "a green triangle in the center"]
@@ -172,17 +172,34 @@ def test_bad_lora_settings(kwargs, match):
         LoraSettings(**kwargs)
 
 
-def test_flat_buffer_round_trip_for_collective_transport(tiny_model_dir):
-    from policy.lora import flat_view, unflatten_into
+def test_collective_transport_round_trip_in_buckets(tiny_model_dir, monkeypatch):
+    """The receiver cuts the same buckets as the sender, in the sent dtype, and lands the exact state."""
+    import ray.util.collective as col
 
+    from policy.transport import Collective, buckets
+
+    assert buckets({"b": 4, "a": 3, "c": 2}, max_bytes=5) == [["a"], ["b"], ["c"]]
+    assert buckets({"a": 2, "b": 2, "c": 9}, max_bytes=5) == [["a", "b"], ["c"]]
+    wire: list[torch.Tensor] = []
+
+    def broadcast(tensor, src_rank, group_name):  # the sender appends, the receiver takes in order
+        if len(wire) and not sending:
+            tensor.copy_(wire.pop(0))
+        else:
+            wire.append(tensor.clone())
+
+    monkeypatch.setattr(col, "broadcast", broadcast)
+    monkeypatch.setattr("policy.transport.BUCKET_BYTES", 4096)
     src = DiffusionPolicy.from_pretrained(tiny_model_dir, sampler=SamplerConfig(num_steps=4))
-    src.add_lora(settings=LoraSettings(rank=2))
-    _perturb_adapter(src, "policy", 3)
-    flat, tensors = flat_view(src.c.unet, "policy")
+    with torch.no_grad():
+        for param in src.unet.parameters():
+            param.add_(0.01 * torch.randn(param.shape, generator=torch.Generator().manual_seed(3)))
+    sent = {k: t.to(torch.bfloat16) for k, t in snapshot(src.unet, None).items()}
+    sending = True
+    link = Collective("g")
+    digest = link.send(sent, 5, None)
+    assert len(wire) > 10  # many buckets of at most 4 kB each
+    sending = False
     dst = DiffusionPolicy.from_pretrained(tiny_model_dir, sampler=SamplerConfig(num_steps=4))
-    dst.add_lora(settings=LoraSettings(rank=2))
-    report = unflatten_into(dst.c.unet, "policy", flat.clone(), version=5)
-    assert report.version == 5 and report.checksum == export_state(src.c.unet, "policy", 5).checksum
-    assert report.keys_matched == len(tensors) and flat.ndim == 1
-    with pytest.raises(AdapterMismatchError, match=r"holds \d+ values"):
-        unflatten_into(dst.c.unet, "policy", flat[:-1], version=6)
+    report = link.receive(dst.unet, 5, None, torch.bfloat16)
+    assert report.version == 5 and report.checksum == digest and not wire
