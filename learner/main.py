@@ -141,9 +141,6 @@ def start_ray(cfg: Config) -> bool:
 def probe_address(address: str, timeout_s: float = 5.0) -> None:
     """Fail in seconds, not minutes, when a ``host:port`` cluster address does not answer (Ray itself retries for
     ~5 minutes before giving up). ``auto`` is resolved by Ray from the local session file and fails fast."""
-    # a reward with reward.options.<name>.runtime_env runs in its own actor and environment, offline runs too
-    # (the learner's evaluation scores with it)
-    rewards, own = start_reward_actors(cfg.reward, f"dpr-{run_id}", not cfg.data.offline_dataset, WORKER_ENV)
     target = address.removeprefix("ray://")
     host, _, port = target.rpartition(":")
     if address == "auto" or not host or not port.isdigit():
@@ -169,6 +166,9 @@ def launch(cfg: Config, run_id: str) -> tuple[Any, list[Any], list[Any]]:
     from cluster.resources import actor_resources
     from learner.trainer import Learner
 
+    # a reward with reward.options.<name>.runtime_env runs in its own actor and environment, offline runs too
+    # (the learner's evaluation scores with it)
+    rewards, own = start_reward_actors(cfg.reward, f"dpr-{run_id}", not cfg.data.offline_dataset, WORKER_ENV)
     learner = ray.remote(Learner).options(
         num_cpus=cfg.train.torch_threads, max_restarts=0, name=f"dpr-{run_id}-learner",
         **actor_resources("learner", cfg.train.num_gpus, cfg.train.accelerator_type)).remote(cfg, own)
