@@ -99,9 +99,25 @@ def start_reward_actors(reward: RewardConfig, prefix: str, shared: bool = True, 
     main = reward.main_env_spec()
     handles = [start(f"reward-{i}", main, None) for i in range(reward.num_actors if shared and main else 0)]
     own = [start(f"reward-{name.replace(':', '.')}", {name: reward.spec[name]},
-                 {**env, "env_vars": {**(env_vars or {}), **env.get("env_vars", {})}})
+                 uploaded({**env, "env_vars": {**(env_vars or {}), **env.get("env_vars", {})}}))
            for name, env in own_env_rewards(reward.options).items()]
     return handles, own
+
+
+def uploaded(runtime_env: dict[str, Any]) -> dict[str, Any]:
+    """``runtime_env`` with local ``py_modules``/``working_dir`` paths uploaded to the cluster and replaced by
+    their URIs. Ray takes local paths only in ``ray.init``'s job-level runtime_env; an actor's must name URIs,
+    so this does for one actor what ``ray.init`` does for the job (the same functions of ray 2.60's
+    ray/_private/worker.py ``connect``; private, hence pinned in constraints.txt)."""
+    import ray
+    from ray._private.runtime_env.py_modules import upload_py_modules_if_needed
+    from ray._private.runtime_env.working_dir import upload_working_dir_if_needed
+
+    scratch = ray._private.worker.global_worker.node.get_runtime_env_dir_path()
+    env = upload_py_modules_if_needed(dict(runtime_env), include_gitignore=True, scratch_dir=scratch)
+    env = upload_working_dir_if_needed(env, include_gitignore=True, scratch_dir=scratch)
+    env.pop("excludes", None)  # used by the upload only
+    return env
 
 
 class RewardClient:
