@@ -477,7 +477,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {root_cause(e)} (full trace in /tmp/ray/session_latest/logs; rerun to resume)",
               file=sys.stderr)
         return 1
-    print(f"\n{args.grid}: the claim {summary['verdict']}; wrote {out / 'RESULTS.md'} and {out / 'results.json'}")
+    print(f"\n{args.grid}: verdict {summary['verdict']}; wrote {out / 'RESULTS.md'} and {out / 'results.json'}")
     return 0
 
 
