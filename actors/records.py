@@ -6,7 +6,9 @@ Two pair kinds:
 
 - ``step``: TailorPO pairs, two children x_{t-1} of one x_t, one row per pair;
 - ``trajectory``: two whole chains x_T..x_0 per prompt, ranked by the final reward (Diffusion-DPO,
-  dense-reward DPO).
+  dense-reward DPO);
+- ``clean``: two clean latents x_0 per prompt, encoded by the VAE from a preference dataset's images
+  (``python -m learner.data import``); reward_w/reward_l hold the dataset's labels. Diffusion-DPO's own data.
 
 Tensor columns use Arrow's canonical fixed-shape tensor extension type, which round-trips through
 Parquet and the IPC stream format (checked with pyarrow 26.0.1): the shape lives in the type, so a
@@ -38,7 +40,7 @@ import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 import torch
 
-PAIR_KINDS = ("step", "trajectory")
+PAIR_KINDS = ("step", "trajectory", "clean")
 FORMAT_VERSION = "1"
 _TENSOR = pa.FixedShapeTensorType
 
@@ -80,6 +82,16 @@ _COLUMNS: dict[str, tuple[tuple[str, pa.DataType, str], ...]] = {
         ("reward_w", _F32, "scalar"),
         ("reward_l", _F32, "scalar"),
         ("policy_version", _I64, "scalar"),
+        ("actor_id", _I32, "scalar"),
+        ("round", _I64, "scalar"),
+    ),
+    "clean": (
+        ("prompt", _STRING, "scalar"),
+        ("prompt_id", _I64, "scalar"),
+        ("x0_w", _F32, "latent"),
+        ("x0_l", _F32, "latent"),
+        ("reward_w", _F32, "scalar"),
+        ("reward_l", _F32, "scalar"),
         ("actor_id", _I32, "scalar"),
         ("round", _I64, "scalar"),
     ),
@@ -353,6 +365,26 @@ class TrajectoryLog:
                     shutil.rmtree(round_dir)
                     removed.add(int(rnd[1]))
         return sorted(removed)
+
+    def describe(self) -> tuple[str, int]:
+        """(record kind, rows) from the Parquet footers alone; ValueError naming the first unreadable file, a
+        schema that differs between files, or a log without records."""
+        files = [path for _, _, path in self._files()]
+        if not files:
+            raise ValueError(f"no trajectory records under {self.root} (expected kind=<kind>/round=<n>/part-*.parquet)")
+        rows, schema = 0, None
+        for path in files:
+            try:
+                this, rows = pq.read_schema(path), rows + pq.read_metadata(path).num_rows
+            except (pa.ArrowException, OSError) as e:
+                raise ValueError(f"{path} is not a readable Parquet file ({str(e).splitlines()[0]})") from None
+            if schema is not None and not this.equals(schema):
+                raise ValueError(f"{path} has another record schema than {files[0]}")
+            schema = this
+        try:
+            return _record_kind(schema), rows
+        except ValueError as e:
+            raise ValueError(f"{files[0]}: {e}") from None
 
     def read(self, rounds: Iterable[int] | None = None, kind: str | None = None) -> pa.Table:
         """The records of ``kind`` (needed if the log holds several kinds) in ``rounds`` (default: all)."""

@@ -247,8 +247,9 @@ def _verify(path: Path) -> dict[str, Any]:
     return manifest
 
 
-def latest_checkpoint(root: Path) -> Path | None:
-    """The newest ``step-N`` directory that verifies; corrupt or uncommitted ones are skipped with a warning.
+def latest_checkpoint(root: Path, skipped: list[str] | None = None) -> Path | None:
+    """The newest ``step-N`` directory that verifies; corrupt or uncommitted ones are skipped with a warning (or,
+    when ``skipped`` is given, with their reasons appended to it instead).
 
     Scans rather than trusting ``root/latest``: a crash between the rename and the pointer update leaves the
     pointer one behind, and only hashing tells a good directory from a damaged one.
@@ -257,7 +258,10 @@ def latest_checkpoint(root: Path) -> Path | None:
         try:
             _verify(path)
         except CheckpointError as e:
-            logger.warning("skipping checkpoint %s: %s", path, e)
+            if skipped is None:
+                logger.warning("skipping checkpoint %s: %s", path, e)
+            else:
+                skipped.append(str(e))
             continue
         return path
     return None

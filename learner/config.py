@@ -98,6 +98,8 @@ class OutputConfig(BaseModel):
     keep_checkpoints: int = Field(3, ge=1, strict=True)
     trajectory_log: bool = Field(False, strict=True)
     tensorboard: bool = Field(True, strict=True)
+    overwrite: bool = Field(False, strict=True, description=(
+        "start afresh in a dir that holds an earlier run, deleting that run's outputs (default: refuse)"))
 
 
 class RayConfig(BaseModel):
@@ -133,22 +135,22 @@ class Config(BaseModel):
         bad = [k for k in self.pairs.branch_steps if k >= self.sampler.num_steps]
         if self.pairs.kind == "step_branch" and bad:
             raise ValueError(f"pairs.branch_steps {bad} are beyond sampler.num_steps={self.sampler.num_steps}")
-        if self.guidance.kind == "reward_gradient" and self.pairs.kind != "step_branch":
-            raise ValueError("guidance.kind=reward_gradient needs pairs.kind=step_branch (TailorPO-G)")
         if self.guidance.kind == "reward_gradient" and len(self.reward.main_env_spec()) < len(self.reward.spec):
             raise ValueError("guidance.kind=reward_gradient needs the reward's gradient in the rollout actor; a reward "
                              "with reward.options.<name>.runtime_env runs in its own actor and has none there")
+        if self.guidance.kind == "reward_gradient" and self.pairs.kind != "step_branch":
+            raise ValueError("guidance.kind=reward_gradient needs pairs.kind=step_branch (TailorPO-G)")
         if self.time_weight.grid == "train" and self.loss.kind != "diffusion_dpo":
             raise ValueError("time_weight.grid=train needs loss.kind=diffusion_dpo (sampler log-probs exist only "
                              "on the inference grid)")
         if self.time_weight.mode == "timestep_aware" and self.loss.kind == "dense_dpo":
             raise ValueError("time_weight.mode=timestep_aware scales beta, and loss.kind=dense_dpo has no beta; "
                              "use time_weight.mode=discount")
-        find_method(self.loss.kind, self.pairs.record_kind)
-        return self
         if self.train.trainable == "full" and self.reference.ema is not None:
             raise ValueError("reference.ema blends LoRA deltas with the zero delta of the initial model; with "
                              "train.trainable=full use a hard replacement (reference.ema: null)")
+        find_method(self.loss.kind, self.pairs.record_kind)
+        return self
 
     def rollout_settings(self) -> RolloutSettings:
         """The sections a rollout actor runs on."""

@@ -12,7 +12,6 @@ import difflib
 import json
 import logging
 import os
-import socket
 import sys
 import time
 import typing
@@ -32,6 +31,9 @@ LOG = logging.getLogger("dpr")
 # (Weights travel as safetensors bytes, not torch tensors, so Ray's zero-copy tensor flag is not needed.)
 WORKER_ENV = {"OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1",
               "TRANSFORMERS_OFFLINE": "1"}
+# Ray's own switch for single-machine use: the node address is 127.0.0.1, so a local Ray's servers listen on the
+# loopback interface only (read when ``ray`` is first imported; see docs/operations.md).
+LOCAL_ONLY_ENV = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
 
 
 def parse_args(argv: list[str] | None = None) -> tuple[Config, argparse.Namespace]:
@@ -101,17 +103,6 @@ def unknown_flag(flag: str) -> str:
     return f"unknown config key '{flag.removeprefix('--')}'{hint}" if flag.startswith("--") else "unexpected value"
 
 
-def check_inputs(cfg: Config) -> tuple[list[str], list[str]]:
-    """Fail fast, in the driver, on what would otherwise surface as a traceback inside an actor."""
-    from learner.prompts import load_prompts
-    from policy.components import check_model_dir
-
-    check_model_dir(cfg.model.path)
-    if cfg.data.offline_dataset is not None and not Path(cfg.data.offline_dataset).is_dir():
-        raise ConfigError(f"data.offline_dataset: directory not found: {cfg.data.offline_dataset}")
-    return load_prompts(cfg.data.train_prompts), load_prompts(cfg.data.eval_prompts)
-
-
 def start_ray(cfg: Config) -> bool:
     """Start a local Ray or join ``ray.address``; returns False when Ray was already running in this process."""
     import ray
@@ -122,7 +113,6 @@ def start_ray(cfg: Config) -> bool:
         return False
     env = {"env_vars": WORKER_ENV}
     if cfg.ray.address:
-        probe_address(cfg.ray.address)
         try:
             ray.init(address=cfg.ray.address, runtime_env=env, logging_level=logging.WARNING)
         except (ConnectionError, RuntimeError, ValueError) as e:
@@ -136,21 +126,6 @@ def start_ray(cfg: Config) -> bool:
     ray.init(num_cpus=cfg.ray.num_cpus or max(os.cpu_count() or 1, actors), include_dashboard=False,
              resources={LEARNER: 1, ROLLOUT: max(gpus, 1)}, runtime_env=env, logging_level=logging.WARNING)
     return True
-
-
-def probe_address(address: str, timeout_s: float = 5.0) -> None:
-    """Fail in seconds, not minutes, when a ``host:port`` cluster address does not answer (Ray itself retries for
-    ~5 minutes before giving up). ``auto`` is resolved by Ray from the local session file and fails fast."""
-    target = address.removeprefix("ray://")
-    host, _, port = target.rpartition(":")
-    if address == "auto" or not host or not port.isdigit():
-        return
-    try:
-        socket.create_connection((host, int(port)), timeout=timeout_s).close()
-    except OSError as e:
-        raise ConfigError(f"cannot reach the Ray cluster at {address!r} ({e.strerror or e}); start it with "
-                          "`ray up cluster/gpu.yaml` or `ray start --head`, or drop --ray.address to run locally"
-                          ) from None
 
 
 def launch(cfg: Config, run_id: str) -> tuple[Any, list[Any], list[Any]]:
@@ -205,15 +180,26 @@ def root_cause(e: BaseException) -> str:
     return (errs or lines or [type(e).__name__])[-1]
 
 
+def local_only(cfg: Config) -> None:
+    """A local run's Ray listens on 127.0.0.1 only; this must happen before ``ray`` is first imported (a process
+    that imported it earlier keeps Ray's default, the machine's address)."""
+    if not cfg.ray.address and "ray" not in sys.modules:
+        os.environ.update(LOCAL_ONLY_ENV)
+
+
 def run(cfg: Config, resume: bool = False) -> dict[str, Any]:
+    local_only(cfg)
     import ray
 
     from learner.loop import Driver
     from learner.metrics import RunLogger
+    from learner.preflight import clear_outputs, preflight
     from learner.report import held_out_summary
 
-    train_prompts, eval_prompts = check_inputs(cfg)
+    inputs = preflight(cfg, resume, local_ray=not cfg.ray.address and not ray.is_initialized())
     out = Path(cfg.output.dir)
+    if cfg.output.overwrite and out.is_dir():
+        clear_outputs(out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "config.json").write_text(cfg.model_dump_json(indent=2))
     t0 = time.perf_counter()
@@ -223,7 +209,7 @@ def run(cfg: Config, resume: bool = False) -> dict[str, Any]:
         learner, rollouts, rewards = launch(cfg, uuid.uuid4().hex[:6])
         actors = [learner, *rollouts, *rewards]
         with RunLogger(out, tensorboard=cfg.output.tensorboard) as logger:
-            driver = Driver(cfg, learner, rollouts, out, train_prompts, eval_prompts, logger, resume)
+            driver = Driver(cfg, learner, rollouts, out, inputs.train_prompts, inputs.eval_prompts, logger, resume)
             after = driver.run()
     finally:
         for actor in actors:
@@ -256,30 +242,45 @@ def print_summary(s: dict[str, Any], out: Path) -> None:
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
                         datefmt="%H:%M:%S")
+    try:
+        cfg, args = parse_args(argv)
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    local_only(cfg)
     from learner.loop import LearnerDiedError
     from learner.weights import WeightSyncError
     from policy.components import ModelPathError
     from rewards.base import RewardConfigError
 
     try:
-        cfg, args = parse_args(argv)
         run(cfg, resume=args.resume)
     except (ConfigError, ModelPathError, RewardConfigError, FileNotFoundError, LearnerDiedError,
             WeightSyncError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print(f"interrupted: {resume_hint(cfg)}", file=sys.stderr)
+        return 130
     except Exception as e:  # an error raised inside an actor: one line, the full trace is in Ray's logs
         import ray
 
         if not isinstance(e, ray.exceptions.RayError):
             raise
-        print(f"error: {root_cause(e)} (full trace above and in /tmp/ray/session_latest/logs)", file=sys.stderr)
+        print(f"error: {root_cause(e)} (trace in /tmp/ray/session_latest/logs); {resume_hint(cfg)}", file=sys.stderr)
         return 1
-    except KeyboardInterrupt:
-        print("interrupted: resume with --resume (checkpoints are written every output.checkpoint_every updates)",
-              file=sys.stderr)
-        return 130
     return 0
+
+
+def resume_hint(cfg: Config) -> str:
+    """How to continue: ``--resume`` naming the checkpoint it would load, or that there is none."""
+    from learner.checkpoint import latest_checkpoint
+
+    ckpt = latest_checkpoint(Path(cfg.output.dir) / "checkpoints")
+    if ckpt is None:
+        return (f"no checkpoint was written (every output.checkpoint_every={cfg.output.checkpoint_every} updates), "
+                "so rerun from the start with --output.overwrite true")
+    return f"continue with --resume (it loads {ckpt})"
 
 
 if __name__ == "__main__":

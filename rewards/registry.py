@@ -110,13 +110,18 @@ def _factory(name: str) -> Callable[..., Reward]:
     return _FACTORIES[name]
 
 
-def _make(name: str, kwargs: dict[str, Any]) -> Reward:
+def _checked(name: str, kwargs: Mapping[str, Any]) -> Callable[..., Reward]:
+    """The factory of reward ``name``, once ``kwargs`` are known to be among its options."""
     factory = _factory(name)
     params = inspect.signature(factory).parameters
     unknown = sorted(set(kwargs) - set(params))
     if unknown and not any(p.kind is p.VAR_KEYWORD for p in params.values()):
         raise RewardConfigError(f"reward.options.{name}: unknown option(s) {unknown}; allowed: {sorted(params)}")
-    return factory(**kwargs)
+    return factory
+
+
+def _make(name: str, kwargs: dict[str, Any]) -> Reward:
+    return _checked(name, kwargs)(**kwargs)
 
 
 class WeightedSum(Reward):
@@ -145,3 +150,26 @@ def build_reward(spec: str | Mapping[str, float], options: Mapping[str, Mapping[
     kwargs = {name: {k: v for k, v in options.get(name, {}).items() if k != RUNTIME_ENV} for name in weights}
     parts = [(float(w), _make(name, kwargs[name])) for name, w in weights.items()]
     return parts[0][1] if len(parts) == 1 and parts[0][0] == 1.0 else WeightedSum(parts)
+
+
+# reward module -> the check every prompt it scores must pass (raises ValueError naming the prompt and grammar)
+_PROMPT_CHECKS: dict[str, str] = {"rewards.world": "world.scenes:parse_prompt"}
+
+
+def check_spec(spec: Mapping[str, float], options: Mapping[str, Mapping[str, Any]], prompts: Sequence[str]) -> None:
+    """Without building anything: every reward of ``spec`` exists, takes its ``options`` and can score every
+    prompt; RewardConfigError names the first problem."""
+    for name in [*options, *spec]:
+        if name not in spec:
+            raise RewardConfigError(f"reward.options names {name!r}, which is not in reward.spec {sorted(spec)}")
+        _checked(name, options.get(name, {}))
+        check = _PROMPT_CHECKS.get(_MODULES.get(name, ""))
+        if check is None:
+            continue
+        module, func = check.split(":")
+        parse = getattr(importlib.import_module(module), func)
+        for i, prompt in enumerate(prompts):
+            try:
+                parse(prompt)
+            except ValueError as e:
+                raise RewardConfigError(f"prompt {i + 1} cannot be scored by reward {name!r}: {e}") from None

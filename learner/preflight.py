@@ -1,0 +1,185 @@
+"""Pre-flight: every check that can fail on the user's input runs here, in the driver, before Ray starts and
+before anything is written, so a bad value, path or size ends in one ``ConfigError`` line in seconds instead of a
+traceback minutes later inside an actor.
+
+Checked: the model directory, the prompt sets (and that the configured rewards can score every prompt), the
+offline dataset (schema and row count from the Parquet footers, no data read), the output directory (creatable,
+writable, not holding another run unless resumed or overwritten), the checkpoint a ``--resume`` would load, and
+for a local Ray the actors' CPUs, GPUs and memory against this machine.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+from dataclasses import dataclass
+from pathlib import Path
+
+from learner.config import Config, ConfigError
+
+# A Ray worker that has imported torch, diffusers and the policy holds ~0.5 GiB of its own memory (USS measured
+# for a rollout and a reward actor on the world model: 501 and 459 MiB); each also holds its model's weights,
+# plus activations, gradients and optimizer state: budgeted as 4x the model directory's size.
+PROCESS_BYTES = 512 << 20
+MODEL_COPIES = 4
+MEMORY_FRACTION = 0.9  # of MemAvailable that the run may plan to use
+OVERSUBSCRIBE = 4  # local runs may ask Ray for up to this many CPUs per core (processes share the cores)
+# What a run writes into output.dir; --output.overwrite true removes exactly these before starting.
+RUN_OUTPUTS = ("config.json", "metrics.jsonl", "events.jsonl", "summary.json", "tb", "checkpoints", "trajectories",
+               "reward_curve.png", "before_after.png", "samples_*.png")
+
+
+@dataclass(frozen=True)
+class Inputs:
+    train_prompts: list[str]
+    eval_prompts: list[str]
+
+
+def preflight(cfg: Config, resume: bool, local_ray: bool) -> Inputs:
+    """Run every check (the ``local_ray`` ones only when this process will start Ray itself)."""
+    from learner.prompts import load_prompts
+    from policy.components import check_model_dir
+
+    check_model_dir(cfg.model.path)
+    train, heldout = load_prompts(cfg.data.train_prompts), load_prompts(cfg.data.eval_prompts)
+    check_prompts(cfg, {"data.train_prompts": train, "data.eval_prompts": heldout})
+    if cfg.data.offline_dataset is not None:
+        check_dataset(Path(cfg.data.offline_dataset))
+    if local_ray:
+        check_local_resources(cfg)
+    if cfg.ray.address:
+        probe_address(cfg.ray.address)
+    check_output(Path(cfg.output.dir), resume, cfg.output.overwrite)
+    return Inputs(train, heldout)
+
+
+def check_prompts(cfg: Config, sets: dict[str, list[str]]) -> None:
+    """The configured rewards exist, take their options and can score every prompt of ``sets``."""
+    from rewards.base import RewardConfigError
+    from rewards.registry import check_spec
+
+    for key, prompts in sets.items():
+        try:
+            check_spec(cfg.reward.spec, cfg.reward.options, prompts)
+        except RewardConfigError as e:
+            text = str(e)
+            raise ConfigError(f"{key}: {text}" if text.startswith("prompt") else
+                              text if text.startswith("reward.") else f"reward.spec: {text}") from None
+
+
+def check_dataset(root: Path) -> None:
+    """The trajectory log's files parse, share one record schema and hold at least one row (footers only)."""
+    from actors.records import TrajectoryLog
+
+    if not root.is_dir():
+        raise ConfigError(f"data.offline_dataset: directory not found: {root}")
+    try:
+        _, rows = TrajectoryLog(root).describe()
+    except ValueError as e:
+        raise ConfigError(f"data.offline_dataset: {e}; point it at a log that output.trajectory_log wrote") from None
+    if rows == 0:
+        raise ConfigError(f"data.offline_dataset: the record files under {root} hold no rows")
+
+
+def check_output(out: Path, resume: bool, overwrite: bool) -> None:
+    """``out`` can be created and written, and holds no other run unless ``resume`` or ``overwrite``."""
+    from learner.checkpoint import latest_checkpoint
+
+    existing = next((p for p in (out, *out.parents) if p.exists()), None)
+    if existing is not None and not existing.is_dir():
+        raise ConfigError(f"output.dir: {existing} is a file, so {out} cannot be a directory; choose another "
+                          "--output.dir")
+    if existing is not None and not os.access(existing, os.W_OK | os.X_OK):
+        raise ConfigError(f"output.dir: {existing} is not writable; choose another --output.dir")
+    if resume:
+        if overwrite:
+            raise ConfigError("--resume continues the run in output.dir and --output.overwrite true replaces it: "
+                              "pick one")
+        skipped: list[str] = []
+        if latest_checkpoint(out / "checkpoints", skipped) is None:
+            why = f" (the newest is unusable: {skipped[0]})" if skipped else ""
+            raise ConfigError(f"--resume: no complete checkpoint under {out / 'checkpoints'}{why}; drop --resume to "
+                              "start afresh (with --output.overwrite true if output.dir holds files)")
+        return
+    if existing == out and any(out.iterdir()) and not overwrite:
+        raise ConfigError(f"output.dir {out} already holds files (an earlier run?); continue it with --resume, "
+                          "replace its outputs with --output.overwrite true, or choose a fresh --output.dir")
+
+
+def clear_outputs(out: Path) -> None:
+    """Remove what an earlier run wrote into ``out`` (``RUN_OUTPUTS``), nothing else."""
+    for pattern in RUN_OUTPUTS:
+        for path in out.glob(pattern):
+            if path.is_dir() and not path.is_symlink():
+                shutil.rmtree(path)
+            else:
+                path.unlink()
+
+
+def check_local_resources(cfg: Config) -> None:
+    """The actors fit this machine's cores, GPUs and memory; otherwise name the largest count that fits."""
+    r, w, t = cfg.rollout, cfg.reward, cfg.train
+    rewards = 0 if cfg.data.offline_dataset else w.num_actors
+    rollouts = 0 if cfg.data.offline_dataset else r.num_actors
+    cpus = t.torch_threads + rollouts * r.torch_threads + rewards
+    parts = f"learner {t.torch_threads}, rollout {rollouts}x{r.torch_threads}, reward {rewards}"
+    if cfg.ray.num_cpus is not None and cfg.ray.num_cpus < cpus:
+        raise ConfigError(f"ray.num_cpus={cfg.ray.num_cpus} cannot place the actors, which ask for {cpus} CPUs "
+                          f"({parts}): set ray.num_cpus >= {cpus}, or drop it to use this machine's cores")
+    cores = os.cpu_count() or 1
+    limit = (cfg.ray.num_cpus or 0) or OVERSUBSCRIBE * cores
+    fit_cpu = (limit - t.torch_threads - rewards) // r.torch_threads
+    if rollouts > fit_cpu:
+        raise ConfigError(f"rollout.num_actors={rollouts} asks for {cpus} CPUs ({parts}) on a {cores}-core machine "
+                          f"(at most {limit} here); use --num-actors {max(fit_cpu, 0)} or fewer, or join a "
+                          "cluster with --ray.address")
+    gpus = rollouts * r.num_gpus + rewards * w.num_gpus + t.num_gpus
+    if gpus > 0:
+        import torch
+
+        have = torch.cuda.device_count()
+        if gpus > have:
+            raise ConfigError(f"the actors ask for {gpus:g} GPUs (train.num_gpus, rollout.num_gpus x "
+                              f"{rollouts}, reward.num_gpus x {rewards}) and this machine has {have}; lower them "
+                              "or join a cluster with --ray.address")
+    available = available_memory()
+    if available is None:
+        return
+    per = PROCESS_BYTES + MODEL_COPIES * directory_bytes(Path(cfg.model.path))
+    budget = int(MEMORY_FRACTION * available)
+    fit_mem = budget // per - 1 - rewards
+    if rollouts > fit_mem:
+        raise ConfigError(f"rollout.num_actors={rollouts} needs ~{(1 + rollouts + rewards) * per / 2**30:.1f} GiB "
+                          f"({1 + rollouts + rewards} processes x ~{per / 2**30:.2f} GiB) and {available / 2**30:.1f} "
+                          f"GiB is free; use --num-actors {max(fit_mem, 0)} or fewer")
+
+
+def available_memory() -> int | None:
+    """MemAvailable in bytes (Linux), or None where /proc/meminfo does not exist."""
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        return None
+    return None
+
+
+def directory_bytes(root: Path) -> int:
+    return sum(p.stat().st_size for p in root.rglob("*") if p.is_file())
+
+
+def probe_address(address: str, timeout_s: float = 5.0) -> None:
+    """Fail in seconds, not minutes, when a ``host:port`` cluster address does not answer (Ray itself retries for
+    ~5 minutes before giving up). ``auto`` is resolved by Ray from the local session file and fails fast."""
+    target = address.removeprefix("ray://")
+    host, _, port = target.rpartition(":")
+    if address == "auto" or not host or not port.isdigit():
+        return
+    try:
+        socket.create_connection((host, int(port)), timeout=timeout_s).close()
+    except OSError as e:
+        raise ConfigError(f"cannot reach the Ray cluster at {address!r} ({e.strerror or e}); start it with "
+                          "`ray up cluster/gpu.yaml` or `ray start --head`, or drop --ray.address to run locally"
+                          ) from None
