@@ -24,6 +24,11 @@ from rewards.base import Reward
 from rewards.registry import RewardConfig, build_reward, own_env_rewards
 
 
+class RewardActorLost(RuntimeError):
+    """A reward actor died or is restarting during a call: the caller's whole request is to be sent again once
+    Ray has restarted it (the driver does that for a rollout call)."""
+
+
 class RewardWorker:
     def __init__(self, spec: dict[str, float], options: dict[str, dict[str, Any]] | None = None,
                  max_batch: int = 256, max_wait_ms: float = 2.0, device: str = "auto", torch_threads: int = 1):
@@ -143,5 +148,9 @@ class RewardClient:
         if not refs:
             return local
         import ray
+        from ray.exceptions import RayActorError
 
-        return local + sum(ray.get(refs))
+        try:
+            return local + sum(ray.get(refs))
+        except RayActorError as e:
+            raise RewardActorLost(f"a reward actor is unavailable ({type(e).__name__})") from None

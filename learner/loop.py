@@ -9,7 +9,8 @@ weight sync (learner.weights), the pair buffer (learner.buffer), evaluation (lea
   ``train.max_staleness``.
 - sync: strict on-policy rounds (generate on all actors → train on exactly those pairs → publish).
 - offline: training from a trajectory log, without actors (the dense-reward paper's setting).
-A rollout actor that fails is restarted by Ray, gets the weights again and its lost call is re-sent; the learner
+A rollout actor that fails is restarted by Ray, gets the weights again and its lost call is re-sent; a reward actor
+that fails fails the rollout call it was serving, and once Ray has restarted it that call is re-sent; the learner
 is not restarted (it checkpoints instead) and its death ends the run with a ``--resume`` hint.
 """
 
@@ -26,6 +27,7 @@ from ray.exceptions import RayActorError, RayTaskError
 from tqdm import tqdm
 
 from actors.records import TrajectoryLog, iterate_batches
+from actors.reward import RewardActorLost
 from learner.buffer import PairBuffer
 from learner.checkpoint import latest_checkpoint
 from learner.config import Config
@@ -59,8 +61,9 @@ class Counters:
 
 class Driver:
     def __init__(self, cfg: Config, learner: Any, rollouts: list[Any], out: Path, train_prompts: list[str],
-                 eval_prompts: list[str], logger: RunLogger, resume: bool = False):
+                 eval_prompts: list[str], logger: RunLogger, resume: bool = False, rewards: list[Any] | None = None):
         self.cfg, self.learner, self.rollouts, self.out, self.logger = cfg, learner, rollouts, out, logger
+        self.rewards = rewards or []
         self.counters = Counters()
         self.stream = PromptStream(train_prompts, seed=cfg.train.seed)
         r, t = cfg.rollout, cfg.train
@@ -171,6 +174,9 @@ class Driver:
         try:
             batch, stats = ray.get(ref)
         except (RayActorError, RayTaskError) as e:
+            if isinstance(e, RewardActorLost):  # the rollout actor is fine; a reward actor it called is not
+                self.weights.recover_rewards(self.rewards, task.actor, e)
+                return False
             if isinstance(e, RayTaskError) and "StaleWeightsError" not in str(e):
                 raise
             self.weights.recover(task.actor, e)

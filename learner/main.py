@@ -209,7 +209,8 @@ def run(cfg: Config, resume: bool = False) -> dict[str, Any]:
         learner, rollouts, rewards = launch(cfg, uuid.uuid4().hex[:6])
         actors = [learner, *rollouts, *rewards]
         with RunLogger(out, tensorboard=cfg.output.tensorboard) as logger:
-            driver = Driver(cfg, learner, rollouts, out, inputs.train_prompts, inputs.eval_prompts, logger, resume)
+            driver = Driver(cfg, learner, rollouts, out, inputs.train_prompts, inputs.eval_prompts, logger, resume,
+                            rewards)
             after = driver.run()
     finally:
         for actor in actors:
@@ -249,7 +250,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     local_only(cfg)
     from learner.loop import LearnerDiedError
-    from learner.weights import WeightSyncError
+    from learner.weights import ActorLostError, WeightSyncError
     from policy.components import ModelPathError
     from rewards.base import RewardConfigError
 
@@ -259,9 +260,10 @@ def main(argv: list[str] | None = None) -> int:
             WeightSyncError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print(f"interrupted: {resume_hint(cfg)}", file=sys.stderr)
-        return 130
+    except (KeyboardInterrupt, ActorLostError) as e:
+        print(f"{'interrupted' if isinstance(e, KeyboardInterrupt) else f'error: {e}'}; {resume_hint(cfg)}",
+              file=sys.stderr)
+        return 130 if isinstance(e, KeyboardInterrupt) else 1
     except Exception as e:  # an error raised inside an actor: one line, the full trace is in Ray's logs
         import ray
 

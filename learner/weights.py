@@ -13,7 +13,7 @@ import time
 from typing import Any
 
 import ray
-from ray.exceptions import RayActorError
+from ray.exceptions import GetTimeoutError, RayActorError
 
 from learner.metrics import RunLogger
 from policy.transport import OBJECT_STORE, Collective, Getter, ObjectStore, Transport
@@ -23,6 +23,10 @@ RESTART_WAIT_S = 120  # how long a rollout actor may take to come back after a f
 
 class WeightSyncError(RuntimeError):
     """An actor reports weights that differ from what was published (a silent no-op sync)."""
+
+
+class ActorLostError(RuntimeError):
+    """An actor that Ray should restart did not come back in time; the run can only continue from a checkpoint."""
 
 
 def open_transport(kind: str, backend: str, learner: Any, actors: list[Any], on_gpus: bool, logger: RunLogger
@@ -65,7 +69,8 @@ class WeightSync:
     def recover(self, actor: int, error: Exception) -> None:
         """A rollout actor failed: wait for Ray to restart it, then give it the published version again."""
         self.failures += 1
-        self.logger.event("actor_failed", actor=actor, error=type(error).__name__, version=self.version)
+        self.logger.event("actor_failed", role="rollout", actor=actor, error=type(error).__name__,
+                          version=self.version)
         if not isinstance(self.transport, ObjectStore):
             self.logger.event("weight_sync_fallback", transport=OBJECT_STORE.name, was=self.transport.name)
             self.transport = OBJECT_STORE
@@ -77,9 +82,28 @@ class WeightSync:
                 break
             except RayActorError as e:
                 if time.monotonic() > deadline:
-                    raise RuntimeError(f"rollout actor {actor} did not come back after a failure: {e}") from None
+                    raise ActorLostError(f"rollout actor {actor} did not come back within {RESTART_WAIT_S} s after "
+                                         f"a failure ({type(e).__name__})") from None
                 time.sleep(0.5)
-        self.logger.event("actor_recovered", actor=actor, version=self.version)
+        self.logger.event("actor_recovered", role="rollout", actor=actor, version=self.version)
+
+    def recover_rewards(self, rewards: list[Any], seen_by: int, error: Exception) -> None:
+        """A reward actor failed during rollout actor ``seen_by``'s call: wait until Ray has restarted every
+        reward actor (each answers again), so that the caller can send the lost call again."""
+        self.failures += 1
+        self.logger.event("actor_failed", role="reward", seen_by=seen_by, error=str(getattr(error, "cause", error)))
+        deadline = time.monotonic() + RESTART_WAIT_S
+        for i, handle in enumerate(rewards):
+            while True:
+                try:
+                    ray.get(handle.__ray_ready__.remote(), timeout=30)
+                    break
+                except (RayActorError, GetTimeoutError) as e:
+                    if time.monotonic() > deadline:
+                        raise ActorLostError(f"reward actor {i} did not come back within {RESTART_WAIT_S} s after a "
+                                             f"failure ({type(e).__name__})") from None
+                    time.sleep(0.5)
+        self.logger.event("actor_recovered", role="reward", seen_by=seen_by)
 
     def _verify(self, actor: int, report: Any) -> None:
         if report.version == self.version and report.checksum != self.checksum:

@@ -158,10 +158,14 @@ _PROMPT_CHECKS: dict[str, str] = {"rewards.world": "world.scenes:parse_prompt"}
 
 def check_spec(spec: Mapping[str, float], options: Mapping[str, Mapping[str, Any]], prompts: Sequence[str]) -> None:
     """Without building anything: every reward of ``spec`` exists, takes its ``options`` and can score every
-    prompt; RewardConfigError names the first problem."""
+    prompt; RewardConfigError names the first problem. A reward with its own runtime_env is checked where it
+    runs (its code may not import here)."""
+    own = own_env_rewards(options)
     for name in [*options, *spec]:
         if name not in spec:
             raise RewardConfigError(f"reward.options names {name!r}, which is not in reward.spec {sorted(spec)}")
+        if name in own:
+            continue
         _checked(name, options.get(name, {}))
         check = _PROMPT_CHECKS.get(_MODULES.get(name, ""))
         if check is None:

@@ -74,7 +74,7 @@ def test_stable_update_replaces_a_reference_copy_and_never_the_initial_model(mak
     learner.update(batch)  # the policy moves on, the replaced reference and the initial model do not
     assert not all(torch.equal(ref[k], p) for k, p in learner.policy.adapter_parameters(POLICY).items())
     assert _changed(initial, learner.policy.copies()[0]) == 0
-    with pytest.raises(ConfigError, match="reference.ema"):
+    with pytest.raises(ConfigError, match=r"reference\.ema"):
         _full(make_config, reference={"strategy": "stable_update", "ema": 0.5})
 
 

@@ -1,6 +1,6 @@
-"""Diffusion-DPO (Wallace et al.): the clean latents of a pair (final latents, or a step pair's children's x̂_0)
-are noised with the same t and ε, and the loss compares the ε-MSE of policy and reference on winner and loser;
-t is drawn by the time weighting (Rethinking-DPO: Cat(γ^k) and λ(t))."""
+"""Diffusion-DPO (Wallace et al.): the clean latents of a pair (a dataset's VAE-encoded images, final latents,
+or a step pair's children's x̂_0) are noised with the same t and ε, and the loss compares the ε-MSE of policy
+and reference on winner and loser; t is drawn by the time weighting (Rethinking-DPO: Cat(γ^k) and λ(t))."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ from learner.methods.registry import register_method
 from policy import POLICY
 
 
+@register_method("diffusion_dpo", "clean")
 @register_method("diffusion_dpo", "step")
 @register_method("diffusion_dpo", "trajectory")
 def on_clean_pairs(learner, batch):

@@ -1,0 +1,92 @@
+"""Failures on real Ray: a reward actor SIGKILLed by its OS pid mid-run is restarted and the run finishes its
+updates; what cannot be recovered names the checkpoint --resume would load; a local Ray listens on 127.0.0.1."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+pytestmark = pytest.mark.filterwarnings("ignore")
+
+
+def _lines(path: Path) -> list[dict]:
+    return [json.loads(ln) for ln in path.read_text().splitlines()] if path.exists() else []
+
+
+def _kill_by_pid(pattern: str, out: Path, after_steps: int, killed: list[int]) -> threading.Thread:
+    """SIGKILL the process of the named actor matching ``pattern`` once ``after_steps`` updates are logged."""
+    import ray
+
+    def killer() -> None:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            steps = sum(1 for m in _lines(out / "metrics.jsonl") if "train/loss" in m["metrics"])
+            names = [a["name"] for a in ray.util.list_named_actors(all_namespaces=True)]
+            match = [n for n in names if pattern in n]
+            if match and steps >= after_steps:
+                pid = ray.get(ray.get_actor(match[0]).__ray_call__.remote(lambda self: os.getpid()))
+                os.kill(pid, signal.SIGKILL)
+                killed.append(pid)
+                return
+            time.sleep(0.2)
+
+    thread = threading.Thread(target=killer, daemon=True)
+    thread.start()
+    return thread
+
+
+def test_a_reward_actor_killed_by_pid_is_restarted_and_the_run_finishes(make_config):
+    import ray
+
+    from learner.main import WORKER_ENV, run
+
+    cfg = make_config(reward={"num_actors": 1}, rollout={"num_actors": 1, "prompts_per_task": 4},
+                      train={"mode": "sync", "steps": 6, "batch_size": 4}, output={"checkpoint_every": 3})
+    out = Path(cfg.output.dir)
+    ray.init(num_cpus=4, include_dashboard=False, runtime_env={"env_vars": WORKER_ENV}, logging_level="ERROR")
+    try:
+        killed: list[int] = []
+        thread = _kill_by_pid("-reward-0", out, after_steps=1, killed=killed)
+        summary = run(cfg)
+        thread.join(timeout=1)
+    finally:
+        ray.shutdown()
+    assert killed, "the reward actor was never killed"
+    assert summary["steps"] == 6 and summary["actor_failures"] >= 1
+    events = _lines(out / "events.jsonl")
+    failed = [e["fields"] for e in events if e["kind"] == "actor_failed"]
+    recovered = [e["fields"] for e in events if e["kind"] == "actor_recovered"]
+    assert failed and all(f["role"] == "reward" for f in failed)
+    assert len(recovered) == len(failed) and all(r["role"] == "reward" for r in recovered)
+    steps = [m["step"] for m in _lines(out / "metrics.jsonl") if "train/loss" in m["metrics"]]
+    assert steps == [1, 2, 3, 4, 5, 6]  # no update lost or done twice
+
+
+def test_the_resume_hint_names_an_existing_checkpoint_or_says_there_is_none(make_config):
+    from learner.checkpoint import save_checkpoint
+    from learner.main import resume_hint
+
+    cfg = make_config()
+    assert "no checkpoint was written" in resume_hint(cfg) and "--resume" not in resume_hint(cfg)
+    import torch
+
+    path = save_checkpoint(Path(cfg.output.dir) / "checkpoints", 2, {"policy": {"w": torch.ones(1)}}, {"step": 2})
+    assert resume_hint(cfg) == f"continue with --resume (it loads {path})"
+
+
+def test_a_local_ray_listens_on_loopback_only():
+    code = ("from learner.config import build_config; from learner.main import local_only, start_ray; "
+            "cfg = build_config({}); local_only(cfg); start_ray(cfg); import ray; "
+            "print({n['NodeManagerAddress'] for n in ray.nodes()})")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip().splitlines()[-1] == "{'127.0.0.1'}"
