@@ -184,7 +184,7 @@ class Learner:
 
     def _clean_pairs(self, batch: PairBatch) -> tuple[torch.Tensor, torch.Tensor]:
         t = batch.tensors
-        if batch.kind == "step":
+        if "x0_w" in t:  # step and clean pairs
             return t["x0_w"], t["x0_l"]
         return t["latents_w"][:, -1], t["latents_l"][:, -1]
 
