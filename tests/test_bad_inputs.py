@@ -173,3 +173,16 @@ def test_output_under_a_file_through_the_real_cli(base):
     assert out.returncode == 2
     assert out.stderr.strip() == (f"error: output.dir: {base['a_file']} is a file, so {target} cannot be a "
                                   "directory; choose another --output.dir")
+
+
+def test_overwrite_removes_only_the_earlier_runs_outputs(tmp_path):
+    from learner.preflight import check_output, clear_outputs
+
+    out = tmp_path / "run"
+    for name in ("metrics.jsonl", "summary.json", "before_after.png", "samples_eval_step00010.png", "notes.txt"):
+        (out / name).parent.mkdir(parents=True, exist_ok=True)
+        (out / name).write_text("x")
+    (out / "checkpoints" / "step-00000002").mkdir(parents=True)
+    check_output(out, resume=False, overwrite=True)  # accepted
+    clear_outputs(out)
+    assert sorted(p.name for p in out.iterdir()) == ["notes.txt"]  # what the run did not write stays
