@@ -190,7 +190,8 @@ def import_pairs(fmt: str, source: str, out: str | Path, model: str = "world/mod
             ds = ray.data.from_items(items)
         total = ds.count()
         encoded = ds.map_batches(Encoder, fn_constructor_kwargs={"model": str(model), "keep_ties": keep_ties},
-                                 batch_size=batch_size, concurrency=concurrency, num_gpus=num_gpus,
+                                 batch_size=batch_size, compute=ray.data.ActorPoolStrategy(size=concurrency),
+                                 num_gpus=num_gpus,
                                  batch_format="numpy")
         log, pending, part = TrajectoryLog(tmp), [], 0
         tmp.mkdir(parents=True)
