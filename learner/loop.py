@@ -78,6 +78,8 @@ class Driver:
         self.checkpoints = RunCheckpoints(learner, self._learner, out / "checkpoints", cfg.output.keep_checkpoints,
                                           logger)
         self.started = time.perf_counter()
+        self.defer_checkpoints = cfg.train.mode == "sync" and not cfg.data.offline_dataset
+        self.checkpoint_due = False
         if resume:
             self.weights.version = self.checkpoints.restore(self)
             if rollouts:
@@ -147,6 +149,9 @@ class Driver:
             self.buffer.clear()  # on-policy: leftovers of this round are not reused
             self.weights.publish()
             self.weights.check(block=True)
+            if self.checkpoint_due:
+                self.checkpoints.save(self)
+                self.checkpoint_due = False
 
     def _run_offline(self, bar: tqdm) -> None:
         t = self.cfg.train
@@ -218,7 +223,10 @@ class Driver:
         bar.set_postfix(loss=f"{metrics['loss']:.4f}", acc=f"{metrics['accuracy']:.2f}",
                         r_w=f"{metrics['reward_w']:.3f}", img_s=f"{metrics['images_per_s']:.1f}")
         if c.steps and c.steps % self.cfg.output.checkpoint_every == 0:
-            self.checkpoints.save(self)
+            if self.defer_checkpoints:  # sync: saved at the round's end, where no pair is buffered (exact resume)
+                self.checkpoint_due = True
+            else:
+                self.checkpoints.save(self)
         if self.cfg.eval.every and c.steps and c.steps % self.cfg.eval.every == 0 and c.steps < self.cfg.train.steps:
             self.evaluator.evaluate("eval", c.steps)
 

@@ -4,7 +4,8 @@ optimizer, RNG) plus the driver's, stored under the key ``driver`` of the same a
 The driver's state is what a resumed run needs to continue the same schedule: the loop counters, the buffer's
 staleness counts, actor failures, the prompt cursor, the per-actor throughput estimates, the held-out reward
 curve, the trajectory log's position (rounds written after the checkpoint are dropped) and the elapsed time.
-Buffered pairs are not saved: a resumed run samples afresh with the restored policy.
+Buffered pairs are not saved: a sync run checkpoints at the end of a round, where none are buffered, so its
+resume is exact; an async run's resume samples afresh with the restored policy.
 """
 
 from __future__ import annotations

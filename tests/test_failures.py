@@ -90,3 +90,36 @@ def test_a_local_ray_listens_on_loopback_only():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=120)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip().splitlines()[-1] == "{'127.0.0.1'}"
+
+
+def test_sync_resume_from_a_checkpoint_due_inside_a_round_is_bitwise(make_config, tmp_path):
+    """3 updates per round (12 pairs, batch 4); checkpoint_every=2 falls inside the first round, so the save waits
+    for the round's end (step 3), where nothing is buffered; resuming from it reproduces step 4 bit for bit."""
+    import shutil
+
+    import ray
+    import torch
+
+    from learner.checkpoint import load_checkpoint
+    from learner.main import WORKER_ENV, run
+
+    sections = {"pairs": {"kind": "step_branch", "branch_steps": [0, 2, 4]},
+                "rollout": {"num_actors": 1, "prompts_per_task": 4}, "reward": {"num_actors": 0}}
+    full = make_config(**sections, train={"mode": "sync", "steps": 4, "batch_size": 4},
+                       output={"checkpoint_every": 2})
+    out = Path(full.output.dir)
+    resumed_dir = tmp_path / "resumed"
+    ray.init(num_cpus=3, include_dashboard=False, runtime_env={"env_vars": WORKER_ENV}, logging_level="ERROR")
+    try:
+        run(full)
+        assert sorted(p.name for p in (out / "checkpoints").glob("step-*")) == ["step-00000003", "step-00000004"]
+        shutil.copytree(out / "checkpoints" / "step-00000003", resumed_dir / "checkpoints" / "step-00000003")
+        resumed = make_config(**sections, train={"mode": "sync", "steps": 4, "batch_size": 4},
+                              output={"checkpoint_every": 2, "dir": str(resumed_dir)})
+        assert run(resumed, resume=True)["steps"] == 4
+    finally:
+        ray.shutdown()
+    a, _ = load_checkpoint(out / "checkpoints" / "step-00000004")
+    b, _ = load_checkpoint(resumed_dir / "checkpoints" / "step-00000004")
+    assert a["policy"].keys() == b["policy"].keys()
+    assert all(torch.equal(a["policy"][k], b["policy"][k]) for k in a["policy"])
