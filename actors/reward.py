@@ -138,11 +138,13 @@ class RewardClient:
         self._next = itertools.cycle(range(len(self.handles))) if self.handles else None
 
     def __call__(self, images: torch.Tensor, prompts: Sequence[str]) -> torch.Tensor:
+        """The main part (in-process when there is a local reward, else over the reward actors) + the own parts."""
         prompts, refs = list(prompts), []
-        if self.handles or self.own:  # remote parts first, so they run while the local part is scored
+        remote_main = self.local is None and bool(self.handles)
+        if remote_main or self.own:  # remote parts first, so they run while the local part is scored
             on_cpu = images.detach().cpu()
             refs = [h.score.remote(on_cpu, prompts) for h in self.own]
-            if self.handles:
+            if remote_main:
                 refs.append(self.handles[next(self._next)].score.remote(on_cpu, prompts))
         local = self.local(images, prompts).detach().float().cpu() if self.local is not None else 0.0
         if not refs:

@@ -161,3 +161,20 @@ def test_unknown_reward_option_is_a_one_line_config_error():
     match = r"reward\.options\.jpeg_compressibility: unknown option\(s\) \['qualty'\]"
     with pytest.raises(RewardConfigError, match=match):
         build_reward({"jpeg_compressibility": 1.0}, {"jpeg_compressibility": {"qualty": 90}})
+
+
+def test_reward_client_scores_the_main_part_once():
+    """A guided rollout actor scores in-process and also holds the reward actors' handles: the main reward must be
+    taken from one of them, never summed over both (that doubled every reward before)."""
+    from actors.reward import RewardClient
+
+    class Handle:  # a reward actor stand-in that must not be asked for the main part
+        class score:  # mimics ray's ``actor.method.remote``
+            @staticmethod
+            def remote(*_):
+                raise AssertionError("the main part was sent to a reward actor although it is scored locally")
+
+    images = torch.rand(3, 3, 32, 32)
+    prompts = ["a red circle on the left"] * 3
+    local = build_reward({"world": 1.0})
+    torch.testing.assert_close(RewardClient(local, [Handle()])(images, prompts), local(images, prompts))
