@@ -256,7 +256,7 @@ def render(res: dict[str, Any], command: str) -> str:
             b = res["baseline"]
             out += ["", f"Baseline rounds of {b['round_prompts']} prompts (the fewest that fill whole batches, all "
                     f"on-policy); generate {b['generate_s']:.1f} s, update {b['update_s']:.1f} s, publish + "
-                    f"set_weights {b['publish_s']:.2f} s of {b['wall_s']:.1f} s."]
+                    f"receive_weights {b['publish_s']:.2f} s of {b['wall_s']:.1f} s."]
             if "probe" in b:
                 out += ["", "Thread scaling in the baseline's process (before its loop, before Ray starts):", "",
                         probe_table(b["probe"])]

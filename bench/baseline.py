@@ -2,7 +2,7 @@
 
 RolloutWorker (scoring with the in-process reward) and Learner are plain objects in this process, run in turn:
 generate a round of chains -> update on ``batch_size`` pairs as many times as the round's records allow ->
-publish + set_weights -> repeat. It runs at the fastest torch thread count (normally all the cores; see
+send_weights -> receive_weights -> repeat. It runs at the fastest torch thread count (normally all the cores; see
 ``run_baseline``), the models, sampler, pairs and batch size are the system's, and it makes the same number of
 learner updates.
 
@@ -56,7 +56,7 @@ def run_baseline(cfg: Config, updates: int | None = None, threads: tuple[int, ..
                  for n in threads}  # seconds of generate + train per chain at n threads
     best = min(per_chain, key=per_chain.__getitem__)
     torch.set_num_threads(best)
-    worker.set_weights(learner.publish())
+    worker.receive_weights(learner.send_weights(learner.version + 1))
     done = chains = 0
     gen_s = upd_s = pub_s = 0.0
     t_start = time.perf_counter()
@@ -71,7 +71,7 @@ def run_baseline(cfg: Config, updates: int | None = None, threads: tuple[int, ..
             upd_s += learner.update(table.slice(i * bs, bs))["update_seconds"]
             done += 1
         t0 = time.perf_counter()
-        worker.set_weights(learner.publish())
+        worker.receive_weights(learner.send_weights(learner.version + 1))
         pub_s += time.perf_counter() - t0
     wall = time.perf_counter() - t_start
     ids, prompts, seeds = stream.take(1)  # the work itself, counted once: FLOPs are per chain and per update
