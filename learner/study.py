@@ -54,7 +54,7 @@ QUICK = {"train": {"steps": 2, "batch_size": 8}, "rollout": {"prompts_per_task":
 # Grids of trajectory cells keep the default's updates with 32 pairs each: whole chains are sampled ~8× faster than
 # step-branch chains (no ranking of children), so the learner sets the pace, and at 32 pairs an update takes ~2 s
 # on 2 cores (10-update probes, diffusion_dpo and dense_dpo).
-TRAJECTORY_BUDGET = {"pairs": {"kind": "trajectory"}, "train": {"batch_size": 32}}
+TRAJECTORY_BUDGET = {"pairs": {"kind": "trajectory"}, "guidance": {"kind": "none"}, "train": {"batch_size": 32}}
 
 
 @dataclass(frozen=True)
@@ -78,7 +78,7 @@ class Grid:
     compare_n: int = 256
 
 
-# The grids: data, in one place. β per loss: dpo_logprob on summed log-probs (the default) uses β = 1;
+# The grids: data, in one place. β per loss: dpo_logprob on summed log-probs follows the default (β = 0.1);
 # diffusion_dpo's ε-MSE surrogate is a per-element MEAN, orders of magnitude smaller than a summed log-ratio, so it
 # takes the Diffusion-DPO paper's β = 5000 (Wallace et al. 2024, SD-1.5 setting, also a per-element mean);
 # dense_dpo has no β: C = 10 and κ = 1e-4 of the dense-reward paper, whose κ is on per-element MEAN log-probs.
@@ -89,13 +89,14 @@ GRIDS: dict[str, Grid] = {
     "tailorpo": Grid(
         claim="TailorPO: step-level pairs (two children of one x_t, the winner continues) beat whole-chain pairs "
               "for the same loss and the same number of images sampled.",
-        shared={"loss": {"kind": "dpo_logprob", "beta": 1.0}},
+        # guidance off in both cells: it needs step pairs, and the claim is about the pairs alone
+        shared={"loss": {"kind": "dpo_logprob"}, "guidance": {"kind": "none"}},
         cells={"step_branch": {"pairs": {"kind": "step_branch"}}, "trajectory": {"pairs": {"kind": "trajectory"}}},
         contrasts=(Contrast("step-branch pairs beat trajectory pairs", {"step_branch": 1, "trajectory": -1}),),
         match_images=True),
     "tailorpo_g": Grid(
         claim="TailorPO-G: a reward-gradient step on each step pair's winner adds reward over TailorPO.",
-        shared={"pairs": {"kind": "step_branch"}, "loss": {"kind": "dpo_logprob", "beta": 1.0}},
+        shared={"pairs": {"kind": "step_branch"}, "loss": {"kind": "dpo_logprob"}},
         cells={"tailorpo": {"guidance": {"kind": "none"}}, "tailorpo_g": {"guidance": {"kind": "reward_gradient"}}},
         contrasts=(Contrast("guidance adds reward", {"tailorpo_g": 1, "tailorpo": -1}),)),
     "dense": Grid(
@@ -110,8 +111,8 @@ GRIDS: dict[str, Grid] = {
     "rethinking": Grid(
         claim="Rethinking-DPO (ablation 2×2 on Diffusion-DPO): the stable reference update alone gives the largest "
               "gain; timestep-aware training helps mainly combined with it.",
-        # τ = 16 of the default's 150 updates gives the reference nine chances to move (the paper: τ = 32 of ~2000).
-        shared={**TRAJECTORY_BUDGET, "loss": {"kind": "diffusion_dpo", "beta": 5000.0}, "reference": {"tau": 16}},
+        # τ = 8 of the default's 75 updates gives the reference nine chances to move (the paper: τ = 32 of ~2000).
+        shared={**TRAJECTORY_BUDGET, "loss": {"kind": "diffusion_dpo", "beta": 5000.0}, "reference": {"tau": 8}},
         cells={"frozen_uniform": {"reference": {"strategy": "frozen"}, "time_weight": {"mode": "uniform"}},
                "stable_uniform": {"reference": {"strategy": "stable_update"}, "time_weight": {"mode": "uniform"}},
                "frozen_timestep": {"reference": {"strategy": "frozen"}, "time_weight": {"mode": "timestep_aware"}},
