@@ -139,7 +139,8 @@ class Config(BaseModel):
             raise ValueError("guidance.kind=reward_gradient needs the reward's gradient in the rollout actor; a reward "
                              "with reward.options.<name>.runtime_env runs in its own actor and has none there")
         if self.guidance.kind == "reward_gradient" and self.pairs.kind != "step_branch":
-            raise ValueError("guidance.kind=reward_gradient needs pairs.kind=step_branch (TailorPO-G)")
+            raise ValueError("guidance.kind=reward_gradient (TailorPO-G) needs pairs.kind=step_branch; set "
+                             "guidance.kind: none for trajectory pairs")
         if self.time_weight.grid == "train" and self.loss.kind != "diffusion_dpo":
             raise ValueError("time_weight.grid=train needs loss.kind=diffusion_dpo (sampler log-probs exist only "
                              "on the inference grid)")

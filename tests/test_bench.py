@@ -22,7 +22,8 @@ def _line(t: float, step: int, **metrics: float) -> str:
 
 @pytest.mark.parametrize("kind, per_record", [("step_branch", 1), ("trajectory", 2)])
 def test_window_figures_match_a_hand_computation(tmp_path, tiny_model_dir, kind, per_record):
-    cfg = make_config(bench_tree(tiny_model_dir, 2, True, tmp_path), pairs={"kind": kind})
+    cfg = make_config(bench_tree(tiny_model_dir, 2, True, tmp_path), pairs={"kind": kind},
+                      guidance={"kind": "reward_gradient" if kind == "step_branch" else "none"})
     lines = [
         _line(99.0, 0, **{"rollout/actor0/batch": 50.0, "rollout/actor0/chains_per_s": 1.0}),  # before: ignored
         _line(100.0, 0, **{"eval/heldout_reward_mean": 0.3}),  # the loop starts
