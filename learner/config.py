@@ -71,6 +71,9 @@ class TrainConfig(BaseModel):
     num_gpus: float = Field(0.0, ge=0)
     accelerator_type: str | None = None
     torch_threads: int = Field(1, ge=1, strict=True)
+    num_learners: int = Field(1, ge=1, strict=True, description=(
+        "K data-parallel learner actors: each update's batch is split into K equal shards and the gradients are "
+        "averaged across them (learner/group.py); each learner takes torch_threads CPUs and num_gpus GPUs"))
 
 
 class DataConfig(BaseModel):
@@ -150,6 +153,9 @@ class Config(BaseModel):
         if self.train.trainable == "full" and self.reference.ema is not None:
             raise ValueError("reference.ema blends LoRA deltas with the zero delta of the initial model; with "
                              "train.trainable=full use a hard replacement (reference.ema: null)")
+        if self.train.batch_size % self.train.num_learners:
+            raise ValueError(f"train.batch_size={self.train.batch_size} must be divisible by train.num_learners="
+                             f"{self.train.num_learners} (each learner trains on an equal shard of every batch)")
         find_method(self.loss.kind, self.pairs.record_kind)
         return self
 

@@ -31,6 +31,7 @@ from actors.reward import RewardActorLost
 from learner.buffer import PairBuffer
 from learner.checkpoint import latest_checkpoint
 from learner.config import Config
+from learner.group import LearnerGroup
 from learner.metrics import RunLogger
 from learner.report import Evaluator, log_rollout
 from learner.resume import RunCheckpoints
@@ -60,9 +61,10 @@ class Counters:
 
 
 class Driver:
-    def __init__(self, cfg: Config, learner: Any, rollouts: list[Any], out: Path, train_prompts: list[str],
+    def __init__(self, cfg: Config, learners: LearnerGroup, rollouts: list[Any], out: Path, train_prompts: list[str],
                  eval_prompts: list[str], logger: RunLogger, resume: bool = False, rewards: list[Any] | None = None):
-        self.cfg, self.learner, self.rollouts, self.out, self.logger = cfg, learner, rollouts, out, logger
+        self.cfg, self.learners, self.rollouts, self.out, self.logger = cfg, learners, rollouts, out, logger
+        learner = self.learner = learners.lead  # publishes, evaluates and checkpoints for the group
         self.rewards = rewards or []
         self.counters = Counters()
         self.stream = PromptStream(train_prompts, seed=cfg.train.seed)
@@ -75,7 +77,7 @@ class Driver:
                                    t.num_gpus >= 1 and r.num_gpus >= 1, logger)
         self.weights = WeightSync(transport, learner, rollouts, self._learner, logger)
         self.evaluator = Evaluator(learner, self._learner, eval_prompts, cfg.eval, out, logger)
-        self.checkpoints = RunCheckpoints(learner, self._learner, out / "checkpoints", cfg.output.keep_checkpoints,
+        self.checkpoints = RunCheckpoints(learners, self._learner, out / "checkpoints", cfg.output.keep_checkpoints,
                                           logger)
         self.started = time.perf_counter()
         self.defer_checkpoints = cfg.train.mode == "sync" and not cfg.data.offline_dataset
@@ -110,7 +112,7 @@ class Driver:
         update_ref = None
         while self.counters.steps < self.cfg.train.steps:
             if update_ref is None and len(self.buffer) >= self.cfg.train.batch_size:
-                update_ref = self.learner.update.remote(self.buffer.take(self.cfg.train.batch_size))
+                update_ref = self.learners.update(self.buffer.take(self.cfg.train.batch_size))
             done, _ = ray.wait([*inflight, *([update_ref] if update_ref is not None else [])], num_returns=1)
             ref = done[0]
             if ref is update_ref:
@@ -145,7 +147,7 @@ class Driver:
                     inflight[self._send(task)] = task
             self.counters.rounds += 1
             while len(self.buffer) >= t.batch_size and self.counters.steps < t.steps:
-                self._after_update(self._learner(self.learner.update.remote(self.buffer.take(t.batch_size))), bar)
+                self._after_update(self._learner(self.learners.update(self.buffer.take(t.batch_size))), bar)
             self.buffer.clear()  # on-policy: leftovers of this round are not reused
             self.weights.publish()
             self.weights.check(block=True)
@@ -161,7 +163,9 @@ class Driver:
             for batch in iterate_batches(table, t.batch_size, t.seed + self.counters.rounds):
                 if self.counters.steps >= t.steps:
                     break
-                self._after_update(self._learner(self.learner.update.remote(batch)), bar)
+                if len(batch) < self.learners.size:  # a short last batch with fewer pairs than learners is skipped
+                    continue
+                self._after_update(self._learner(self.learners.update(batch)), bar)
             self.counters.rounds += 1
 
     # ---- rollouts and updates ---------------------------------------------------------------------------------
@@ -199,13 +203,17 @@ class Driver:
         return True
 
     def _learner(self, ref: Any) -> Any:
-        """``ray.get`` of a learner call, turning the learner's death into one actionable line."""
+        """``ray.get`` of a learner call, turning the death of the learner (or of any rank of a learner group,
+        which also fails the other ranks' collectives) into one actionable line."""
         try:
-            return ray.get(ref)
-        except RayActorError:
+            return self.learners.get(ref)
+        except (RayActorError, RayTaskError) as e:
+            if not isinstance(e, RayActorError) and self.learners.alive():
+                raise
             ckpt = latest_checkpoint(self.out / "checkpoints")
             where = f"the checkpoint at {ckpt}" if ckpt else "the start (no checkpoint was written yet)"
-            raise LearnerDiedError(f"the learner actor died at update {self.counters.steps} (out of memory? see "
+            who = "the learner actor" if self.learners.size == 1 else "a learner rank"
+            raise LearnerDiedError(f"{who} died at update {self.counters.steps} (out of memory? see "
                                    f"Ray's logs); rerun with --resume to continue from {where}") from None
 
     def _after_update(self, metrics: dict[str, float], bar: tqdm) -> None:

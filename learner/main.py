@@ -25,6 +25,9 @@ from pydantic.fields import FieldInfo
 
 from learner.config import Config, ConfigError, bounds, build_config, constraints, load_yaml
 
+if typing.TYPE_CHECKING:
+    from learner.group import LearnerGroup
+
 DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "default.yaml"
 LOG = logging.getLogger("dpr")
 # Environment of every Ray worker: one BLAS thread unless an actor asks for more, and no hub access ever.
@@ -120,18 +123,21 @@ def start_ray(cfg: Config) -> bool:
                               "start it with `ray up cluster/gpu.yaml` or `ray start --head`, or drop "
                               "--ray.address to run locally") from None
         return True
-    actors = cfg.train.torch_threads + cfg.rollout.num_actors * cfg.rollout.torch_threads + cfg.reward.num_actors
+    actors = (cfg.train.torch_threads * cfg.train.num_learners + cfg.rollout.num_actors * cfg.rollout.torch_threads
+              + cfg.reward.num_actors)
     gpus = int(cfg.rollout.num_gpus * cfg.rollout.num_actors + cfg.reward.num_gpus * cfg.reward.num_actors
-               + cfg.train.num_gpus + 0.999)
+               + cfg.train.num_gpus * cfg.train.num_learners + 0.999)
     ray.init(num_cpus=cfg.ray.num_cpus or max(os.cpu_count() or 1, actors), include_dashboard=False,
              resources={LEARNER: 1, ROLLOUT: max(gpus, 1)}, runtime_env=env, logging_level=logging.WARNING)
     return True
 
 
-def launch(cfg: Config, run_id: str) -> tuple[Any, list[Any], list[Any]]:
-    """Create the learner, reward and rollout actors with their resources and failure policies.
+def launch(cfg: Config, run_id: str) -> tuple[LearnerGroup, list[Any], list[Any]]:
+    """Create the learner ranks (``train.num_learners``, joined into one process group), reward and rollout
+    actors with their resources and failure policies.
 
-    Actors are named ``dpr-<run>-<role>-<i>`` so that operators (and the fault-injection test) can find them.
+    Actors are named ``dpr-<run>-<role>-<i>`` (rank 0 of the learners: ``dpr-<run>-learner``) so that operators
+    (and the fault-injection test) can find them.
     An off-policy run (``data.offline_dataset``) starts the learner only.
     """
     import ray
@@ -139,14 +145,17 @@ def launch(cfg: Config, run_id: str) -> tuple[Any, list[Any], list[Any]]:
     from actors.reward import start_reward_actors
     from actors.rollout import RolloutWorker
     from cluster.resources import actor_resources
+    from learner.group import LearnerGroup
     from learner.trainer import Learner
 
     # a reward with reward.options.<name>.runtime_env runs in its own actor and environment, offline runs too
     # (the learner's evaluation scores with it)
     rewards, own = start_reward_actors(cfg.reward, f"dpr-{run_id}", not cfg.data.offline_dataset, WORKER_ENV)
-    learner = ray.remote(Learner).options(
-        num_cpus=cfg.train.torch_threads, max_restarts=0, name=f"dpr-{run_id}-learner",
-        **actor_resources("learner", cfg.train.num_gpus, cfg.train.accelerator_type)).remote(cfg, own)
+    learners = LearnerGroup([
+        ray.remote(Learner).options(
+            num_cpus=cfg.train.torch_threads, max_restarts=0, name=f"dpr-{run_id}-learner" + (f"-{i}" if i else ""),
+            **actor_resources("learner", cfg.train.num_gpus, cfg.train.accelerator_type)).remote(cfg, own)
+        for i in range(cfg.train.num_learners)])
     rollouts = [
         ray.remote(RolloutWorker).options(
             num_cpus=cfg.rollout.torch_threads, max_restarts=-1, max_task_retries=0, name=f"dpr-{run_id}-rollout-{i}",
@@ -154,16 +163,18 @@ def launch(cfg: Config, run_id: str) -> tuple[Any, list[Any], list[Any]]:
                 cfg.rollout_settings(), i, rewards, own)
         for i in range(cfg.rollout.num_actors if not cfg.data.offline_dataset else 0)
     ]
-    wait_ready(learner, rollouts, [*rewards, *own])
-    return learner, rollouts, [*rewards, *own]
+    wait_ready(learners.ranks, rollouts, [*rewards, *own])
+    backend = cfg.train.collective_backend
+    learners.connect(("nccl" if cfg.train.num_gpus >= 1 else "gloo") if backend == "auto" else backend)
+    return learners, rollouts, [*rewards, *own]
 
 
-def wait_ready(learner: Any, rollouts: list[Any], rewards: list[Any]) -> None:
+def wait_ready(learners: list[Any], rollouts: list[Any], rewards: list[Any]) -> None:
     """Turn an actor that cannot start (bad path, bad reward option) into one line instead of a Ray traceback."""
     import ray
     from ray.exceptions import RayActorError
 
-    checks = [("learner", learner.__ray_ready__.remote())]
+    checks = [("learner" + (f" {i}" if i else ""), a.__ray_ready__.remote()) for i, a in enumerate(learners)]
     checks += [(f"reward actor {i}", a.__ray_ready__.remote()) for i, a in enumerate(rewards)]
     checks += [(f"rollout actor {i}", a.__ray_ready__.remote()) for i, a in enumerate(rollouts)]
     for name, ref in checks:
@@ -206,10 +217,10 @@ def run(cfg: Config, resume: bool = False) -> dict[str, Any]:
     owns_ray = start_ray(cfg)
     actors: list[Any] = []
     try:
-        learner, rollouts, rewards = launch(cfg, uuid.uuid4().hex[:6])
-        actors = [learner, *rollouts, *rewards]
+        learners, rollouts, rewards = launch(cfg, uuid.uuid4().hex[:6])
+        actors = [*learners.ranks, *rollouts, *rewards]
         with RunLogger(out, tensorboard=cfg.output.tensorboard) as logger:
-            driver = Driver(cfg, learner, rollouts, out, inputs.train_prompts, inputs.eval_prompts, logger, resume,
+            driver = Driver(cfg, learners, rollouts, out, inputs.train_prompts, inputs.eval_prompts, logger, resume,
                             rewards)
             after = driver.run()
     finally:

@@ -16,18 +16,19 @@ from pathlib import Path
 from typing import Any
 
 from learner.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from learner.group import LearnerGroup
 from learner.metrics import RunLogger
 from policy.transport import Getter
 
 
 class RunCheckpoints:
-    def __init__(self, learner: Any, get: Getter, root: Path, keep: int, logger: RunLogger):
-        self.learner, self.get, self.root, self.keep, self.logger = learner, get, root, keep, logger
+    def __init__(self, learners: LearnerGroup, get: Getter, root: Path, keep: int, logger: RunLogger):
+        self.learners, self.get, self.root, self.keep, self.logger = learners, get, root, keep, logger
         self.last_step = -1  # the step of the newest checkpoint this run wrote
 
     def save(self, driver: Any) -> Path:
         """Write the learner's and ``driver``'s state at the driver's current step."""
-        groups, state = self.get(self.learner.checkpoint.remote())
+        groups, state = self.learners.checkpoint(self.get)
         state["driver"] = driver_state(driver)
         step = driver.counters.steps
         path = save_checkpoint(self.root, step, groups, state, keep=self.keep)
@@ -36,12 +37,13 @@ class RunCheckpoints:
         return path
 
     def restore(self, driver: Any) -> int:
-        """Load the newest complete checkpoint into the learner and ``driver``; returns the published version."""
+        """Load the newest complete checkpoint into every learner rank and ``driver``; returns the published
+        version."""
         path = latest_checkpoint(self.root)
         if path is None:
             raise FileNotFoundError(f"--resume: no complete checkpoint under {self.root}")
         tensors, state = load_checkpoint(path)
-        self.get(self.learner.restore.remote(tensors, state))
+        self.get(self.learners.restore(tensors, state))
         load_driver_state(driver, state["driver"])
         self.logger.event("resumed", step=driver.counters.steps, path=str(path))
         return int(state["version"])

@@ -13,6 +13,7 @@ them the shared pieces: log-ratios of step and trajectory pairs, the ε-MSE, the
 
 from __future__ import annotations
 
+import datetime
 import math
 import time
 from collections.abc import Sequence
@@ -20,6 +21,7 @@ from typing import Any
 
 import pyarrow as pa
 import torch
+import torch.distributed as dist
 
 from actors.records import PairBatch, from_table
 from actors.reward import RewardClient
@@ -42,6 +44,7 @@ from rewards.registry import build_reward
 
 CANDIDATE = "candidate"  # scratch adapter where a reference candidate is evaluated
 DIVERGENCE_TIMESTEPS = 4  # timesteps at which each winner is probed to estimate D
+GROUP_TIMEOUT_S = 600  # a learner rank waiting this long for a collective gives up (a peer died or hangs)
 
 
 class NonFiniteLossError(RuntimeError):
@@ -74,6 +77,7 @@ class Learner:
         self.optimizer = torch.optim.AdamW(self.params, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
         self.time_weighting = TimeWeighting(cfg.time_weight, self.policy.alphas_cumprod, self.policy.timesteps)
         self.generator = torch.Generator().manual_seed(cfg.train.seed)
+        self.rank, self.world = 0, 1  # position in a data-parallel learner group (learner/group.py)
         self.step = 0  # optimizer steps taken
         self.version = 0  # the last published policy version
         self._published: dict[str, torch.Tensor] | None = None  # its snapshot
@@ -96,10 +100,13 @@ class Learner:
         t = batch.tensors
         metrics["reward_w"] = float(t["reward_w"].mean())
         metrics["reward_l"] = float(t["reward_l"].mean())
+        self.optimizer.zero_grad(set_to_none=True)
+        if math.isfinite(metrics["loss"]):
+            out.loss.backward()
+        if self.world > 1:
+            metrics = self._average_over_ranks(metrics)
         if not math.isfinite(metrics["loss"]):
             return self._skip(metrics, "loss")
-        self.optimizer.zero_grad(set_to_none=True)
-        out.loss.backward()
         grad_norm = torch.nn.utils.clip_grad_norm_(self.params, self.cfg.train.grad_clip)
         if not torch.isfinite(grad_norm):
             return self._skip(metrics, "gradient")
@@ -113,6 +120,33 @@ class Learner:
         metrics.update(self._maybe_move_reference())
         metrics["update_seconds"] = time.perf_counter() - t0
         return metrics
+
+    # ---- data parallelism -----------------------------------------------------------------------------------------
+    def join_group(self, backend: str, init_method: str, rank: int, world: int) -> None:
+        """Become ``rank`` of ``world`` data-parallel learners. Every rank starts from the same seed, so the same
+        parameters; its own generator stream (seed + rank) keeps the shards' noise and timestep draws independent."""
+        dist.init_process_group(backend, init_method=init_method, rank=rank, world_size=world,
+                                timeout=datetime.timedelta(seconds=GROUP_TIMEOUT_S))
+        self.rank, self.world = rank, world
+        self.generator.manual_seed(self.cfg.train.seed + rank)
+
+    def _average_over_ranks(self, metrics: dict[str, float]) -> dict[str, float]:
+        """Turn this rank's gradients and metrics into those of the whole batch: one all-reduce of (gradients,
+        metrics, pair count), each rank's scaled by its shard's size. Every loss is a mean over pairs, so the
+        size-weighted mean of the shards' gradients is the gradient of the batch's mean loss; all ranks then clip
+        and step identically. A rank whose loss is not finite sends zero gradients and a non-finite loss, so every
+        rank skips the step together."""
+        keys = sorted(metrics)
+        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in self.params]
+        tail = torch.tensor([*(metrics[k] for k in keys), 1.0], device=self.device)
+        flat = torch.cat([*(g.float().flatten() for g in grads), tail]) * metrics["pairs"]
+        dist.all_reduce(flat)
+        pairs = float(flat[-1])  # the whole batch's
+        flat /= pairs
+        grad_flat, tail = flat[: -len(tail)], flat[-len(tail) :]
+        for p, g in zip(self.params, grad_flat.split([g.numel() for g in grads]), strict=True):
+            p.grad = g.view_as(p).to(p.dtype)
+        return {**dict(zip(keys, tail[:-1].tolist(), strict=True)), "pairs": pairs}
 
     def memory(self) -> dict[str, float]:
         """Bytes held for training (reported with the first update): trainable parameters, the optimizer's state
@@ -230,8 +264,14 @@ class Learner:
             eps_c = self.policy.eps(x_t, ts, emb, adapter=CANDIDATE, guidance_scale=1.0)
             eps_i = self.policy.eps(x_t, ts, emb, adapter=None, guidance_scale=1.0)
         if self.cfg.reference.divergence == "kernel_kl":
-            return float(kernel_kl(eps_c, eps_i))
-        return float(divergence_estimate(noise, eps_c, eps_i))
+            d = kernel_kl(eps_c, eps_i)
+        else:
+            d = divergence_estimate(noise, eps_c, eps_i)
+        if self.world > 1:  # every rank decides on the same D (the mean of the ranks' estimates), so all move or freeze
+            d = d.detach().clone().reshape(1)
+            dist.all_reduce(d)
+            d /= self.world
+        return float(d)
 
     def _maybe_move_reference(self) -> dict[str, float]:
         if not self.moving_ref or self._last_x0_w is None:
@@ -273,7 +313,7 @@ class Learner:
         """Everything needed to resume exactly: adapter and reference tensors, optimizer, counters, RNG states
         (captured here, in the learner's process, which is where they live)."""
         opt_tensors, opt_skeleton = optimizer_state_to_tensors(self.optimizer.state_dict())
-        rng = capture_rng({"learner": self.generator})
+        rng = self.rng_state()
         ref = self.reference.state_dict()
         ref_state = ref.pop("state", None)
         ref["history"] = [list(e) for e in ref.get("history", [])]
@@ -294,5 +334,11 @@ class Learner:
         self.optimizer.load_state_dict(tensors_to_optimizer_state(tensors["optimizer"], state["optimizer"]))
         self.step, self.version, self._published = int(state["step"]), int(state["version"]), None
         self.nan_total, self.nan_in_a_row = int(state["nan_total"]), int(state["nan_in_a_row"])
-        restore_rng(RngSnapshot(state["rng"], tensors["rng"]), {"learner": self.generator})
+        key = "rng" if self.rank == 0 else f"rng_rank{self.rank}"
+        if key in state:  # a checkpoint of a group with fewer ranks has none for this one: its own stream goes on
+            restore_rng(RngSnapshot(state[key], tensors[key]), {"learner": self.generator})
         return self.step
+
+    def rng_state(self) -> RngSnapshot:
+        """This rank's RNG states (a group's checkpoint holds every rank's, so its resume is exact)."""
+        return capture_rng({"learner": self.generator})

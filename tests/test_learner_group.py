@@ -1,0 +1,136 @@
+"""A data-parallel learner group (train.num_learners) on real Ray actors (CPU, gloo): K = 2 trains to the same
+adapter as K = 1 on the same batches, resumes exactly from its checkpoint, and a dead rank ends in one line."""
+
+from __future__ import annotations
+
+import types
+
+import pyarrow as pa
+import pytest
+import ray
+import torch
+
+from actors.records import from_table
+from actors.rollout import RolloutWorker
+from learner.checkpoint import load_checkpoint, save_checkpoint
+from learner.config import ConfigError
+from learner.group import LearnerGroup, shard
+from learner.main import WORKER_ENV
+from learner.trainer import Learner
+from policy import POLICY
+
+pytestmark = pytest.mark.filterwarnings("ignore")
+PROMPTS = ["a red circle on the left", "a blue square on the right", "a green triangle at the top",
+           "a yellow circle at the bottom"]
+
+
+def test_batch_size_not_divisible_by_the_learners_is_one_line(make_config):
+    with pytest.raises(ConfigError) as e:
+        make_config(train={"batch_size": 6, "num_learners": 4})
+    assert "\n" not in str(e.value) and "train.batch_size=6 must be divisible by train.num_learners=4" in str(e.value)
+    with pytest.raises(ConfigError, match=r"train\.num_learners must be >= 1"):
+        make_config(train={"num_learners": 0})
+
+
+def test_shards_are_contiguous_and_cover_the_batch(make_config):
+    table = pa.table({"i": list(range(7))})
+    assert [s.column("i").to_pylist() for s in shard(table, 3)] == [[0, 1], [2, 3], [4, 5, 6]]
+    batch = from_table(_records(make_config()))
+    parts = shard(batch, 2)
+    assert [len(p) for p in parts] == [6, 6] and parts[0].prompts + parts[1].prompts == batch.prompts
+    assert torch.equal(torch.cat([p.tensors["x_w"] for p in parts]), batch.tensors["x_w"])
+
+
+def _records(cfg) -> pa.Table:
+    """12 step pairs (4 chains × 3 branch steps) from a rollout of the initial policy."""
+    batch, _ = RolloutWorker(cfg.rollout_settings()).generate(PROMPTS, list(range(4)), list(range(4)), 0)
+    return pa.Table.from_batches([batch])
+
+
+def _group(cfg, k: int) -> LearnerGroup:
+    group = LearnerGroup([ray.remote(Learner).options(num_cpus=0).remote(cfg) for _ in range(k)])
+    group.connect("gloo")
+    return group
+
+
+def _updates(group: LearnerGroup, batches: list[pa.Table]) -> list[dict[str, float]]:
+    return [group.get(group.update(b)) for b in batches]
+
+
+def _adapter(handle) -> dict[str, torch.Tensor]:
+    return ray.get(handle.policy_tensors.remote())
+
+
+def _gradients(handle) -> dict[str, torch.Tensor]:
+    """The gradients the last update stepped with (they stay on the parameters until the next update)."""
+    return ray.get(handle.__ray_call__.remote(
+        lambda learner: {k: p.grad.clone() for k, p in learner.policy.adapter_parameters(POLICY).items()}))
+
+
+def _rank_generator(handle) -> torch.Tensor:
+    return ray.get(handle.__ray_call__.remote(lambda learner: learner.generator.get_state()))
+
+
+@pytest.fixture(scope="module")
+def ray_session():
+    ray.init(num_cpus=4, include_dashboard=False, runtime_env={"env_vars": WORKER_ENV}, logging_level="ERROR")
+    yield
+    ray.shutdown()
+
+
+def test_two_learners_match_one_resume_exactly_and_a_dead_rank_is_one_line(ray_session, make_config, tmp_path):
+    from learner.loop import Counters, Driver, LearnerDiedError
+
+    cfg = make_config(train={"batch_size": 8, "num_learners": 2, "lr": 1e-2})
+    table = _records(cfg)
+    batches = [table.slice(0, 8), table.slice(4, 8), table.slice(2, 8)]
+
+    one, two = _group(cfg, 1), _group(cfg, 2)
+    m1, m2 = _updates(one, batches[:1]), _updates(two, batches[:1])
+    # the gradient every rank steps with is the whole batch's (float32 sums in another order)
+    g1, g2 = _gradients(one.lead), _gradients(two.ranks[1])
+    assert g1.keys() == g2.keys()
+    g1, g2 = torch.cat([g.flatten() for g in g1.values()]), torch.cat([g2[k].flatten() for k in g1])
+    assert float(g1.norm()) > 1e-3 and float((g2 - g1).norm() / g1.norm()) < 1e-5
+    m1 += _updates(one, batches[1:])
+    m2 += _updates(two, batches[1:2])
+    ray.get(two.ranks[1].__ray_call__.remote(lambda learner: torch.rand(3, generator=learner.generator)))
+    rank1_stream = _rank_generator(two.ranks[1])  # a stochastic loss draws from each rank's own stream
+    path = save_checkpoint(tmp_path / "ckpt", 2, *two.checkpoint(ray.get))
+    m2 += _updates(two, batches[2:])
+
+    # the same parameters as one learner on the whole batch, on both ranks (bitwise equal to each other), up to
+    # float rounding that AdamW's m/√v amplifies where a gradient element is near 0: atol 1e-4 is 1% of one step
+    ref, lead, other = _adapter(one.lead), _adapter(two.lead), _adapter(two.ranks[1])
+    assert ref.keys() == lead.keys()
+    assert any(float(v.abs().max()) > 1e-3 for v in lead.values())  # the adapter moved
+    for k in ref:
+        torch.testing.assert_close(lead[k], ref[k], atol=1e-4, rtol=0)
+        assert torch.equal(lead[k], other[k])
+    for key in ("loss", "accuracy", "margin", "reward_w", "grad_norm"):  # metrics are the whole batch's
+        assert m2[0][key] == pytest.approx(m1[0][key], rel=1e-5), key  # same parameters: float rounding only
+    for a, b in zip(m1, m2, strict=True):
+        assert b["pairs"] == a["pairs"] == 8 and b["reward_w"] == pytest.approx(a["reward_w"], rel=1e-6)
+        assert b["loss"] == pytest.approx(a["loss"], abs=2e-4) and b["margin"] == pytest.approx(a["margin"], abs=2e-4)
+    ray.kill(one.lead)
+
+    # resume: a fresh group restored from the checkpoint after update 2 continues exactly
+    fresh = _group(cfg, 2)
+    tensors, state = load_checkpoint(path)
+    assert "rng_rank1" in tensors and fresh.get(fresh.restore(tensors, state)) == 2
+    assert torch.equal(_rank_generator(fresh.ranks[1]), rank1_stream)
+    resumed = _updates(fresh, batches[2:])
+    assert resumed[0]["loss"] == m2[2]["loss"]
+    for k, v in _adapter(fresh.lead).items():
+        assert torch.equal(v, lead[k]), k
+    for handle in two.ranks:
+        ray.kill(handle)
+
+    # a dead rank: the other rank's collective fails, and the driver says so in one line with the resume hint
+    ray.kill(fresh.ranks[1], no_restart=True)
+    driver = types.SimpleNamespace(learners=fresh, out=tmp_path, counters=Counters(steps=3))
+    with pytest.raises(LearnerDiedError) as e:
+        Driver._learner(driver, fresh.update(batches[0]))
+    assert str(e.value).startswith("a learner rank died at update 3") and "--resume" in str(e.value)
+    assert "\n" not in str(e.value)
+    ray.kill(fresh.lead)
