@@ -37,7 +37,7 @@ class Brightness:
 
 
 def _worker(cfg) -> RolloutWorker:
-    worker = RolloutWorker(cfg)
+    worker = RolloutWorker(cfg.rollout_settings())
     worker.reward = RewardClient(Brightness())
     return worker
 

@@ -66,7 +66,17 @@ TRAJ_SPEC = {
     "actor_id": (torch.int32, ()),
     "round": (torch.int64, ()),
 }
-SPECS = {"step": STEP_SPEC, "trajectory": TRAJ_SPEC}
+CLEAN_SPEC = {
+    "prompt": None,
+    "prompt_id": (torch.int64, ()),
+    "x0_w": (torch.float32, LATENT),
+    "x0_l": (torch.float32, LATENT),
+    "reward_w": (torch.float32, ()),
+    "reward_l": (torch.float32, ()),
+    "actor_id": (torch.int32, ()),
+    "round": (torch.int64, ()),
+}
+SPECS = {"step": STEP_SPEC, "trajectory": TRAJ_SPEC, "clean": CLEAN_SPEC}
 ARROW = {
     torch.int16: pa.int16(),
     torch.int32: pa.int32(),
