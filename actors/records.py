@@ -24,6 +24,7 @@ views, which is its one copy.
 
 from __future__ import annotations
 
+import itertools
 import os
 import re
 import shutil
@@ -267,6 +268,12 @@ class PairBatch:
 
     def __len__(self) -> int:
         return len(self.prompts)
+
+    def split(self, parts: int) -> list[PairBatch]:
+        """At most ``parts`` contiguous, non-empty chunks of nearly equal size (views; gradient accumulation)."""
+        bounds = np.linspace(0, len(self), min(parts, len(self)) + 1).round().astype(int).tolist()
+        return [PairBatch(self.kind, {k: t[a:b] for k, t in self.tensors.items()}, self.prompts[a:b])
+                for a, b in itertools.pairwise(bounds)]
 
 
 def from_table(table: pa.Table | pa.RecordBatch, device: str | torch.device = "cpu") -> PairBatch:

@@ -71,6 +71,9 @@ class TrainConfig(BaseModel):
     num_gpus: float = Field(0.0, ge=0)
     accelerator_type: str | None = None
     torch_threads: int = Field(1, ge=1, strict=True)
+    grad_accum: int = Field(1, ge=1, strict=True, description=(
+        "micro-batches per update: the batch is split into this many chunks whose gradients are accumulated "
+        "before one optimizer step (large effective batches in little memory, as the SD-1.5 presets need)"))
     num_learners: int = Field(1, ge=1, strict=True, description=(
         "K data-parallel learner actors: each update's batch is split into K equal shards and the gradients are "
         "averaged across them (learner/group.py); each learner takes torch_threads CPUs and num_gpus GPUs"))

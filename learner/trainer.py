@@ -94,15 +94,11 @@ class Learner:
         t0 = time.perf_counter()
         batch = records if isinstance(records, PairBatch) else from_table(records)
         self.policy.train_mode(True)
-        out, extra = self._loss(batch)
-        metrics = {"loss": float(out.loss.detach()), "accuracy": float((out.margin > 0).float().mean()),
-                   "margin": float(out.margin.mean()), "pairs": float(len(batch)), **extra}
+        self.optimizer.zero_grad(set_to_none=True)
+        metrics = self._accumulate(batch)
         t = batch.tensors
         metrics["reward_w"] = float(t["reward_w"].mean())
         metrics["reward_l"] = float(t["reward_l"].mean())
-        self.optimizer.zero_grad(set_to_none=True)
-        if math.isfinite(metrics["loss"]):
-            out.loss.backward()
         if self.world > 1:
             metrics = self._average_over_ranks(metrics)
         if not math.isfinite(metrics["loss"]):
@@ -120,6 +116,22 @@ class Learner:
         metrics.update(self._maybe_move_reference())
         metrics["update_seconds"] = time.perf_counter() - t0
         return metrics
+
+    def _accumulate(self, batch: PairBatch) -> dict[str, float]:
+        """Backward the batch's mean loss in ``train.grad_accum`` micro-batches (each loss weighted by its share of
+        the pairs, so the accumulated gradient is the whole batch's); metrics are the pair-weighted means. A
+        non-finite micro-batch loss is not backwarded and makes the batch's loss non-finite (the step is skipped)."""
+        sums: dict[str, float] = {}
+        for part in batch.split(self.cfg.train.grad_accum):
+            out, extra = self._loss(part)
+            share = len(part) / len(batch)
+            m = {"loss": float(out.loss.detach()), "accuracy": float((out.margin > 0).float().mean()),
+                 "margin": float(out.margin.mean()), **extra}
+            if math.isfinite(m["loss"]):
+                (out.loss * share).backward()
+            for k, v in m.items():
+                sums[k] = sums.get(k, 0.0) + share * v
+        return {**sums, "pairs": float(len(batch))}
 
     # ---- data parallelism -----------------------------------------------------------------------------------------
     def join_group(self, backend: str, init_method: str, rank: int, world: int) -> None:

@@ -200,3 +200,17 @@ def test_guidance_moves_winners_up_the_reward(make_config):
     lw, _ = _pair_logprobs(learner, batch)
     assert (lw - t["logp_w"]).abs().max() / 256 < 1e-4
     assert bool((t["reward_w"] >= t["reward_l"]).all())
+
+
+def test_gradient_accumulation_takes_the_same_step_as_the_whole_batch(make_config):
+    """train.grad_accum splits the batch into micro-batches; their share-weighted gradients add up to the whole
+    batch's mean-loss gradient, so the parameters after the step match one whole-batch step (DPO on step pairs with
+    uniform weighting has no random draws). A sum of the micro-batch means would triple the gradient norm."""
+    cfg = make_config()
+    records = _records(cfg)
+    learners = [Learner(make_config(train={"grad_accum": k})) for k in (1, 3)]
+    metrics = [learner.update(records) for learner in learners]
+    assert metrics[0]["loss"] == pytest.approx(metrics[1]["loss"], rel=1e-5)
+    assert metrics[0]["grad_norm"] == pytest.approx(metrics[1]["grad_norm"], rel=1e-4)
+    for (name, a), b in zip(learners[0].policy_tensors().items(), learners[1].policy_tensors().values(), strict=True):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-4, msg=name)
