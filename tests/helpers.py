@@ -1,10 +1,13 @@
-"""Helpers only the tests need: reading a run's metric series back, picking and joining PairBatch rows, and
-recomputing a stored transition's log-probability."""
+"""Helpers only the tests need: reading a run's metric series back, picking and joining PairBatch rows,
+recomputing a stored transition's log-probability, and killing a named actor mid-run."""
 
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+import threading
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -54,3 +57,34 @@ def recomputed_logprob(policy: DiffusionPolicy, x_t: torch.Tensor, x_prev: torch
     ``DiffusionPolicy.mean``."""
     mu, sigma, _ = policy.mean(x_t, timestep, embeds, **adapter)
     return gaussian_logprob(x_prev, mu, sigma, policy.sampler.logprob_reduce)
+
+
+def jsonl(path: Path) -> list[dict]:
+    """The records of a run's JSONL file (metrics.jsonl, events.jsonl); none while it does not exist."""
+    return [json.loads(ln) for ln in path.read_text().splitlines()] if path.exists() else []
+
+
+def train_steps(out: Path) -> int:
+    """Learner updates a run has logged so far."""
+    return sum(1 for m in jsonl(out / "metrics.jsonl") if "train/loss" in m["metrics"])
+
+
+def kill_when(pattern: str, out: Path, after_steps: int, kill: Callable[[str], None], timeout_s: float = 300
+              ) -> threading.Thread:
+    """A thread that calls ``kill(name)`` on the first named Ray actor whose name contains ``pattern`` once the
+    run in ``out`` has made ``after_steps`` learner updates (once; gives up after ``timeout_s``)."""
+    import ray
+
+    def killer() -> None:
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            names = [a["name"] for a in ray.util.list_named_actors(all_namespaces=True)] if ray.is_initialized() else []
+            match = [n for n in names if pattern in n]
+            if match and train_steps(out) >= after_steps:
+                kill(match[0])
+                return
+            time.sleep(0.2)
+
+    thread = threading.Thread(target=killer, daemon=True)
+    thread.start()
+    return thread

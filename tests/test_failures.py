@@ -3,45 +3,30 @@ updates; what cannot be recovered names the checkpoint --resume would load; a lo
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import subprocess
 import sys
 import threading
-import time
 from pathlib import Path
 
 import pytest
+from helpers import jsonl, kill_when
 
 ROOT = Path(__file__).resolve().parent.parent
 pytestmark = pytest.mark.filterwarnings("ignore")
-
-
-def _lines(path: Path) -> list[dict]:
-    return [json.loads(ln) for ln in path.read_text().splitlines()] if path.exists() else []
 
 
 def _kill_by_pid(pattern: str, out: Path, after_steps: int, killed: list[int]) -> threading.Thread:
     """SIGKILL the process of the named actor matching ``pattern`` once ``after_steps`` updates are logged."""
     import ray
 
-    def killer() -> None:
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline:
-            steps = sum(1 for m in _lines(out / "metrics.jsonl") if "train/loss" in m["metrics"])
-            names = [a["name"] for a in ray.util.list_named_actors(all_namespaces=True)]
-            match = [n for n in names if pattern in n]
-            if match and steps >= after_steps:
-                pid = ray.get(ray.get_actor(match[0]).__ray_call__.remote(lambda self: os.getpid()))
-                os.kill(pid, signal.SIGKILL)
-                killed.append(pid)
-                return
-            time.sleep(0.2)
+    def sigkill(name: str) -> None:
+        pid = ray.get(ray.get_actor(name).__ray_call__.remote(lambda self: os.getpid()))
+        os.kill(pid, signal.SIGKILL)
+        killed.append(pid)
 
-    thread = threading.Thread(target=killer, daemon=True)
-    thread.start()
-    return thread
+    return kill_when(pattern, out, after_steps, sigkill, timeout_s=120)
 
 
 def test_a_reward_actor_killed_by_pid_is_restarted_and_the_run_finishes(make_config):
@@ -62,12 +47,12 @@ def test_a_reward_actor_killed_by_pid_is_restarted_and_the_run_finishes(make_con
         ray.shutdown()
     assert killed, "the reward actor was never killed"
     assert summary["steps"] == 6 and summary["actor_failures"] >= 1
-    events = _lines(out / "events.jsonl")
+    events = jsonl(out / "events.jsonl")
     failed = [e["fields"] for e in events if e["kind"] == "actor_failed"]
     recovered = [e["fields"] for e in events if e["kind"] == "actor_recovered"]
     assert failed and all(f["role"] == "reward" for f in failed)
     assert len(recovered) == len(failed) and all(r["role"] == "reward" for r in recovered)
-    steps = [m["step"] for m in _lines(out / "metrics.jsonl") if "train/loss" in m["metrics"]]
+    steps = [m["step"] for m in jsonl(out / "metrics.jsonl") if "train/loss" in m["metrics"]]
     assert steps == [1, 2, 3, 4, 5, 6]  # no update lost or done twice
 
 

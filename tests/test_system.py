@@ -3,13 +3,12 @@ actor death and recovery, heterogeneous actor speeds, resume, off-policy trainin
 
 from __future__ import annotations
 
-import json
 import threading
-import time
 from pathlib import Path
 
 import pytest
 import ray
+from helpers import jsonl, kill_when
 
 from learner.main import WORKER_ENV, main, run
 
@@ -23,34 +22,14 @@ def ray_session():
     ray.shutdown()
 
 
-def _lines(path: Path) -> list[dict]:
-    return [json.loads(ln) for ln in path.read_text().splitlines()] if path.exists() else []
-
-
 def _events(out: Path) -> list[str]:
-    return [e["kind"] for e in _lines(out / "events.jsonl")]
-
-
-def _train_steps(out: Path) -> int:
-    return sum(1 for m in _lines(out / "metrics.jsonl") if "train/loss" in m["metrics"])
+    return [e["kind"] for e in jsonl(out / "events.jsonl")]
 
 
 def _kill_when(pattern: str, out: Path, after_steps: int = 1) -> threading.Thread:
-    """Kill the named actor matching ``pattern`` once the run has made ``after_steps`` learner updates."""
-
-    def killer() -> None:
-        deadline = time.monotonic() + 300
-        while time.monotonic() < deadline:
-            names = [a["name"] for a in ray.util.list_named_actors(all_namespaces=True)] if ray.is_initialized() else []
-            match = [n for n in names if pattern in n]
-            if match and _train_steps(out) >= after_steps:
-                ray.kill(ray.get_actor(match[0]), no_restart=pattern.endswith("learner"))
-                return
-            time.sleep(0.2)
-
-    thread = threading.Thread(target=killer, daemon=True)
-    thread.start()
-    return thread
+    """ray.kill the named actor matching ``pattern`` once the run has made ``after_steps`` learner updates."""
+    return kill_when(pattern, out, after_steps,
+                     lambda name: ray.kill(ray.get_actor(name), no_restart=pattern.endswith("learner")))
 
 
 def test_async_step_branch_survives_a_killed_rollout_actor(make_config):
@@ -68,7 +47,7 @@ def test_async_step_branch_survives_a_killed_rollout_actor(make_config):
     assert summary["actor_failures"] >= 1
     events = _events(out)
     assert "actor_failed" in events and "actor_recovered" in events
-    metrics = _lines(out / "metrics.jsonl")
+    metrics = jsonl(out / "metrics.jsonl")
     assert any(m["metrics"].get("train/ref_replaced") == 1.0 for m in metrics)
     assert any("rollout/staleness_mean" in m["metrics"] for m in metrics)
     assert sorted(p.name for p in (out / "checkpoints").glob("step-*")) == ["step-00000005", "step-00000010"]
@@ -90,7 +69,7 @@ def test_sync_trajectory_dense_dpo_balances_heterogeneous_actors(make_config):
     rates = summary["actor_chains_per_s"]
     assert rates["0"] > rates["1"]
     batches = {}
-    for m in _lines(Path(cfg.output.dir) / "metrics.jsonl"):
+    for m in jsonl(Path(cfg.output.dir) / "metrics.jsonl"):
         for a in (0, 1):
             if f"rollout/actor{a}/batch" in m["metrics"]:
                 batches[a] = m["metrics"][f"rollout/actor{a}/batch"]
@@ -146,10 +125,10 @@ def test_collective_weight_broadcast_with_gloo(make_config):
                              "weight_sync": "collective", "collective_backend": "auto"})
     summary = run(cfg)
     assert summary["steps"] == 4 and summary["actor_failures"] == 0
-    events = _lines(Path(cfg.output.dir) / "events.jsonl")
+    events = jsonl(Path(cfg.output.dir) / "events.jsonl")
     group = [e["fields"] for e in events if e["kind"] == "collective_group"]
     assert group and group[0]["backend"] == "gloo" and group[0]["size"] == 3
     versions = set()
-    for m in _lines(Path(cfg.output.dir) / "metrics.jsonl"):
+    for m in jsonl(Path(cfg.output.dir) / "metrics.jsonl"):
         versions.add(m["metrics"].get("train/version"))
     assert max(v for v in versions if v is not None) >= 3  # published over the group; checksums verified
