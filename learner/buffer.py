@@ -32,15 +32,19 @@ class PairBuffer:
         keep = staleness <= self.max_staleness
         self.dropped += int((~keep).sum())
         self.seen += len(batch)
-        if keep.any():
+        if keep.all():  # the usual case: keep the batch itself, no copy
+            self.batches.append(batch)
+        elif keep.any():
             self.batches.append(batch.filter(pa.array(keep)))
         return staleness
 
     def take(self, n: int) -> pa.Table:
-        """The oldest ``n`` pairs."""
-        table = pa.Table.from_batches(self.batches).combine_chunks()
+        """The oldest ``n`` pairs (only the batches that hold them are copied into one chunk: a long backlog is not
+        copied at every update)."""
+        used = int(np.searchsorted(np.cumsum([len(b) for b in self.batches]), n)) + 1  # batches holding them
+        table = pa.Table.from_batches(self.batches[:used]).combine_chunks()
         rest = table.slice(n)
-        self.batches = rest.to_batches() if len(rest) else []
+        self.batches = [*(rest.to_batches() if len(rest) else []), *self.batches[used:]]
         return table.slice(0, n)
 
     def clear(self) -> None:

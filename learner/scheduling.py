@@ -16,11 +16,15 @@ class PromptStream:
     prompts: list[str]
     seed: int = 0
     cursor: int = 0
+    _epoch_order: tuple[int, list[int]] = field(default=(-1, []), repr=False, compare=False)
 
     def _order(self, epoch: int) -> list[int]:
-        order = list(range(len(self.prompts)))
-        random.Random(self.seed * 1_000_003 + epoch).shuffle(order)
-        return order
+        """The epoch's shuffled prompt order, shuffled once per epoch (not once per prompt: O(prompts) each)."""
+        if self._epoch_order[0] != epoch:
+            order = list(range(len(self.prompts)))
+            random.Random(self.seed * 1_000_003 + epoch).shuffle(order)
+            self._epoch_order = (epoch, order)
+        return self._epoch_order[1]
 
     def take(self, n: int) -> tuple[list[int], list[str], list[int]]:
         ids, texts, seeds = [], [], []
