@@ -159,6 +159,9 @@ class Config(BaseModel):
         if self.train.batch_size % self.train.num_learners:
             raise ValueError(f"train.batch_size={self.train.batch_size} must be divisible by train.num_learners="
                              f"{self.train.num_learners} (each learner trains on an equal shard of every batch)")
+        if self.train.num_learners > 1 and self.train.weight_sync == "collective":
+            raise ValueError("train.num_learners > 1 needs train.weight_sync=object_store: the learners' process "
+                             "group and ray.util.collective's would both be torch's one default group on rank 0")
         find_method(self.loss.kind, self.pairs.record_kind)
         return self
 

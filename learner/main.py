@@ -128,7 +128,8 @@ def start_ray(cfg: Config) -> bool:
     gpus = int(cfg.rollout.num_gpus * cfg.rollout.num_actors + cfg.reward.num_gpus * cfg.reward.num_actors
                + cfg.train.num_gpus * cfg.train.num_learners + 0.999)
     ray.init(num_cpus=cfg.ray.num_cpus or max(os.cpu_count() or 1, actors), include_dashboard=False,
-             resources={LEARNER: 1, ROLLOUT: max(gpus, 1)}, runtime_env=env, logging_level=logging.WARNING)
+             resources={LEARNER: cfg.train.num_learners, ROLLOUT: max(gpus, 1)}, runtime_env=env,
+             logging_level=logging.WARNING)
     return True
 
 

@@ -4,6 +4,7 @@ adapter as K = 1 on the same batches, resumes exactly from its checkpoint, and a
 from __future__ import annotations
 
 import types
+from pathlib import Path
 
 import pyarrow as pa
 import pytest
@@ -12,7 +13,7 @@ import torch
 
 from actors.records import from_table
 from actors.rollout import RolloutWorker
-from learner.checkpoint import load_checkpoint, save_checkpoint
+from learner.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from learner.config import ConfigError
 from learner.group import LearnerGroup, shard
 from learner.main import WORKER_ENV
@@ -30,6 +31,8 @@ def test_batch_size_not_divisible_by_the_learners_is_one_line(make_config):
     assert "\n" not in str(e.value) and "train.batch_size=6 must be divisible by train.num_learners=4" in str(e.value)
     with pytest.raises(ConfigError, match=r"train\.num_learners must be >= 1"):
         make_config(train={"num_learners": 0})
+    with pytest.raises(ConfigError, match=r"needs train\.weight_sync=object_store"):
+        make_config(train={"num_learners": 2, "weight_sync": "collective"})
 
 
 def test_shards_are_contiguous_and_cover_the_batch(make_config):
@@ -61,12 +64,6 @@ def _adapter(handle) -> dict[str, torch.Tensor]:
     return ray.get(handle.policy_tensors.remote())
 
 
-def _gradients(handle) -> dict[str, torch.Tensor]:
-    """The gradients the last update stepped with (they stay on the parameters until the next update)."""
-    return ray.get(handle.__ray_call__.remote(
-        lambda learner: {k: p.grad.clone() for k, p in learner.policy.adapter_parameters(POLICY).items()}))
-
-
 def _rank_generator(handle) -> torch.Tensor:
     return ray.get(handle.__ray_call__.remote(lambda learner: learner.generator.get_state()))
 
@@ -81,18 +78,22 @@ def ray_session():
 def test_two_learners_match_one_resume_exactly_and_a_dead_rank_is_one_line(ray_session, make_config, tmp_path):
     from learner.loop import Counters, Driver, LearnerDiedError
 
+    def gradients(learner: Learner) -> dict[str, torch.Tensor]:  # nested, so Ray ships it by value
+        """The gradients the last update stepped with (they stay on the parameters until the next update)."""
+        return {k: p.grad.clone() for k, p in learner.policy.adapter_parameters(POLICY).items()}
+
     cfg = make_config(train={"batch_size": 8, "num_learners": 2, "lr": 1e-2})
     table = _records(cfg)
     batches = [table.slice(0, 8), table.slice(4, 8), table.slice(2, 8)]
 
-    one, two = _group(cfg, 1), _group(cfg, 2)
-    m1, m2 = _updates(one, batches[:1]), _updates(two, batches[:1])
+    one, two = Learner(cfg), _group(cfg, 2)  # one learner: in this process, as a K = 1 group's actor runs it
+    m1, m2 = [one.update(batches[0])], _updates(two, batches[:1])
     # the gradient every rank steps with is the whole batch's (float32 sums in another order)
-    g1, g2 = _gradients(one.lead), _gradients(two.ranks[1])
+    g1, g2 = gradients(one), ray.get(two.ranks[1].__ray_call__.remote(gradients))
     assert g1.keys() == g2.keys()
     g1, g2 = torch.cat([g.flatten() for g in g1.values()]), torch.cat([g2[k].flatten() for k in g1])
     assert float(g1.norm()) > 1e-3 and float((g2 - g1).norm() / g1.norm()) < 1e-5
-    m1 += _updates(one, batches[1:])
+    m1 += [one.update(b) for b in batches[1:]]
     m2 += _updates(two, batches[1:2])
     ray.get(two.ranks[1].__ray_call__.remote(lambda learner: torch.rand(3, generator=learner.generator)))
     rank1_stream = _rank_generator(two.ranks[1])  # a stochastic loss draws from each rank's own stream
@@ -101,7 +102,7 @@ def test_two_learners_match_one_resume_exactly_and_a_dead_rank_is_one_line(ray_s
 
     # the same parameters as one learner on the whole batch, on both ranks (bitwise equal to each other), up to
     # float rounding that AdamW's m/√v amplifies where a gradient element is near 0: atol 1e-4 is 1% of one step
-    ref, lead, other = _adapter(one.lead), _adapter(two.lead), _adapter(two.ranks[1])
+    ref, lead, other = one.policy_tensors(), _adapter(two.lead), _adapter(two.ranks[1])
     assert ref.keys() == lead.keys()
     assert any(float(v.abs().max()) > 1e-3 for v in lead.values())  # the adapter moved
     for k in ref:
@@ -112,7 +113,6 @@ def test_two_learners_match_one_resume_exactly_and_a_dead_rank_is_one_line(ray_s
     for a, b in zip(m1, m2, strict=True):
         assert b["pairs"] == a["pairs"] == 8 and b["reward_w"] == pytest.approx(a["reward_w"], rel=1e-6)
         assert b["loss"] == pytest.approx(a["loss"], abs=2e-4) and b["margin"] == pytest.approx(a["margin"], abs=2e-4)
-    ray.kill(one.lead)
 
     # resume: a fresh group restored from the checkpoint after update 2 continues exactly
     fresh = _group(cfg, 2)
@@ -134,3 +134,13 @@ def test_two_learners_match_one_resume_exactly_and_a_dead_rank_is_one_line(ray_s
     assert str(e.value).startswith("a learner rank died at update 3") and "--resume" in str(e.value)
     assert "\n" not in str(e.value)
     ray.kill(fresh.lead)
+
+
+def test_a_run_with_two_learners_trains_and_checkpoints_every_rank(ray_session, make_config):
+    from learner.main import run
+
+    cfg = make_config(train={"mode": "sync", "steps": 3, "batch_size": 4, "num_learners": 2},
+                      output={"checkpoint_every": 3})
+    assert run(cfg)["steps"] == 3
+    path = latest_checkpoint(Path(cfg.output.dir) / "checkpoints")
+    assert path is not None and "rng_rank1" in load_checkpoint(path)[0]
