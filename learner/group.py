@@ -30,12 +30,10 @@ def _address(_learner: Any) -> tuple[str, int]:
 
 
 def shard(batch: pa.Table | PairBatch, k: int) -> list[Any]:
-    """``batch`` cut into ``k`` contiguous shards whose sizes differ by at most one."""
-    n = len(batch)
-    cuts = [n * i // k for i in range(k + 1)]
+    """``batch`` (of at least ``k`` pairs) cut into ``k`` contiguous shards whose sizes differ by at most one."""
     if isinstance(batch, PairBatch):
-        return [PairBatch(batch.kind, {name: t[a:b] for name, t in batch.tensors.items()}, batch.prompts[a:b])
-                for a, b in itertools.pairwise(cuts)]
+        return batch.split(k)
+    cuts = [len(batch) * i // k for i in range(k + 1)]
     return [batch.slice(a, b - a) for a, b in itertools.pairwise(cuts)]
 
 
