@@ -1,8 +1,9 @@
 """The pair buffer between rollouts and the learner; it owns staleness.
 
 A record's staleness is how many versions were published after the one that sampled it. Records staler than
-``max_staleness`` are dropped and counted (a bounded off-policy gap); every record's staleness goes into a
-histogram that the run summary reports.
+``max_staleness`` are dropped and counted (a bounded off-policy gap), when they arrive and again when the learner
+asks for a batch (records that waited while newer versions were published age in the buffer); every record's
+staleness on arrival goes into a histogram that the run summary reports.
 """
 
 from __future__ import annotations
@@ -37,6 +38,19 @@ class PairBuffer:
         elif keep.any():
             self.batches.append(batch.filter(pa.array(keep)))
         return staleness
+
+    def ready(self, n: int, version: int) -> bool:
+        """Drop what has become too stale for ``version`` while it waited; True when ``n`` pairs remain."""
+        fresh = []
+        for batch in self.batches:
+            keep = version - batch.column("policy_version").to_numpy() <= self.max_staleness
+            self.dropped += int((~keep).sum())
+            if keep.all():
+                fresh.append(batch)
+            elif keep.any():
+                fresh.append(batch.filter(pa.array(keep)))
+        self.batches = fresh
+        return len(self) >= n
 
     def take(self, n: int) -> pa.Table:
         """The oldest ``n`` pairs (only the batches that hold them are copied into one chunk: a long backlog is not

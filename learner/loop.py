@@ -111,7 +111,7 @@ class Driver:
         inflight = dict(self._submit(a, self.balancer.size(a)) for a in range(len(self.rollouts)))
         update_ref = None
         while self.counters.steps < self.cfg.train.steps:
-            if update_ref is None and len(self.buffer) >= self.cfg.train.batch_size:
+            if update_ref is None and self.buffer.ready(self.cfg.train.batch_size, self.weights.version):
                 update_ref = self.learners.update(self.buffer.take(self.cfg.train.batch_size))
             done, _ = ray.wait([*inflight, *([update_ref] if update_ref is not None else [])], num_returns=1)
             ref = done[0]

@@ -73,3 +73,14 @@ def test_evaluator_samples_every_prompt_with_its_own_fixed_seed(make_config, tmp
     a = Evaluator(None, None, ["x", "y"], cfg.eval, tmp_path, None)
     b = Evaluator(None, None, ["x", "y"], cfg.eval, tmp_path, None)
     assert a.prompts == ["x", "y", "x"] * 2 and a.seeds == b.seeds and len(set(a.seeds)) == 6
+
+
+def test_buffer_drops_records_that_grew_stale_while_they_waited():
+    """A record fresh on arrival ages while newer versions are published: the learner must not get it once it is
+    staler than max_staleness (checked again when a batch is asked for)."""
+    buf = PairBuffer(max_staleness=1)
+    buf.accept(_records([2, 2, 3]), version=3)  # staleness 1, 1, 0: all kept
+    assert buf.ready(3, version=3) and buf.dropped == 0
+    assert not buf.ready(3, version=4)  # now 2, 2, 1: the two version-2 records go
+    assert (len(buf), buf.dropped) == (1, 2)
+    assert buf.take(1).column("policy_version").to_pylist() == [3]
