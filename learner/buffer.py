@@ -30,27 +30,24 @@ class PairBuffer:
         staleness = version - batch.column("policy_version").to_numpy()
         for s in staleness.tolist():
             self.histogram[str(s)] = self.histogram.get(str(s), 0) + 1
-        keep = staleness <= self.max_staleness
-        self.dropped += int((~keep).sum())
         self.seen += len(batch)
-        if keep.all():  # the usual case: keep the batch itself, no copy
-            self.batches.append(batch)
-        elif keep.any():
-            self.batches.append(batch.filter(pa.array(keep)))
+        self.batches.extend(self._fresh(batch, staleness))
         return staleness
 
     def ready(self, n: int, version: int) -> bool:
         """Drop what has become too stale for ``version`` while it waited; True when ``n`` pairs remain."""
-        fresh = []
-        for batch in self.batches:
-            keep = version - batch.column("policy_version").to_numpy() <= self.max_staleness
-            self.dropped += int((~keep).sum())
-            if keep.all():
-                fresh.append(batch)
-            elif keep.any():
-                fresh.append(batch.filter(pa.array(keep)))
-        self.batches = fresh
+        self.batches = [kept for batch in self.batches
+                        for kept in self._fresh(batch, version - batch.column("policy_version").to_numpy())]
         return len(self) >= n
+
+    def _fresh(self, batch: pa.RecordBatch, staleness: np.ndarray) -> list[pa.RecordBatch]:
+        """``batch`` without its records staler than ``max_staleness`` (counted as dropped): the batch itself when
+        all are fresh (the usual case: no copy), nothing when none is."""
+        keep = staleness <= self.max_staleness
+        self.dropped += int((~keep).sum())
+        if keep.all():
+            return [batch]
+        return [batch.filter(pa.array(keep))] if keep.any() else []
 
     def take(self, n: int) -> pa.Table:
         """The oldest ``n`` pairs (only the batches that hold them are copied into one chunk: a long backlog is not
