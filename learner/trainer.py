@@ -95,6 +95,7 @@ class Learner:
         batch = records if isinstance(records, PairBatch) else from_table(records)
         self.policy.train_mode(True)
         self.optimizer.zero_grad(set_to_none=True)
+        self._remember_winners(batch)  # the whole batch's, not the last micro-batch's: D needs its sample count
         metrics = self._accumulate(batch)
         t = batch.tensors
         metrics["reward_w"] = float(t["reward_w"].mean())
@@ -191,7 +192,6 @@ class Learner:
         return REF if self.moving_ref and self.reference.state is not None else None
 
     def _loss(self, batch: PairBatch) -> tuple[PairLoss, dict[str, float]]:
-        self._remember_winners(batch)
         if batch.kind != self.cfg.pairs.record_kind:  # offline data may hold the other kind
             return find_method(self.cfg.loss.kind, batch.kind)(self, batch)
         return self.method(self, batch)
