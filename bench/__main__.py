@@ -115,7 +115,7 @@ def run_cpu(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
             res["system"] = []
             for n, mode in QUICK_CONFIGS if args.quick else CONFIGS:
                 with section(res, f"system: {n} rollout actor(s), {mode}"):
-                    res["system"].append(run_system(tree, n, mode, tmp / f"run-{n}-{mode}"))
+                    res["system"].append(run_system(tree, n, mode, tmp / f"run-{n}-{mode.replace(' ', '-')}"))
         if "broadcast" in args.sections:
             from bench.broadcast import FULL, RANKS, bench_broadcast, sd15_sizes
 
@@ -158,12 +158,12 @@ def throughput_table(res: dict[str, Any]) -> str:
     headers = ["run", "updates", "chains", "loop s", "images/s", "× baseline", "denoise steps/s", "updates/s",
                "updates × baseline", "s/update", "learner idle", "chains/call", "gen chains/s (busy)", "busy procs",
                "GFLOP/s",
-               "stale pairs dropped"]
+               "stale pairs dropped", "trained pair age"]
     body = [[r["name"], r["updates"], r["chains"], r["wall_s"], r["images_per_s"],
              r["images_per_s"] / base if base else None, r["steps_per_s"], r["updates_per_s"],
              r["updates_per_s"] / base_u if base_u else None, r["s_per_update"], f"{100 * r['not_training']:.0f}%",
              r["chains_per_call"], r["gen_chains_per_s"], r["busy_processes"], gflops(r, b),
-             r.get("dropped_stale_pairs", 0)] for r in rows]
+             r.get("dropped_stale_pairs", 0), r.get("trained_age_mean")] for r in rows]
     return table(headers, body)
 
 
@@ -251,11 +251,14 @@ def render(res: dict[str, Any], command: str) -> str:
                 + ", ".join(f"{r['name']} {r['total_s']:.0f} s" for r in res.get("system", [])) + "). "
                 "images/s = chains sampled per second; learner idle = 1 − Σ update_seconds / loop time; busy "
                 "procs = (Σ generate seconds + Σ update seconds) / loop time; gen chains/s = chains per second of "
-                "a rollout call while it runs.", "", throughput_table(res)]
+                "a rollout call while it runs; trained pair age = mean number of updates between the policy that "
+                "sampled a pair and the update that trains on it (how on-policy the updates are).", "",
+                throughput_table(res)]
         if "baseline" in res:
             b = res["baseline"]
-            out += ["", f"Baseline rounds of {b['round_prompts']} prompts (the fewest that fill whole batches, all "
-                    f"on-policy); generate {b['generate_s']:.1f} s, update {b['update_s']:.1f} s, publish + "
+            out += ["", f"Baseline rounds of {b['round_prompts']} prompts (the fewest that fill whole batches; no "
+                    f"pair is dropped, and update i of a round trains on pairs i updates old); "
+                    f"generate {b['generate_s']:.1f} s, update {b['update_s']:.1f} s, publish + "
                     f"receive_weights {b['publish_s']:.2f} s of {b['wall_s']:.1f} s."]
             if "probe" in b:
                 out += ["", "Thread scaling in the baseline's process (before its loop, before Ray starts):", "",

@@ -57,7 +57,7 @@ def run_baseline(cfg: Config, updates: int | None = None, threads: tuple[int, ..
     best = min(per_chain, key=per_chain.__getitem__)
     torch.set_num_threads(best)
     worker.receive_weights(learner.send_weights(learner.version + 1))
-    done = chains = 0
+    done = chains = age_sum = 0
     gen_s = upd_s = pub_s = 0.0
     t_start = time.perf_counter()
     while done < updates:
@@ -70,6 +70,7 @@ def run_baseline(cfg: Config, updates: int | None = None, threads: tuple[int, ..
         for i in range(min(len(table) // bs, updates - done)):
             upd_s += learner.update(table.slice(i * bs, bs))["update_seconds"]
             done += 1
+            age_sum += i  # the round's records were sampled i updates before this one
         t0 = time.perf_counter()
         worker.receive_weights(learner.send_weights(learner.version + 1))
         pub_s += time.perf_counter() - t0
@@ -83,7 +84,8 @@ def run_baseline(cfg: Config, updates: int | None = None, threads: tuple[int, ..
             "s_per_update": upd_s / done, "not_training": 1 - upd_s / wall, "generate_s": gen_s,
             "update_s": upd_s, "publish_s": pub_s, "round_prompts": size, "gen_chains_per_s": chains / gen_s,
             "chains_per_call": size * chains_per_record(cfg),
-            "busy_processes": (gen_s + upd_s) / wall, "probe": probe, "flops_per_chain": flops_chain,
+            "busy_processes": (gen_s + upd_s) / wall, "trained_age_mean": age_sum / done,
+            "probe": probe, "flops_per_chain": flops_chain,
             "flops_per_update": flops_update}
 
 

@@ -1,6 +1,8 @@
-"""This system on Ray: ``learner.main.run`` with 1 and 2 rollout actors, sync and async, on the baseline's work.
+"""This system on Ray: ``learner.main.run`` with 1 and 2 rollout actors, sync and async, and in small-box mode
+(learner/small_box.py), on the baseline's work.
 
-All configurations share one ``ray.init`` in this process (``run`` reuses it), one torch thread per actor.
+All configurations share one ``ray.init`` in this process (``run`` reuses it), one torch thread per actor except
+in small-box mode, which places the threads itself.
 Throughput excludes one-off start-up (Ray, actor creation, the before/after evaluations, the final checkpoint):
 it is measured over the training loop only, from the run's metrics.jsonl timestamps — from the "before"
 evaluation's line (written just before the loop starts) to the last learner update's line. Chains count the
@@ -16,9 +18,11 @@ from typing import Any
 from bench.common import chains_per_record, make_config
 from learner.config import Config
 
-CONFIGS: tuple[tuple[int, str], ...] = ((1, "sync"), (1, "async"), (2, "sync"), (2, "async"))
+SMALL_BOX = "small box"
+# (rollout actors, mode): the small-box row runs 1 actor async with the mode's layout
+CONFIGS: tuple[tuple[int, str], ...] = ((1, "sync"), (1, "async"), (2, "sync"), (2, "async"), (1, SMALL_BOX))
 QUICK_CONFIGS: tuple[tuple[int, str], ...] = ((2, "async"),)  # a smoke test: each run costs ~20 s of actor start-up
-_WANTED = ("dropped_stale_pairs", "actor_batch")
+_WANTED = ("dropped_stale_pairs", "actor_batch", "trained_age_mean")
 
 
 def start_shared_ray(tree: dict[str, Any], max_actors: int) -> bool:
@@ -68,12 +72,17 @@ def window_figures(metrics_path: str | Path, cfg: Config) -> dict[str, Any]:
 def run_system(tree: dict[str, Any], num_actors: int, mode: str, out_dir: str | Path) -> dict[str, Any]:
     """One ``learner.main.run`` of the configuration; its loop-window figures plus the run's own summary."""
     from learner.main import run
+    from learner.small_box import small_box_layout
 
+    small = mode == SMALL_BOX
     cfg = make_config(tree, rollout={"num_actors": num_actors, "torch_threads": 1},
-                      train={"mode": mode, "torch_threads": 1}, output={"dir": str(out_dir)})
+                      train={"mode": "async" if small else mode, "torch_threads": 1},
+                      ray={"small_box": "on" if small else "off"}, output={"dir": str(out_dir)})
     summary = run(cfg)
+    cfg = small_box_layout(cfg)[0]  # the threads and reward actors the run had
     figures = window_figures(Path(out_dir) / "metrics.jsonl", cfg)
-    figures["name"] = f"{num_actors} actor{'s' if num_actors > 1 else ''} {mode}"
+    figures["name"] = (f"small box (1 actor async, {cfg.rollout.torch_threads}+{cfg.train.torch_threads} threads, "
+                       "in-process reward)" if small else f"{num_actors} actor{'s' if num_actors > 1 else ''} {mode}")
     figures["total_s"] = summary["seconds"]
     figures.update({k: summary[k] for k in _WANTED if k in summary})
     return figures

@@ -3,7 +3,8 @@
 A record's staleness is how many versions were published after the one that sampled it. Records staler than
 ``max_staleness`` are dropped and counted (a bounded off-policy gap), when they arrive and again when the learner
 asks for a batch (records that waited while newer versions were published age in the buffer); every record's
-staleness on arrival goes into a histogram that the run summary reports.
+staleness on arrival goes into a histogram that the run summary reports, and so does every trained record's age
+(versions between the one that sampled it and the one being trained: how on-policy the updates are).
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ class PairBuffer:
         self.seen = 0
         self.dropped = 0
         self.histogram: dict[str, int] = {}  # staleness -> records (str keys: the checkpoint is JSON)
+        self.trained_age: dict[str, int] = {}  # age when taken for an update -> records
 
     def __len__(self) -> int:
         return sum(len(b) for b in self.batches)
@@ -28,8 +30,7 @@ class PairBuffer:
     def accept(self, batch: pa.RecordBatch, version: int) -> np.ndarray:
         """Keep the records of ``batch`` fresh enough for ``version``; returns every record's staleness."""
         staleness = version - batch.column("policy_version").to_numpy()
-        for s in staleness.tolist():
-            self.histogram[str(s)] = self.histogram.get(str(s), 0) + 1
+        _count(self.histogram, staleness)
         self.seen += len(batch)
         self.batches.extend(self._fresh(batch, staleness))
         return staleness
@@ -49,22 +50,37 @@ class PairBuffer:
             return [batch]
         return [batch.filter(pa.array(keep))] if keep.any() else []
 
-    def take(self, n: int) -> pa.Table:
-        """The oldest ``n`` pairs (only the batches that hold them are copied into one chunk: a long backlog is not
-        copied at every update)."""
+    def take(self, n: int, version: int) -> pa.Table:
+        """The oldest ``n`` pairs, to train the policy ``version`` on (only the batches that hold them are copied
+        into one chunk: a long backlog is not copied at every update)."""
         used = int(np.searchsorted(np.cumsum([len(b) for b in self.batches]), n)) + 1  # batches holding them
         table = pa.Table.from_batches(self.batches[:used]).combine_chunks()
         rest = table.slice(n)
         self.batches = [*(rest.to_batches() if len(rest) else []), *self.batches[used:]]
-        return table.slice(0, n)
+        taken = table.slice(0, n)
+        _count(self.trained_age, version - taken.column("policy_version").to_numpy())
+        return taken
 
     def clear(self) -> None:
         self.batches = []
 
     def state_dict(self) -> dict[str, Any]:
         """The counters (buffered records are not saved: a resumed run samples afresh)."""
-        return {"pairs_seen": self.seen, "pairs_dropped_stale": self.dropped, "staleness_hist": self.histogram}
+        return {"pairs_seen": self.seen, "pairs_dropped_stale": self.dropped, "staleness_hist": self.histogram,
+                "trained_age_hist": self.trained_age}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.seen, self.dropped = int(state["pairs_seen"]), int(state["pairs_dropped_stale"])
         self.histogram = dict(state["staleness_hist"])
+        self.trained_age = dict(state.get("trained_age_hist", {}))  # absent in checkpoints of older runs
+
+
+def mean_age(histogram: dict[str, int]) -> float:
+    """The mean of a ``{age: records}`` histogram (NaN when empty)."""
+    n = sum(histogram.values())
+    return sum(int(k) * v for k, v in histogram.items()) / n if n else float("nan")
+
+
+def _count(histogram: dict[str, int], values: np.ndarray) -> None:
+    for v, c in zip(*np.unique(values, return_counts=True), strict=True):
+        histogram[str(v)] = histogram.get(str(v), 0) + int(c)

@@ -113,6 +113,9 @@ class RayConfig(BaseModel):
 
     address: str | None = Field(None, description='null: start a local Ray; "auto": join the running cluster')
     num_cpus: int | None = Field(None, ge=1, strict=True, description="local Ray only")
+    small_box: Literal["auto", "on", "off"] = Field("auto", description=(
+        "one rollout actor scoring rewards in process beside the learner, threads placed so that sampling and "
+        "training overlap (learner/small_box.py); auto: on for a local run on <= 2 cores with one rollout actor"))
 
 
 class Config(BaseModel):

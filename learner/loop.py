@@ -28,7 +28,7 @@ from tqdm import tqdm
 
 from actors.records import TrajectoryLog, iterate_batches
 from actors.reward import RewardActorLost
-from learner.buffer import PairBuffer
+from learner.buffer import PairBuffer, mean_age
 from learner.checkpoint import latest_checkpoint
 from learner.config import Config
 from learner.group import LearnerGroup
@@ -112,7 +112,7 @@ class Driver:
         update_ref = None
         while self.counters.steps < self.cfg.train.steps:
             if update_ref is None and self.buffer.ready(self.cfg.train.batch_size, self.weights.version):
-                update_ref = self.learners.update(self.buffer.take(self.cfg.train.batch_size))
+                update_ref = self.learners.update(self.buffer.take(self.cfg.train.batch_size, self.weights.version))
             done, _ = ray.wait([*inflight, *([update_ref] if update_ref is not None else [])], num_returns=1)
             ref = done[0]
             if ref is update_ref:
@@ -147,7 +147,8 @@ class Driver:
                     inflight[self._send(task)] = task
             self.counters.rounds += 1
             while len(self.buffer) >= t.batch_size and self.counters.steps < t.steps:
-                self._after_update(self._learner(self.learners.update(self.buffer.take(t.batch_size))), bar)
+                batch = self.buffer.take(t.batch_size, self.weights.version)
+                self._after_update(self._learner(self.learners.update(batch)), bar)
             self.buffer.clear()  # on-policy: leftovers of this round are not reused
             self.weights.publish()
             self.weights.check(block=True)
@@ -243,6 +244,7 @@ class Driver:
         c = self.counters
         return {"steps": c.steps, "chains": c.chains, "actor_failures": self.weights.failures,
                 "dropped_stale_pairs": self.buffer.dropped, "nonfinite_skipped": c.nonfinite_skipped,
-                "staleness": self.buffer.histogram,
+                "staleness": self.buffer.histogram, "trained_age": self.buffer.trained_age,
+                "trained_age_mean": mean_age(self.buffer.trained_age),
                 "actor_chains_per_s": {str(a): r for a, r in self.balancer.rates.items()},
                 "actor_batch": [self.balancer.size(a) for a in range(len(self.rollouts))]}

@@ -207,7 +207,12 @@ def run(cfg: Config, resume: bool = False) -> dict[str, Any]:
     from learner.metrics import RunLogger
     from learner.preflight import clear_outputs, preflight
     from learner.report import held_out_summary
+    from learner.small_box import small_box_layout
 
+    cfg, small_box = small_box_layout(cfg)
+    if small_box:
+        LOG.info("small-box mode (ray.small_box: off to disable): %s",
+                 ", ".join(f"{k}={v}" for k, v in small_box.items()))
     inputs = preflight(cfg, resume, local_ray=not cfg.ray.address and not ray.is_initialized())
     out = Path(cfg.output.dir)
     if cfg.output.overwrite and out.is_dir():
@@ -221,6 +226,8 @@ def run(cfg: Config, resume: bool = False) -> dict[str, Any]:
         learners, rollouts, rewards = launch(cfg, uuid.uuid4().hex[:6])
         actors = [*learners.ranks, *rollouts, *rewards]
         with RunLogger(out, tensorboard=cfg.output.tensorboard) as logger:
+            if small_box:
+                logger.event("small_box", **small_box)
             driver = Driver(cfg, learners, rollouts, out, inputs.train_prompts, inputs.eval_prompts, logger, resume,
                             rewards)
             after = driver.run()

@@ -45,6 +45,7 @@ def make_config(tiny_model_dir, tmp_path):
             "train": {"steps": 4, "batch_size": 8, "lr": 1e-2},
             "eval": {"every": 0, "num_prompts": 4, "seeds_per_prompt": 1, "grid_prompts": 4},
             "output": {"dir": str(tmp_path / "run"), "checkpoint_every": 2},
+            "ray": {"small_box": "off"},  # tests choose their layout; tests/test_small_box.py tests the mode
         }
         for name, values in sections.items():
             tree.setdefault(name, {}).update(values)

@@ -10,7 +10,7 @@ import pyarrow as pa
 import torch
 
 from actors.rollout import RolloutWorker
-from learner.buffer import PairBuffer
+from learner.buffer import PairBuffer, mean_age
 from learner.report import Evaluator
 from learner.trainer import Learner
 from policy import POLICY
@@ -53,8 +53,9 @@ def test_buffer_drops_and_counts_stale_records_and_takes_the_oldest_first():
     buf.accept(_records([0, 4]), version=4)
     assert (len(buf), buf.seen, buf.dropped) == (4, 6, 2)
     assert buf.histogram == {"0": 3, "1": 1, "2": 1, "4": 1}
-    assert buf.take(2).column("policy_version").to_pylist() == [3, 2]
-    assert buf.take(2).column("policy_version").to_pylist() == [3, 4] and len(buf) == 0
+    assert buf.take(2, version=4).column("policy_version").to_pylist() == [3, 2]
+    assert buf.take(2, version=5).column("policy_version").to_pylist() == [3, 4] and len(buf) == 0
+    assert buf.trained_age == {"1": 2, "2": 2} and mean_age(buf.trained_age) == 1.5  # ages 1, 2, 2, 1
     restored = PairBuffer(max_staleness=1)
     restored.load_state_dict(json.loads(json.dumps(buf.state_dict())))
     assert restored.state_dict() == buf.state_dict()
@@ -83,4 +84,4 @@ def test_buffer_drops_records_that_grew_stale_while_they_waited():
     assert buf.ready(3, version=3) and buf.dropped == 0
     assert not buf.ready(3, version=4)  # now 2, 2, 1: the two version-2 records go
     assert (len(buf), buf.dropped) == (1, 2)
-    assert buf.take(1).column("policy_version").to_pylist() == [3]
+    assert buf.take(1, version=4).column("policy_version").to_pylist() == [3]

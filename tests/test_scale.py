@@ -89,10 +89,10 @@ def test_buffer_take_copies_only_the_batches_it_takes():
     for b in batches:
         buf.accept(b, version=0)
     assert buf.batches[0] is batches[0]  # an all-fresh batch is kept as it came, not filtered into a copy
-    first = buf.take(15)
+    first = buf.take(15, 0)
     assert first.column("x_t").to_pylist() == [*batches[0].column("x_t").to_pylist(),
                                                *batches[1].column("x_t").to_pylist()[:5]]
     assert len(buf) == 25  # the untouched backlog stays as it came, not copied:
     assert all(a is b for a, b in zip(buf.batches[-2:], batches[2:], strict=True))
-    assert buf.take(25).column("x_t").to_pylist()[:5] == batches[1].column("x_t").to_pylist()[5:]
+    assert buf.take(25, 0).column("x_t").to_pylist()[:5] == batches[1].column("x_t").to_pylist()[5:]
     assert len(buf) == 0
