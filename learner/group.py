@@ -11,7 +11,6 @@ the other ranks add their RNG states); a restore loads every rank.
 from __future__ import annotations
 
 import itertools
-import socket
 from typing import Any
 
 import pyarrow as pa
@@ -20,13 +19,6 @@ from ray.exceptions import RayActorError
 
 from actors.records import PairBatch
 from policy.transport import Getter
-
-
-def _address(_learner: Any) -> tuple[str, int]:
-    """(this node's IP, a free TCP port on it): where rank 0 serves the process group's rendezvous."""
-    with socket.socket() as s:
-        s.bind(("", 0))
-        return ray.util.get_node_ip_address(), s.getsockname()[1]
 
 
 def shard(batch: pa.Table | PairBatch, k: int) -> list[Any]:
@@ -51,8 +43,8 @@ class LearnerGroup:
         """Join every rank into one process group; rank 0's node serves the rendezvous."""
         if self.size == 1:
             return
-        host, port = ray.get(self.lead.__ray_call__.remote(_address))
-        ray.get([r.join_group.remote(backend, f"tcp://{host}:{port}", i, self.size) for i, r in enumerate(self.ranks)])
+        host, port = ray.get(self.lead.open_rendezvous.remote(self.size))
+        ray.get([r.join_group.remote(backend, host, port, i, self.size) for i, r in enumerate(self.ranks)])
 
     def update(self, batch: pa.Table | PairBatch) -> Any:
         """Start one update on every rank (a shard each); returns rank 0's ref, whose metrics are the batch's."""

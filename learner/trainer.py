@@ -78,6 +78,7 @@ class Learner:
         self.time_weighting = TimeWeighting(cfg.time_weight, self.policy.alphas_cumprod, self.policy.timesteps)
         self.generator = torch.Generator().manual_seed(cfg.train.seed)
         self.rank, self.world = 0, 1  # position in a data-parallel learner group (learner/group.py)
+        self._store: dist.TCPStore | None = None  # rank 0 of a group: the rendezvous it serves
         self.step = 0  # optimizer steps taken
         self.version = 0  # the last published policy version
         self._published: dict[str, torch.Tensor] | None = None  # its snapshot
@@ -135,11 +136,22 @@ class Learner:
         return {**sums, "pairs": float(len(batch))}
 
     # ---- data parallelism -----------------------------------------------------------------------------------------
-    def join_group(self, backend: str, init_method: str, rank: int, world: int) -> None:
+    def open_rendezvous(self, world: int) -> tuple[str, int]:
+        """Rank 0: serve the process group's store on a port the OS picks while binding it (a port chosen first
+        and bound later can be taken by another process in between); returns (host, port) for the other ranks."""
+        import ray
+
+        host = ray.util.get_node_ip_address()
+        self._store = dist.TCPStore(host, 0, world, True, datetime.timedelta(seconds=GROUP_TIMEOUT_S),
+                                    wait_for_workers=False)
+        return host, self._store.port
+
+    def join_group(self, backend: str, host: str, port: int, rank: int, world: int) -> None:
         """Become ``rank`` of ``world`` data-parallel learners. Every rank starts from the same seed, so the same
         parameters; its own generator stream (seed + rank) keeps the shards' noise and timestep draws independent."""
-        dist.init_process_group(backend, init_method=init_method, rank=rank, world_size=world,
-                                timeout=datetime.timedelta(seconds=GROUP_TIMEOUT_S))
+        timeout = datetime.timedelta(seconds=GROUP_TIMEOUT_S)
+        store = self._store if rank == 0 else dist.TCPStore(host, port, world, False, timeout)
+        dist.init_process_group(backend, store=store, rank=rank, world_size=world, timeout=timeout)
         self.rank, self.world = rank, world
         self.generator.manual_seed(self.cfg.train.seed + rank)
 
