@@ -1,11 +1,12 @@
 """Small-box mode: the layout of a local run on a machine with few cores (a laptop, a 2-core CI box).
 
-Why: with one core per process, a learner, a rollout actor and a reward actor time-share two cores, and the
-system runs slower than one process that alternates sampling and training with every core. What wins there is
-overlap, not more processes: one rollout actor that scores rewards in its own process (no reward actor, no
-round trip per ranking) and the learner beside it. Sampling is most of the work (bench/RESULTS.md: about three
-quarters of a single-process loop), so the rollout actor gets every core and the learner one thread; while the
-learner trains, the two share the cores, while it waits for pairs sampling has them all.
+Why: a learner, a rollout actor and a reward actor with one core each time-share two cores, and the system runs
+slower than one process that alternates sampling and training on every core. What can win there is overlap, not
+more processes: one rollout actor that scores rewards in its own process (no reward actor, no round trip per
+ranking) sampling while the learner trains beside it, one torch thread each, so the two processes hold one core
+each. Not two threads for the rollout actor: an OpenMP team is only as fast as its slowest thread, and any other
+runnable thread on the box (here the learner's) stalls it (measured on the 2-core box while other jobs ran:
+0.25 chains/s with 2 threads against 1.00 with 1, the same calls).
 ``ray.small_box: auto`` turns the mode on for a local run on at most ``MAX_CORES`` cores that asks for one
 rollout actor; ``on``/``off`` force it. Only the placement changes (threads, where rewards are scored), never
 the algorithm, so a run is comparable with and without it.
@@ -35,8 +36,7 @@ def small_box_layout(cfg: Config, cores: int | None = None) -> tuple[Config, dic
     """``cfg`` placed for a small box (unchanged when the mode is off) and the settings that changed."""
     if not wants_small_box(cfg, cores):
         return cfg, {}
-    cores = cores or cfg.ray.num_cpus or os.cpu_count() or 1
-    wanted = {("rollout", "num_actors"): 1, ("rollout", "torch_threads"): cores, ("train", "torch_threads"): 1,
+    wanted = {("rollout", "num_actors"): 1, ("rollout", "torch_threads"): 1, ("train", "torch_threads"): 1,
               ("reward", "num_actors"): 0}
     changed = {f"{s}.{k}": v for (s, k), v in wanted.items() if getattr(getattr(cfg, s), k) != v}
     sections = {s: getattr(cfg, s).model_copy(update={k: v for (s2, k), v in wanted.items() if s2 == s})

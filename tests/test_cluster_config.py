@@ -37,7 +37,7 @@ def test_shipped_yaml_validates():
     head = by_name["head"]
     assert head.is_head and head.cpus > 0 and head.gpus == 0 and head.learner == head.rollout == 0
     a100, l4 = by_name["a100"], by_name["l4"]
-    assert (a100.accelerator, a100.gpus, a100.learner, a100.rollout) == ("A100", 8, 1, 7)
+    assert (a100.accelerator, a100.gpus, a100.learner, a100.rollout) == ("A100", 8, 4, 4)
     assert (a100.min_workers, a100.max_workers) == (1, 1)
     assert (l4.accelerator, l4.gpus, l4.learner, l4.rollout) == ("L4", 4, 0, 4)
     assert [s.line().split(":")[0] for s in summaries] == ["head", "a100", "l4"]
@@ -114,7 +114,7 @@ BROKEN = {
     "one rollout pool": (_delete(f"{NT}.l4"), ["at least two GPU node types", "['a100']"]),
     "rollout above GPUs": (_set(f"{NT}.l4.resources.rollout", 5), ["'l4'", "GPU=4", "rollout=5"]),
     "learner + rollout above GPUs": (_set(f"{NT}.a100.resources.rollout", 8),
-                                     ["'a100'", "GPU=8", "learner=1", "rollout=8"]),
+                                     ["'a100'", "GPU=8", "learner=4", "rollout=8"]),
     "misspelt custom resource": (_set(f"{NT}.l4.resources.rolout", 4), ["unknown custom resource 'rolout'"]),
     "GPU type without model": (_delete(f"{NT}.l4.resources.accelerator_type:L4"),
                                ["'l4'", "accelerator_type:"]),

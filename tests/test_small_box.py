@@ -19,11 +19,11 @@ def test_auto_is_on_for_a_local_one_actor_run_on_two_cores_only(make_config):
 
 
 def test_the_layout_moves_threads_and_reward_scoring_and_nothing_else(make_config):
-    cfg = make_config(reward={"num_actors": 1}, rollout={"torch_threads": 1}, train={"torch_threads": 1},
+    cfg = make_config(reward={"num_actors": 1}, rollout={"torch_threads": 2}, train={"torch_threads": 2},
                       ray={"small_box": "on"})
     placed, changed = small_box_layout(cfg, cores=2)
-    assert changed == {"rollout.torch_threads": 2, "reward.num_actors": 0}
-    assert (placed.rollout.torch_threads, placed.train.torch_threads, placed.reward.num_actors) == (2, 1, 0)
+    assert changed == {"rollout.torch_threads": 1, "train.torch_threads": 1, "reward.num_actors": 0}
+    assert (placed.rollout.torch_threads, placed.train.torch_threads, placed.reward.num_actors) == (1, 1, 0)
     ignore = {"rollout": {"torch_threads"}, "reward": {"num_actors"}}
     assert placed.model_dump(exclude=ignore) == cfg.model_dump(exclude=ignore)
     off = make_config(ray={"small_box": "off"})
