@@ -24,7 +24,7 @@ def test_the_layout_moves_threads_and_reward_scoring_and_nothing_else(make_confi
     placed, changed = small_box_layout(cfg, cores=2)
     assert changed == {"rollout.torch_threads": 1, "train.torch_threads": 1, "reward.num_actors": 0}
     assert (placed.rollout.torch_threads, placed.train.torch_threads, placed.reward.num_actors) == (1, 1, 0)
-    ignore = {"rollout": {"torch_threads"}, "reward": {"num_actors"}}
+    ignore = {"rollout": {"torch_threads"}, "train": {"torch_threads"}, "reward": {"num_actors"}}
     assert placed.model_dump(exclude=ignore) == cfg.model_dump(exclude=ignore)
     off = make_config(ray={"small_box": "off"})
     assert small_box_layout(off, cores=2) == (off, {})
