@@ -229,7 +229,8 @@ def run(cfg: Config, resume: bool = False) -> dict[str, Any]:
             ray.kill(actor, no_restart=True)
         if owns_ray:
             ray.shutdown()
-    seconds = time.perf_counter() - t0
+    # the whole run's time: this process's plus what the checkpoint a resume started from had recorded
+    seconds = time.perf_counter() - t0 + driver.checkpoints.restored_elapsed
     summary = {**driver.summary(), "seconds": seconds, "images_per_s": driver.counters.chains / seconds,
                "after": after["heldout_reward_mean"], "after_se": after["heldout_reward_sem"]}
     before = driver.evaluator.results.get("before")

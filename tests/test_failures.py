@@ -108,3 +108,33 @@ def test_sync_resume_from_a_checkpoint_due_inside_a_round_is_bitwise(make_config
     b, _ = load_checkpoint(resumed_dir / "checkpoints" / "step-00000004")
     assert a["policy"].keys() == b["policy"].keys()
     assert all(torch.equal(a["policy"][k], b["policy"][k]) for k in a["policy"])
+
+
+def test_a_resumed_run_summarizes_the_whole_run(make_config):
+    """Run 2 updates, resume the same directory to 4: the summary counts both pieces' chains and seconds, keeps
+    the 'before' evaluation from the checkpoint (paired gain) and writes before_after.png again."""
+    import json
+
+    import ray
+
+    from learner.checkpoint import latest_checkpoint, load_checkpoint
+    from learner.main import WORKER_ENV, run
+
+    sections = {"rollout": {"num_actors": 1, "prompts_per_task": 4}, "output": {"checkpoint_every": 2}}
+    first = make_config(**sections, train={"mode": "sync", "steps": 2, "batch_size": 12})
+    out = Path(first.output.dir)
+    ray.init(num_cpus=3, include_dashboard=False, runtime_env={"env_vars": WORKER_ENV}, logging_level="ERROR")
+    try:
+        one = run(first)
+        (out / "before_after.png").unlink()
+        _, state = load_checkpoint(latest_checkpoint(out / "checkpoints"))
+        two = run(make_config(**sections, train={"mode": "sync", "steps": 4, "batch_size": 12}), resume=True)
+    finally:
+        ray.shutdown()
+    assert two["steps"] == 4 and two["chains"] == 2 * one["chains"]  # one round of 4 prompts per update
+    assert two["seconds"] > state["driver"]["elapsed"]
+    assert two["images_per_s"] == two["chains"] / two["seconds"]
+    assert (two["before"], two["before_se"]) == (one["before"], one["before_se"])
+    assert {"gain", "gain_se", "gain_in_se"} <= two.keys()
+    assert json.loads((out / "summary.json").read_text()) == two
+    assert (out / "before_after.png").is_file()
