@@ -190,6 +190,7 @@ def actor_memory(roles: dict[str, list[Any]]) -> dict[str, dict[str, float]]:
     """Each role's largest actor process, in MiB, read by psutil inside the actor once it is ready: resident (RSS)
     and unique (USS: what the process alone holds, the figure learner.preflight's local cap is built from)."""
     import ray
+    from ray.exceptions import GetTimeoutError, RayActorError
 
     def usage(_: Any) -> tuple[int, int]:
         info = psutil.Process().memory_full_info()
@@ -197,8 +198,11 @@ def actor_memory(roles: dict[str, list[Any]]) -> dict[str, dict[str, float]]:
 
     out = {}
     for role, handles in roles.items():
-        if handles:
-            figures = ray.get([h.__ray_call__.remote(usage) for h in handles])
+        try:
+            figures = ray.get([h.__ray_call__.remote(usage) for h in handles], timeout=60)
+        except (RayActorError, GetTimeoutError):  # a role whose actor just died is left out; the loop recovers it
+            continue
+        if figures:
             out[role] = {"rss_mb": max(r for r, _ in figures) / 2**20, "uss_mb": max(u for _, u in figures) / 2**20}
     return out
 
