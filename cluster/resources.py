@@ -29,6 +29,8 @@ ROLE_RESOURCE: dict[str, str] = {"learner": LEARNER, "rollout": ROLLOUT, "reward
 
 # Ray's own prefix for the resource that `accelerator_type=` requests (ray/_common/utils.py).
 ACCELERATOR_TYPE_PREFIX = "accelerator_type:"
+ACCELERATOR_TYPE_DEMAND = 0.001  # how much of that resource Ray asks for per actor (ray/_common/utils.py)
+EPS = 1e-9  # resource amounts are floats: 0.25 x 4 must fit in 1.0
 
 
 def actor_resources(role: str, num_gpus: float, accelerator_type: str | None = None) -> dict:
@@ -59,3 +61,22 @@ def actor_resources(role: str, num_gpus: float, accelerator_type: str | None = N
     if accelerator_type is not None:
         kwargs["accelerator_type"] = accelerator_type
     return kwargs
+
+
+def actor_bundle(role: str, num_cpus: float, num_gpus: float, accelerator_type: str | None = None
+                 ) -> dict[str, float]:
+    """The Ray resources one actor of ``role`` reserves (as `ray.cluster_resources()` names them): its CPUs and
+    GPUs, the role's custom unit and Ray's tiny demand for the accelerator type, zeros left out."""
+    placed = actor_resources(role, num_gpus, accelerator_type)
+    bundle = {"CPU": float(num_cpus), "GPU": float(num_gpus), **{k: float(v) for k, v in placed["resources"].items()}}
+    if accelerator_type is not None:
+        bundle[ACCELERATOR_TYPE_PREFIX + accelerator_type] = ACCELERATOR_TYPE_DEMAND
+    return {k: v for k, v in bundle.items() if v > 0}
+
+
+def largest_fit(have: dict[str, float], fixed: dict[str, float], each: dict[str, float]) -> int:
+    """How many actors of bundle ``each`` fit in the resources ``have`` beside the ``fixed`` demand; -1 when the
+    fixed demand alone does not fit; a large number when ``each`` asks for nothing."""
+    if any(have.get(k, 0.0) + EPS < v for k, v in fixed.items()):
+        return -1
+    return min((int((have.get(k, 0.0) - fixed.get(k, 0.0)) / v + EPS) for k, v in each.items()), default=1 << 30)

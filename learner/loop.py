@@ -10,7 +10,8 @@ weight sync (learner.weights), the pair buffer (learner.buffer), evaluation (lea
 - sync: strict on-policy rounds (generate on all actors → train on exactly those pairs → publish).
 - offline: training from a trajectory log, without actors (the dense-reward paper's setting).
 A rollout actor that fails is restarted by Ray, gets the weights again and its lost call is re-sent; a reward actor
-that fails fails the rollout call it was serving, and once Ray has restarted it that call is re-sent; the learner
+that fails fails the rollout call it was serving, and once Ray has restarted it that call is re-sent (in sync mode
+one restarted between rounds, when nobody called it, is noticed by its new process id and logged); the learner
 is not restarted (it checkpoints instead) and its death ends the run with a ``--resume`` hint.
 """
 
@@ -138,6 +139,7 @@ class Driver:
     def _run_sync(self, bar: tqdm) -> None:
         t = self.cfg.train
         while self.counters.steps < t.steps:
+            self.weights.watch_rewards(self.rewards)
             sizes = self.balancer.split(self.cfg.rollout.prompts_per_task * len(self.rollouts))
             inflight = dict(self._submit(a, n) for a, n in enumerate(sizes) if n > 0)
             while inflight:

@@ -19,6 +19,7 @@ import uuid
 from pathlib import Path
 from typing import Any
 
+import psutil
 import yaml
 from pydantic import BaseModel
 from pydantic.fields import FieldInfo
@@ -185,6 +186,36 @@ def wait_ready(learners: list[Any], rollouts: list[Any], rewards: list[Any]) -> 
             raise ConfigError(f"{name} failed to start: {root_cause(e)}") from None
 
 
+def actor_memory(roles: dict[str, list[Any]]) -> dict[str, dict[str, float]]:
+    """Each role's largest actor process, in MiB, read by psutil inside the actor once it is ready: resident (RSS)
+    and unique (USS: what the process alone holds, the figure learner.preflight's local cap is built from)."""
+    import ray
+    from ray.exceptions import GetTimeoutError, RayActorError
+
+    def usage(_: Any) -> tuple[int, int]:
+        info = psutil.Process().memory_full_info()
+        return info.rss, info.uss
+
+    out = {}
+    for role, handles in roles.items():
+        try:
+            figures = ray.get([h.__ray_call__.remote(usage) for h in handles], timeout=60)
+        except (RayActorError, GetTimeoutError):  # a role whose actor just died is left out; the loop recovers it
+            continue
+        if figures:
+            out[role] = {"rss_mb": max(r for r, _ in figures) / 2**20, "uss_mb": max(u for _, u in figures) / 2**20}
+    return out
+
+
+def autoscaler_runs() -> bool:
+    """Whether the joined cluster runs Ray's autoscaler (its monitor publishes the status ``ray status`` shows;
+    Ray is pinned, see docs/design.md)."""
+    from ray._private.ray_constants import DEBUG_AUTOSCALING_STATUS
+    from ray.experimental.internal_kv import _internal_kv_get
+
+    return _internal_kv_get(DEBUG_AUTOSCALING_STATUS) is not None
+
+
 def root_cause(e: BaseException) -> str:
     """The last line of the innermost error message (what the user can act on)."""
     lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
@@ -205,7 +236,7 @@ def run(cfg: Config, resume: bool = False) -> dict[str, Any]:
 
     from learner.loop import Driver
     from learner.metrics import RunLogger
-    from learner.preflight import clear_outputs, preflight
+    from learner.preflight import check_cluster, clear_outputs, preflight
     from learner.report import held_out_summary
     from learner.small_box import small_box_layout
 
@@ -215,19 +246,22 @@ def run(cfg: Config, resume: bool = False) -> dict[str, Any]:
                  ", ".join(f"{k}={v}" for k, v in small_box.items()))
     inputs = preflight(cfg, resume, local_ray=not cfg.ray.address and not ray.is_initialized())
     out = Path(cfg.output.dir)
-    if cfg.output.overwrite and out.is_dir():
-        clear_outputs(out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "config.json").write_text(cfg.model_dump_json(indent=2))
     t0 = time.perf_counter()
     owns_ray = start_ray(cfg)
     actors: list[Any] = []
     try:
+        check_cluster(cfg, ray.cluster_resources(), autoscaling=bool(cfg.ray.address) and autoscaler_runs())
+        if cfg.output.overwrite and out.is_dir():
+            clear_outputs(out)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "config.json").write_text(cfg.model_dump_json(indent=2))
         learners, rollouts, rewards = launch(cfg, uuid.uuid4().hex[:6])
         actors = [*learners.ranks, *rollouts, *rewards]
         with RunLogger(out, tensorboard=cfg.output.tensorboard) as logger:
             if small_box:
                 logger.event("small_box", **small_box)
+            logger.event("actor_memory", **actor_memory({"learner": learners.ranks, "rollout": rollouts,
+                                                         "reward": rewards}))
             driver = Driver(cfg, learners, rollouts, out, inputs.train_prompts, inputs.eval_prompts, logger, resume,
                             rewards)
             after = driver.run()
@@ -236,7 +270,8 @@ def run(cfg: Config, resume: bool = False) -> dict[str, Any]:
             ray.kill(actor, no_restart=True)
         if owns_ray:
             ray.shutdown()
-    seconds = time.perf_counter() - t0
+    # the whole run's time: this process's plus what the checkpoint a resume started from had recorded
+    seconds = time.perf_counter() - t0 + driver.checkpoints.restored_elapsed
     summary = {**driver.summary(), "seconds": seconds, "images_per_s": driver.counters.chains / seconds,
                "after": after["heldout_reward_mean"], "after_se": after["heldout_reward_sem"]}
     before = driver.evaluator.results.get("before")

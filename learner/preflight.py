@@ -5,11 +5,14 @@ traceback minutes later inside an actor.
 Checked: the model directory, the prompt sets (and that the configured rewards can score every prompt), the
 offline dataset (schema and row count from the Parquet footers, no data read), the output directory (creatable,
 writable, not holding another run unless resumed or overwritten), the checkpoint a ``--resume`` would load, and
-for a local Ray the actors' CPUs, GPUs and memory against this machine.
+for a local Ray the actors' CPUs, GPUs and memory against this machine. Once Ray is up (started here, joined
+with ``ray.address`` or already running in this process), ``check_cluster`` compares the actors' resources with
+what Ray reports, before any actor is created.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 import shutil
 import socket
@@ -18,9 +21,15 @@ from pathlib import Path
 
 from learner.config import Config, ConfigError
 
-# A Ray worker that has imported torch, diffusers and the policy holds ~0.5 GiB of its own memory (USS measured
-# for a rollout and a reward actor on the world model: 501 and 459 MiB); each also holds its model's weights,
-# plus activations, gradients and optimizer state: budgeted as 4x the model directory's size.
+# Memory per actor process for the local cap, a measured constant rather than a start-up measurement: the cap must
+# hold before Ray starts (a refused run starts nothing), measuring would first start a rollout actor (~20 s of every
+# run, and the learner's figure would still be a guess), and the figure changes only with the model, which is
+# budgeted separately; every run logs the measured figures (the `actor_memory` event) so a drift shows. Measured on
+# 2026-11-30 on the embedded world model (configs/default.yaml, `python -m learner.main --train.steps 1`, the
+# actor_memory event, psutil inside each ready actor): a Ray worker that has imported torch, diffusers and the policy
+# holds ~0.5 GiB of its own (USS learner 497, rollout 496, reward 459 MiB; RSS 896, 892, 824 MiB with the shared
+# libraries). Each also holds its model's weights, plus activations, gradients and optimizer state: budgeted as 4x
+# the model directory's size.
 PROCESS_BYTES = 512 << 20
 MODEL_COPIES = 4
 MEMORY_FRACTION = 0.9  # of MemAvailable that the run may plan to use
@@ -183,3 +192,43 @@ def probe_address(address: str, timeout_s: float = 5.0) -> None:
         raise ConfigError(f"cannot reach the Ray cluster at {address!r} ({e.strerror or e}); start it with "
                           "`ray up cluster/gpu.yaml` or `ray start --head`, or drop --ray.address to run locally"
                           ) from None
+
+
+def cluster_demand(cfg: Config) -> tuple[dict[str, float], dict[str, float], int]:
+    """The Ray resources of the learner ranks and reward actors, those of one rollout actor, and the number of
+    rollout actors, as ``learner.main.launch`` will ask for them."""
+    from cluster.resources import actor_bundle
+    from rewards.registry import own_env_rewards
+
+    r, w, t = cfg.rollout, cfg.reward, cfg.train
+    online = not cfg.data.offline_dataset
+    rewards = (w.num_actors if online and w.main_env_spec() else 0) + len(own_env_rewards(w.options))
+    fixed: dict[str, float] = {}
+    for count, bundle in ((t.num_learners, actor_bundle("learner", t.torch_threads, t.num_gpus, t.accelerator_type)),
+                          (rewards, actor_bundle("reward", 1, w.num_gpus))):
+        for k, v in bundle.items():
+            fixed[k] = fixed.get(k, 0.0) + count * v
+    each = actor_bundle("rollout", r.torch_threads, r.num_gpus, r.accelerator_type)
+    return fixed, each, r.num_actors if online else 0
+
+
+def check_cluster(cfg: Config, have: dict[str, float], autoscaling: bool = False) -> None:
+    """The actors fit the resources Ray reports (``have``: ``ray.cluster_resources()``); otherwise one line with
+    the largest ``--num-actors`` that fits. A cluster whose autoscaler runs can still add nodes (cluster/NOTES.md:
+    ``--num-actors 16`` adds L4 nodes), so there a shortfall is logged, not refused."""
+    from cluster.resources import largest_fit
+
+    fixed, each, rollouts = cluster_demand(cfg)
+    fit = largest_fit(have, fixed, each)
+    if rollouts <= fit:
+        return
+    need = {k: fixed.get(k, 0.0) + rollouts * each.get(k, 0.0) for k in {*fixed, *each}}
+    short = ", ".join(f"{k} {need[k]:g} > {have.get(k, 0.0):g}" for k in sorted(need) if need[k] > have.get(k, 0.0))
+    if autoscaling:
+        logging.getLogger("dpr").warning("the actors need more than the Ray cluster has now (%s); waiting for its "
+                                         "autoscaler to add nodes", short)
+        return
+    fix = (f"use --num-actors {fit} or fewer" if fit >= 0 else
+           "the learner and reward actors alone do not fit: lower train.num_learners, reward.num_actors or their "
+           "num_gpus")
+    raise ConfigError(f"the actors ask for more than the Ray cluster has ({short}); {fix}, or add nodes")

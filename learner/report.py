@@ -22,6 +22,7 @@ from policy.transport import Getter
 
 LOG = logging.getLogger("dpr")
 EVAL_SEED = 123_457
+BEFORE_GROUP = "eval_before"  # the checkpoint tensor group holding the 'before' evaluation
 
 
 class Evaluator:
@@ -60,8 +61,22 @@ class Evaluator:
         """The reward curve in strict JSON: an undefined s.e. (one evaluation sample) is stored as null."""
         return {"eval_curve": [[s, m, e if math.isfinite(e) else None] for s, m, e in self.curve]}
 
-    def load_state_dict(self, state: dict[str, Any]) -> None:
+    def state_tensors(self) -> dict[str, dict[str, torch.Tensor]]:
+        """The 'before' evaluation's rewards and sample grid as a checkpoint tensor group, so that a resumed run
+        still reports the paired before/after gain and draws before_after.png."""
+        before = self.results.get("before")
+        if before is None:
+            return {}
+        images = {} if self.before_images is None else {"images": self.before_images}
+        return {BEFORE_GROUP: {"rewards": before["rewards"], **images}}
+
+    def load_state_dict(self, state: dict[str, Any], tensors: dict[str, dict[str, torch.Tensor]]) -> None:
         self.curve = [(s, m, math.nan if e is None else e) for s, m, e in state["eval_curve"]]
+        before = tensors.get(BEFORE_GROUP)
+        if before is not None:
+            rewards = before["rewards"]
+            self.results["before"] = {"step": 0, "rewards": rewards, **summary_stats(rewards, "heldout_reward")}
+            self.before_images = before.get("images")
 
 
 def log_rollout(logger: RunLogger, step: int, batch: pa.RecordBatch, staleness: np.ndarray, dropped: int,

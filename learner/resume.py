@@ -3,7 +3,9 @@ optimizer, RNG) plus the driver's, stored under the key ``driver`` of the same a
 
 The driver's state is what a resumed run needs to continue the same schedule: the loop counters, the buffer's
 staleness counts, actor failures, the prompt cursor, the per-actor throughput estimates, the held-out reward
-curve, the trajectory log's position (rounds written after the checkpoint are dropped) and the elapsed time.
+curve, the trajectory log's position (rounds written after the checkpoint are dropped) and the elapsed time (a resumed
+run's summary covers the whole run: its seconds add this piece's to the checkpoint's). The 'before' evaluation
+(rewards and grid) is a tensor group of the checkpoint, for the resumed run's before/after line and image.
 Buffered pairs are not saved: a sync run checkpoints at the end of a round, where none are buffered, so its
 resume is exact; an async run's resume samples afresh with the restored policy.
 """
@@ -25,10 +27,12 @@ class RunCheckpoints:
     def __init__(self, learners: LearnerGroup, get: Getter, root: Path, keep: int, logger: RunLogger):
         self.learners, self.get, self.root, self.keep, self.logger = learners, get, root, keep, logger
         self.last_step = -1  # the step of the newest checkpoint this run wrote
+        self.restored_elapsed = 0.0  # seconds the run had taken up to the checkpoint it resumed from
 
     def save(self, driver: Any) -> Path:
         """Write the learner's and ``driver``'s state at the driver's current step."""
         groups, state = self.learners.checkpoint(self.get)
+        groups.update(driver.evaluator.state_tensors())
         state["driver"] = driver_state(driver)
         step = driver.counters.steps
         path = save_checkpoint(self.root, step, groups, state, keep=self.keep)
@@ -43,8 +47,10 @@ class RunCheckpoints:
         if path is None:
             raise FileNotFoundError(f"--resume: no complete checkpoint under {self.root}")
         tensors, state = load_checkpoint(path)
+        driver.evaluator.load_state_dict(state["driver"], tensors)
         self.get(self.learners.restore(tensors, state))
         load_driver_state(driver, state["driver"])
+        self.restored_elapsed = float(state["driver"]["elapsed"])
         self.logger.event("resumed", step=driver.counters.steps, path=str(path))
         return int(state["version"])
 
@@ -63,7 +69,6 @@ def load_driver_state(d: Any, state: dict[str, Any]) -> None:
     d.weights.failures = int(state["actor_failures"])
     d.stream.cursor = int(state["cursor"])
     d.balancer.rates = {int(k): float(v) for k, v in state["rates"].items()}
-    d.evaluator.load_state_dict(state)
     if d.traj_log is not None:
         d.traj_log.truncate_after(int(state["trajectory_rounds"]) - 1)
     d.started -= float(state["elapsed"])

@@ -9,6 +9,7 @@ published version again, over the object store, since a restarted actor is no lo
 from __future__ import annotations
 
 import contextlib
+import os
 import time
 from typing import Any
 
@@ -47,6 +48,7 @@ class WeightSync:
         self.checksum = ""
         self.failures = 0  # rollout actors restarted so far
         self.pending: list[tuple[int, Any]] = []  # (actor, LoadReport ref) not yet verified
+        self.reward_pids: list[int] | None = None  # each reward actor's process, to notice a silent restart
 
     def publish(self, new_version: bool = True) -> None:
         """Send the policy (a new version, or the current one again) to every rollout actor."""
@@ -92,18 +94,35 @@ class WeightSync:
         reward actor (each answers again), so that the caller can send the lost call again."""
         self.failures += 1
         self.logger.event("actor_failed", role="reward", seen_by=seen_by, error=str(getattr(error, "cause", error)))
+        self.reward_pids = self._reward_processes(rewards)
+        self.logger.event("actor_recovered", role="reward", seen_by=seen_by)
+
+    def watch_rewards(self, rewards: list[Any]) -> None:
+        """Log a reward actor that Ray restarted between two calls (its process changed): no call failed, so
+        nothing is re-sent, but every failure is counted. The first call records the processes."""
+        pids = self._reward_processes(rewards)
+        for i, (old, new) in enumerate(zip(self.reward_pids or pids, pids, strict=True)):
+            if old != new:
+                self.failures += 1
+                self.logger.event("actor_failed", role="reward", actor=i, error="restarted between calls")
+                self.logger.event("actor_recovered", role="reward", actor=i)
+        self.reward_pids = pids
+
+    def _reward_processes(self, rewards: list[Any]) -> list[int]:
+        """Each reward actor's process id, once it answers (waiting for Ray to restart one that is down)."""
         deadline = time.monotonic() + RESTART_WAIT_S
+        pids = []
         for i, handle in enumerate(rewards):
             while True:
                 try:
-                    ray.get(handle.__ray_ready__.remote(), timeout=30)
+                    pids.append(ray.get(handle.__ray_call__.remote(lambda _: os.getpid()), timeout=30))
                     break
                 except (RayActorError, GetTimeoutError) as e:
                     if time.monotonic() > deadline:
                         raise ActorLostError(f"reward actor {i} did not come back within {RESTART_WAIT_S} s after a "
                                              f"failure ({type(e).__name__})") from None
                     time.sleep(0.5)
-        self.logger.event("actor_recovered", role="reward", seen_by=seen_by)
+        return pids
 
     def _verify(self, actor: int, report: Any) -> None:
         if report.version == self.version and report.checksum != self.checksum:

@@ -1,5 +1,7 @@
-"""Failures on real Ray: a reward actor SIGKILLed by its OS pid mid-run is restarted and the run finishes its
-updates; what cannot be recovered names the checkpoint --resume would load; a local Ray listens on 127.0.0.1."""
+"""Failures on real Ray: a reward actor SIGKILLed by its OS pid mid-run (or between rounds) is restarted and the
+run finishes its updates; what cannot be recovered names the checkpoint --resume would load; a resumed run's
+summary covers the whole run; actors that do not fit the running Ray are refused before any starts; a local Ray
+listens on 127.0.0.1. (The seeded chaos schedule over every role is tests/test_chaos.py.)"""
 
 from __future__ import annotations
 
@@ -108,3 +110,102 @@ def test_sync_resume_from_a_checkpoint_due_inside_a_round_is_bitwise(make_config
     b, _ = load_checkpoint(resumed_dir / "checkpoints" / "step-00000004")
     assert a["policy"].keys() == b["policy"].keys()
     assert all(torch.equal(a["policy"][k], b["policy"][k]) for k in a["policy"])
+
+
+def test_a_resumed_run_summarizes_the_whole_run(make_config):
+    """Run 2 updates, resume the same directory to 4: the summary counts both pieces' chains and seconds, keeps
+    the 'before' evaluation from the checkpoint (paired gain) and writes before_after.png again."""
+    import json
+
+    import ray
+
+    from learner.checkpoint import latest_checkpoint, load_checkpoint
+    from learner.main import WORKER_ENV, run
+
+    sections = {"rollout": {"num_actors": 1, "prompts_per_task": 4}, "output": {"checkpoint_every": 2}}
+    first = make_config(**sections, train={"mode": "sync", "steps": 2, "batch_size": 12})
+    out = Path(first.output.dir)
+    ray.init(num_cpus=3, include_dashboard=False, runtime_env={"env_vars": WORKER_ENV}, logging_level="ERROR")
+    try:
+        one = run(first)
+        (out / "before_after.png").unlink()
+        _, state = load_checkpoint(latest_checkpoint(out / "checkpoints"))
+        two = run(make_config(**sections, train={"mode": "sync", "steps": 4, "batch_size": 12}), resume=True)
+    finally:
+        ray.shutdown()
+    assert two["steps"] == 4 and two["chains"] == 2 * one["chains"]  # one round of 4 prompts per update
+    assert two["seconds"] > state["driver"]["elapsed"]
+    assert two["images_per_s"] == two["chains"] / two["seconds"]
+    assert (two["before"], two["before_se"]) == (one["before"], one["before_se"])
+    assert {"gain", "gain_se", "gain_in_se"} <= two.keys()
+    assert json.loads((out / "summary.json").read_text()) == two
+    assert (out / "before_after.png").is_file()
+    memory = [e["fields"] for e in jsonl(out / "events.jsonl") if e["kind"] == "actor_memory"]
+    assert len(memory) == 2 and all(m.keys() == {"learner", "rollout"} for m in memory)
+    assert all(0 < m[r]["uss_mb"] <= m[r]["rss_mb"] for m in memory for r in m)
+
+
+def test_a_reward_actor_restarted_between_rounds_is_logged(tmp_path):
+    """Regression (found by the chaos test): a reward actor killed while nobody called it is restarted by Ray and
+    no call fails, so the run never saw the failure; the per-round check notices its new process."""
+    import ray
+
+    from learner.metrics import RunLogger
+    from learner.weights import WeightSync
+    from policy.transport import OBJECT_STORE
+
+    class Idle:
+        pass
+
+    ray.init(num_cpus=1, include_dashboard=False, logging_level="ERROR")
+    try:
+        actor = ray.remote(Idle).options(max_restarts=-1, num_cpus=0).remote()
+        with RunLogger(tmp_path, tensorboard=False) as logger:
+            sync = WeightSync(OBJECT_STORE, None, [], ray.get, logger)
+            sync.watch_rewards([actor])  # records the process
+            sync.watch_rewards([actor])
+            assert sync.failures == 0
+            os.kill(ray.get(actor.__ray_call__.remote(lambda _: os.getpid())), signal.SIGKILL)
+            sync.watch_rewards([actor])  # waits for Ray's restart
+    finally:
+        ray.shutdown()
+    events = jsonl(tmp_path / "events.jsonl")
+    assert sync.failures == 1
+    assert [(e["kind"], e["fields"]["role"]) for e in events] == [("actor_failed", "reward"),
+                                                                  ("actor_recovered", "reward")]
+
+
+def test_actors_that_do_not_fit_a_running_ray_end_in_one_line_before_any_actor_starts(make_config):
+    """Ray already running in this process (2 CPUs): 1 learner + 3 rollout actors ask for 4; the run names the
+    largest --num-actors that fits and neither creates an actor nor writes anything."""
+    import ray
+
+    from learner.config import ConfigError
+    from learner.main import run
+
+    cfg = make_config(rollout={"num_actors": 3})
+    ray.init(num_cpus=2, include_dashboard=False, logging_level="ERROR")
+    try:
+        with pytest.raises(ConfigError) as e:
+            run(cfg)
+        assert ray.util.list_named_actors() == []
+    finally:
+        ray.shutdown()
+    assert str(e.value) == ("the actors ask for more than the Ray cluster has (CPU 4 > 2); use --num-actors 1 or "
+                            "fewer, or add nodes")
+    assert not Path(cfg.output.dir).exists()
+
+
+def test_the_cluster_check_counts_gpus_and_custom_units_and_waits_for_an_autoscaler(make_config):
+    """cluster/gpu.yaml's A100 node: 8 GPUs, 1 learner unit, 7 rollout units. 16 one-GPU rollout actors fit 7."""
+    from learner.config import ConfigError
+    from learner.preflight import check_cluster
+
+    cfg = make_config(train={"num_gpus": 1}, rollout={"num_actors": 16, "num_gpus": 1}, reward={"num_actors": 1})
+    node = {"CPU": 32.0, "GPU": 8.0, "learner": 1.0, "rollout": 7.0, "memory": 1e12}
+    with pytest.raises(ConfigError, match=r"\(GPU 17 > 8, rollout 16 > 7\); use --num-actors 7 or fewer"):
+        check_cluster(cfg, node)
+    check_cluster(cfg, node, autoscaling=True)  # the autoscaler adds L4 nodes: logged, not refused
+    check_cluster(make_config(train={"num_gpus": 1}, rollout={"num_actors": 7, "num_gpus": 1}), node)
+    with pytest.raises(ConfigError, match="the learner and reward actors alone do not fit"):
+        check_cluster(cfg, {**node, "learner": 0.0})
