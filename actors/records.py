@@ -10,6 +10,10 @@ Two pair kinds:
 - ``clean``: two clean latents x_0 per prompt, encoded by the VAE from a preference dataset's images
   (``python -m learner.data import``); reward_w/reward_l hold the dataset's labels. Diffusion-DPO's own data.
 
+Step and trajectory records may also carry the reference's log-probs (``reference.compute_on: actors``): all of
+``reference_columns(kind)`` or none, so records and logs written without them still read, and train with the
+reference computed by the learner.
+
 Tensor columns use Arrow's canonical fixed-shape tensor extension type, which round-trips through
 Parquet and the IPC stream format (checked with pyarrow 26.0.1): the shape lives in the type, so a
 table describes itself.

@@ -60,6 +60,7 @@ class RolloutWorker:
             else:
                 self.policy.add_copy(REF)
         self.ref_version = 0  # the reference held (0: the initial model)
+        self.ref_seconds = 0.0  # spent on log π_ref in the current generate call
         self.weight_dtype = getattr(torch, cfg.weight_dtype) if cfg.weight_dtype else None
         self.version = 0
         self.guided = cfg.guidance.kind == "reward_gradient"
@@ -88,9 +89,12 @@ class RolloutWorker:
 
     def _ref_logps(self, x_t: torch.Tensor, t: torch.Tensor, embeds, *x_prev: torch.Tensor) -> list[torch.Tensor]:
         """float64 log π_ref of each ``x_prev`` given x_t (one reference evaluation for all of them)."""
+        t0 = time.perf_counter()
         adapter = REF if self.cfg.reference_on_actors == "moving" and self.ref_version > 0 else None
         mu, sigma, _ = self.policy.mean(x_t, t, embeds, adapter=adapter)
-        return [self.policy.logprob64(x, mu, sigma).cpu() for x in x_prev]
+        out = [self.policy.logprob64(x, mu, sigma).cpu() for x in x_prev]
+        self.ref_seconds += time.perf_counter() - t0
+        return out
 
     # ---- generation -------------------------------------------------------------------------------------------
     def generate(self, prompts: Sequence[str], prompt_ids: Sequence[int], seeds: Sequence[int],
@@ -99,7 +103,7 @@ class RolloutWorker:
         if expected_version != self.version:
             raise StaleWeightsError(
                 f"actor {self.actor_id} holds weights v{self.version}, asked for v{expected_version}")
-        t0 = time.perf_counter()
+        t0, self.ref_seconds = time.perf_counter(), 0.0
         with torch.no_grad():
             kind = self.cfg.pairs.record_kind
             make = self._step_branch if kind == "step" else self._trajectories
@@ -116,7 +120,7 @@ class RolloutWorker:
                        actor_id=torch.full((len(columns["prompt"]),), self.actor_id),
                        round=torch.full((len(columns["prompt"]),), round_index))
         seconds = time.perf_counter() - t0
-        stats = {"chains": float(chains), "seconds": seconds,
+        stats = {"chains": float(chains), "seconds": seconds, "ref_seconds": self.ref_seconds,
                  "pairs": float(len(columns["prompt"])), "steps": float(n * self.cfg.sampler.num_steps)}
         return to_record_batch(kind, columns), stats
 

@@ -130,7 +130,8 @@ def _trained_learner(cfg) -> Learner:
     {"pairs": {"kind": "trajectory"}},
     {"pairs": {"kind": "trajectory"}, "loss": {"kind": "dense_dpo", "kappa": 10.0, "num_step_samples": 2},
      "time_weight": {"mode": "discount"}},
-], ids=["step", "step-guided", "trajectory", "trajectory-dense"])
+    {"pairs": {"kind": "step_branch"}, "train": {"trainable": "full"}},
+], ids=["step", "step-guided", "trajectory", "trajectory-dense", "step-full"])
 def test_stored_reference_gives_the_learner_side_loss(make_config, case):
     cfg = make_config(reference=ON_ACTORS, **case)
     batch = _generate(RolloutWorker(cfg.rollout_settings()))
@@ -139,8 +140,9 @@ def test_stored_reference_gives_the_learner_side_loss(make_config, case):
     _same_as_learner_side(_trained_learner(cfg), batch)
 
 
-def test_a_moving_reference_broadcast_to_the_actor_gives_the_learner_side_loss(make_config):
-    cfg = make_config(reference={**MOVING, "tau": 2})
+@pytest.mark.parametrize("trainable", ["lora", "full"])
+def test_a_moving_reference_broadcast_to_the_actor_gives_the_learner_side_loss(make_config, trainable):
+    cfg = make_config(reference={**MOVING, "tau": 2}, train={"trainable": trainable})
     worker, learner = RolloutWorker(cfg.rollout_settings()), Learner(cfg)
     metrics = [learner.update(_generate(worker)) for _ in range(3)]  # the reference moves at 2, the policy goes on
     assert metrics[1]["ref_replaced"] == 1.0 and metrics[1]["ref_version"] == 1.0
@@ -148,7 +150,7 @@ def test_a_moving_reference_broadcast_to_the_actor_gives_the_learner_side_loss(m
     policy = worker.receive_weights(learner.send_weights(1))
     ref = worker.receive_weights(learner.send_weights(1, OBJECT_STORE, REF), OBJECT_STORE, REF)
     assert (policy.version, ref.version, worker.ref_version) == (1, 1, 1)
-    assert ref.checksum == OBJECT_STORE.send(learner.reference.state, 1, REF).checksum
+    assert ref.checksum == OBJECT_STORE.send(learner.reference.state, 1, None).checksum
     batch = _generate(worker, version=1)
     assert bool((batch.tensors["ref_version"] == 1).all())
     _same_as_learner_side(learner, batch)
