@@ -208,15 +208,16 @@ class Learner:
         """The batch to train on, and how many of its rows need log π_ref computed here although the actors were to
         store it. Stored values are kept only when every row's came from the reference held now; a row from an
         older (moved) reference, or without them, makes the whole batch recompute (its stored columns dropped)."""
-        names = reference_columns(batch.kind)
+        on_actors, names = self.cfg.reference.compute_on == "actors", reference_columns(batch.kind)
         if not names:
             return batch, 0
         stored = names[0] in batch.tensors
         stale = int((batch.tensors["ref_version"] != self.reference.version).sum()) if stored else len(batch)
-        if self.cfg.reference.compute_on == "actors" and stale == 0:
+        if on_actors and stale == 0:
             return batch, 0
         kept = {k: v for k, v in batch.tensors.items() if k not in names}
-        return PairBatch(batch.kind, kept, batch.prompts), stale if self.cfg.reference.compute_on == "actors" else 0
+        # compute_on=learner: whatever a record stores is ignored, and nothing is counted
+        return PairBatch(batch.kind, kept, batch.prompts), stale if on_actors else 0
 
     def _logratios(self, x_t: torch.Tensor, t: torch.Tensor, emb, *x_prev: torch.Tensor,
                    ref_logps: Sequence[torch.Tensor] | None = None) -> list[torch.Tensor]:

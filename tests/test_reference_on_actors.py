@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import jsonl
+from helpers import jsonl, kill_when
 
 from actors.records import PairBatch, TrajectoryLog, from_table, reference_columns, to_record_batch
 from actors.rollout import RolloutWorker
@@ -208,7 +208,7 @@ def test_compute_on_learner_ignores_stored_columns(make_config, monkeypatch):
     assert calls == [None] and "ref_recomputed" not in metrics
 
 
-# ---- (4) real Ray: the moved reference reaches every actor ------------------------------------------------------
+# ---- (4) real Ray: the moved reference reaches every actor, a restarted one too ----------------------------------
 def test_moving_reference_reaches_every_actor_on_ray(make_config):
     import ray
 
@@ -217,22 +217,27 @@ def test_moving_reference_reaches_every_actor_on_ray(make_config):
     cfg = make_config(rollout={"num_actors": 2, "prompts_per_task": 2}, reward={"num_actors": 0},
                       train={"mode": "sync", "steps": 3, "batch_size": 12},
                       reference=MOVING, output={"trajectory_log": True, "checkpoint_every": 10})
+    out = Path(cfg.output.dir)
     ray.init(num_cpus=4, include_dashboard=False, runtime_env={"env_vars": WORKER_ENV}, logging_level="ERROR")
     try:
+        killer = kill_when("-rollout-0", out, 2, lambda name: ray.kill(ray.get_actor(name), no_restart=False))
         summary = run(cfg)
+        killer.join(timeout=1)
     finally:
         ray.shutdown()
-    out = Path(cfg.output.dir)
-    assert summary["steps"] == 3
+    assert summary["steps"] == 3 and summary["actor_failures"] >= 1
     events = jsonl(out / "events.jsonl")
+    recovered = next(i for i, e in enumerate(events) if e["kind"] == "actor_recovered")
+    resent = [e["fields"] for e in events[:recovered] if e["kind"] == "reference_loaded"][-1]
+    assert resent["actor"] == 0 and resent["verified"] and resent["version"] == 2  # before it sampled again
     published = [e["fields"] for e in events if e["kind"] == "reference_published"]
     loaded = [e["fields"] for e in events if e["kind"] == "reference_loaded"]
     assert [e["version"] for e in published] == [1, 2, 3]
     for p in published:  # every actor loaded every version, and its checksum was the one sent
         got = [e for e in loaded if e["version"] == p["version"]]
-        assert sorted(e["actor"] for e in got) == [0, 1]
+        assert {e["actor"] for e in got} == {0, 1}
         assert all(e["verified"] and e["checksum"] == p["checksum"] for e in got)
     table = TrajectoryLog(out / "trajectories").read()
     assert sorted(set(table.column("ref_version").to_pylist())) == [0, 1, 2]  # rounds after each move
     done = next(e["fields"] for e in events if e["kind"] == "done")
-    assert done["ref_recomputed"] == 0  # sync rounds: one update per round, so every row was fresh
+    assert done["ref_recomputed"] == 0  # one update per round: every row was fresh, the restarted actor's too
