@@ -214,19 +214,25 @@ def test_moving_reference_reaches_every_actor_on_ray(make_config):
 
     from learner.main import WORKER_ENV, run
 
-    cfg = make_config(rollout={"num_actors": 2, "prompts_per_task": 2}, reward={"num_actors": 0},
-                      train={"mode": "sync", "steps": 4, "batch_size": 12},
-                      reference=MOVING, output={"trajectory_log": True, "checkpoint_every": 10})
+    def config(steps: int):
+        return make_config(rollout={"num_actors": 2, "prompts_per_task": 2}, reward={"num_actors": 0},
+                           train={"mode": "sync", "steps": steps, "batch_size": 12},
+                           reference=MOVING, output={"trajectory_log": True, "checkpoint_every": 10})
+
+    cfg = config(4)
     out = Path(cfg.output.dir)
     ray.init(num_cpus=4, include_dashboard=False, runtime_env={"env_vars": WORKER_ENV}, logging_level="ERROR")
     try:
         killer = kill_when("-rollout-0", out, 2, lambda name: ray.kill(ray.get_actor(name), no_restart=False))
         summary = run(cfg)
         killer.join(timeout=1)
+        resumed = run(config(5), resume=True)  # fresh actors get reference v4 from the checkpoint before sampling
     finally:
         ray.shutdown()
     assert summary["steps"] == 4 and summary["actor_failures"] >= 1
-    events = jsonl(out / "events.jsonl")
+    everything = jsonl(out / "events.jsonl")
+    cut = next(i for i, e in enumerate(everything) if e["kind"] == "resumed")
+    events = everything[:cut]  # the first run's
     recovered = next(i for i, e in enumerate(events) if e["kind"] == "actor_recovered")
     latest = [e["fields"]["version"] for e in events[:recovered] if e["kind"] == "reference_published"][-1]
     resent = [e["fields"] for e in events[:recovered] if e["kind"] == "reference_loaded"][-1]
@@ -239,6 +245,10 @@ def test_moving_reference_reaches_every_actor_on_ray(make_config):
         assert {e["actor"] for e in got} == {0, 1}
         assert all(e["verified"] and e["checksum"] == p["checksum"] for e in got)
     table = TrajectoryLog(out / "trajectories").read()
-    assert sorted(set(table.column("ref_version").to_pylist())) == [0, 1, 2, 3]  # rounds after each move
+    assert sorted(set(table.column("ref_version").to_pylist())) == [0, 1, 2, 3, 4]  # the rounds after each move
     done = next(e["fields"] for e in events if e["kind"] == "done")
     assert done["ref_recomputed"] == 0  # one update per round: every row was fresh, the restarted actor's too
+    assert resumed["steps"] == 5 and resumed["ref_recomputed"] == 0
+    after = [e["fields"] for e in everything[cut:] if e["kind"] in ("reference_published", "reference_loaded")]
+    assert after[0] == {"version": 4, "checksum": published[-1]["checksum"]}
+    assert {e["actor"] for e in after[1:3]} == {0, 1} and all(e["version"] == 4 and e["verified"] for e in after[1:3])
