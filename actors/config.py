@@ -82,3 +82,6 @@ class RolloutSettings(BaseModel):
     rollout: RolloutConfig
     trainable: Literal["lora", "full"] = "lora"  # the learner's train.trainable: full loads into the UNet itself
     weight_dtype: str | None = None  # the learner's train.weight_dtype: what published weights arrive in
+    # reference.compute_on=actors: log π_ref is stored with every transition, under the initial model ("frozen") or
+    # the reference the learner broadcasts ("moving"); None: the learner computes it
+    reference_on_actors: Literal["frozen", "moving"] | None = None

@@ -10,6 +10,10 @@ Two pair kinds:
 - ``clean``: two clean latents x_0 per prompt, encoded by the VAE from a preference dataset's images
   (``python -m learner.data import``); reward_w/reward_l hold the dataset's labels. Diffusion-DPO's own data.
 
+Step and trajectory records may also carry the reference's log-probs (``reference.compute_on: actors``): all of
+``reference_columns(kind)`` or none, so records and logs written without them still read, and train with the
+reference computed by the learner.
+
 Tensor columns use Arrow's canonical fixed-shape tensor extension type, which round-trips through
 Parquet and the IPC stream format (checked with pyarrow 26.0.1): the shape lives in the type, so a
 table describes itself.
@@ -99,10 +103,28 @@ _COLUMNS: dict[str, tuple[tuple[str, pa.DataType, str], ...]] = {
 }
 
 
-def _columns(kind: str) -> tuple[tuple[str, pa.DataType, str], ...]:
+# Reference log-probs computed by the rollout actors (``reference.compute_on: actors``): log π_ref of each stored
+# transition in float64 (the learner subtracts its own log π_θ from it, and in float32 that difference of two
+# large sums would lose the log-ratio; docs/math.md) and the reference version that computed them. A record holds
+# all of them or none (records from ``compute_on: learner`` runs, and logs written before they existed).
+_F64 = pa.float64()
+_REFERENCE: dict[str, tuple[tuple[str, pa.DataType, str], ...]] = {
+    "step": (("ref_logp_w", _F64, "scalar"), ("ref_logp_l", _F64, "scalar"), ("ref_version", _I64, "scalar")),
+    "trajectory": (("ref_logps_w", _F64, "steps"), ("ref_logps_l", _F64, "steps"), ("ref_version", _I64, "scalar")),
+}
+
+
+def reference_columns(kind: str) -> tuple[str, ...]:
+    """Names of the optional reference columns of ``kind`` (none for clean pairs)."""
+    return tuple(name for name, _, _ in _REFERENCE.get(kind, ()))
+
+
+def _columns(kind: str, names: Iterable[str] = ()) -> tuple[tuple[str, pa.DataType, str], ...]:
+    """The columns of ``kind``, with the reference columns when ``names`` holds any of them."""
     if kind not in _COLUMNS:
         raise ValueError(f"unknown pair kind {kind!r}; allowed: {', '.join(PAIR_KINDS)}")
-    return _COLUMNS[kind]
+    with_ref = bool(set(names) & set(reference_columns(kind)))
+    return _COLUMNS[kind] + (_REFERENCE[kind] if with_ref else ())
 
 
 def _field_type(
@@ -116,15 +138,18 @@ def _field_type(
 
 
 def _check_names(kind: str, names: Iterable[str]) -> None:
-    expected, names = [name for name, _, _ in _columns(kind)], list(names)
+    names = list(names)
+    expected = [name for name, _, _ in _columns(kind, names)]
     missing, extra = [n for n in expected if n not in names], [n for n in names if n not in expected]
     if missing or extra:
         raise ValueError(f"{kind} records: missing columns {missing}, unexpected columns {extra}")
 
 
-def schema(kind: str, latent_shape: tuple[int, ...], num_steps: int | None = None) -> pa.Schema:
-    """The record schema of one kind; ``num_steps`` (N) sizes trajectory columns, step records ignore it."""
-    columns = _columns(kind)
+def schema(kind: str, latent_shape: tuple[int, ...], num_steps: int | None = None, reference: bool = False
+           ) -> pa.Schema:
+    """The record schema of one kind; ``num_steps`` (N) sizes trajectory columns, step records ignore it;
+    ``reference``: with the reference log-prob columns."""
+    columns = _columns(kind, reference_columns(kind) if reference else ())
     latent_shape = tuple(latent_shape)
     if not latent_shape or not all(isinstance(d, int) and d > 0 for d in latent_shape):
         raise ValueError(f"latent_shape must be positive ints like (C, h, w), got {latent_shape}")
@@ -141,12 +166,13 @@ def _infer_schema(kind: str, row_shapes: dict[str, tuple[int, ...]]) -> tuple[pa
     """The schema implied by the first tensor column (x_t, or latents_w with its N + 1 chain length)."""
     name, _, role = next(c for c in _columns(kind) if c[2] != "scalar")
     shape = row_shapes[name]
+    reference = bool(set(row_shapes) & set(reference_columns(kind)))
     if role == "latent":
         latent_shape, num_steps = shape, None
     else:
         latent_shape, num_steps = shape[1:], shape[0] - 1 if shape else None
     try:
-        return schema(kind, latent_shape, num_steps), name
+        return schema(kind, latent_shape, num_steps, reference), name
     except ValueError as err:
         raise ValueError(f"column {name!r} has rows of shape {list(shape)}: {err}") from None
 
@@ -181,7 +207,7 @@ def to_record_batch(kind: str, columns: dict[str, torch.Tensor | list | np.ndarr
     """
     _check_names(kind, columns)
     values: dict[str, np.ndarray | list] = {}
-    for name, _, _ in _columns(kind):
+    for name, _, _ in _columns(kind, columns):
         value = columns[name]
         if name == "prompt":
             if isinstance(value, torch.Tensor) or not all(isinstance(p, str) for p in value):
@@ -217,7 +243,7 @@ def _record_kind(record_schema: pa.Schema) -> str:
         raise ValueError(f"record format_version {version!r} unsupported, this code reads {FORMAT_VERSION}")
     _check_names(kind, record_schema.names)
     shapes = {f.name: tuple(f.type.shape) for f in record_schema if isinstance(f.type, _TENSOR)}
-    tensor_names = [name for name, _, role in _columns(kind) if role != "scalar"]
+    tensor_names = [name for name, _, role in _columns(kind, record_schema.names) if role != "scalar"]
     if not all(n in shapes for n in tensor_names):
         raise ValueError(f"{kind} records: columns {tensor_names} must be fixed-shape tensors")
     expected, source = _infer_schema(kind, shapes)
@@ -245,7 +271,8 @@ def _column_to_numpy(column: pa.Array | pa.ChunkedArray) -> np.ndarray:
 
 def _numpy_columns(table: pa.Table | pa.RecordBatch) -> tuple[str, dict[str, np.ndarray], list[str]]:
     kind = _record_kind(table.schema)
-    arrays = {name: _column_to_numpy(table.column(name)) for name, _, _ in _columns(kind) if name != "prompt"}
+    arrays = {name: _column_to_numpy(table.column(name)) for name, _, _ in _columns(kind, table.schema.names)
+              if name != "prompt"}
     return kind, arrays, table.column("prompt").to_pylist()
 
 

@@ -11,6 +11,10 @@ At steps that do not branch the chain takes one ordinary policy sample.
 ranked by the reward of their final images.
 Each call names the weights version it expects; a worker holding another version refuses (the learner then
 re-sends weights), so no record is ever attributed to the wrong policy.
+With ``reference.compute_on: actors`` every stored transition also carries log π_ref (float64, docs/math.md §2)
+and the version of the reference that computed it: the initial model for a frozen reference (adapters off, or the
+kept initial UNet with full training), the broadcast "ref" weights for a moving one (the initial model until the
+first broadcast, as on the learner).
 """
 
 from __future__ import annotations
@@ -25,7 +29,7 @@ import torch
 from actors.config import ConfigError, RolloutSettings
 from actors.records import to_record_batch
 from actors.reward import RewardClient
-from policy import POLICY, DiffusionPolicy, LoadReport
+from policy import POLICY, REF, DiffusionPolicy, LoadReport
 from policy.guidance import guidance_eta, reward_gradient_step
 from policy.schedule import gaussian_logprob
 from policy.transport import OBJECT_STORE, Transport
@@ -47,6 +51,16 @@ class RolloutWorker:
         self.policy = DiffusionPolicy.from_pretrained(cfg.model.path, cfg.model.device, cfg.model.dtype, cfg.sampler)
         if cfg.trainable == "lora":
             self.policy.add_lora(POLICY, cfg.lora, trainable=False)
+        elif cfg.reference_on_actors:  # full training overwrites the UNet: keep the initial model (the reference)
+            self.policy.train_full()
+            self.policy.unet.requires_grad_(False)
+        if cfg.reference_on_actors == "moving":
+            if cfg.trainable == "lora":
+                self.policy.add_lora(REF, cfg.lora, trainable=False)
+            else:
+                self.policy.add_copy(REF)
+        self.ref_version = 0  # the reference held (0: the initial model)
+        self.ref_seconds = 0.0  # spent on log π_ref in the current generate call
         self.weight_dtype = getattr(torch, cfg.weight_dtype) if cfg.weight_dtype else None
         self.version = 0
         self.guided = cfg.guidance.kind == "reward_gradient"
@@ -59,11 +73,28 @@ class RolloutWorker:
         self.reward = RewardClient(local, reward_handles, own_reward_handles)
 
     # ---- weights ----------------------------------------------------------------------------------------------
-    def receive_weights(self, payload: Any, transport: Transport = OBJECT_STORE) -> LoadReport:
-        """Load the version ``payload`` describes over ``transport`` (see ``Learner.send_weights``)."""
-        report = transport.receive(self.policy.unet, payload, self.policy.slot, self.weight_dtype)
-        self.version = report.version
+    def receive_weights(self, payload: Any, transport: Transport = OBJECT_STORE, what: str = POLICY) -> LoadReport:
+        """Load the version ``payload`` describes over ``transport`` (see ``Learner.send_weights``); ``what``: the
+        policy, or (REF) the moving reference."""
+        if what != POLICY and self.cfg.reference_on_actors != "moving":
+            raise ValueError(f"actor {self.actor_id} holds no moving reference (reference.compute_on=actors with "
+                             "strategy stable_update), so it cannot load one")
+        module, slot = self.policy.place(what)
+        report = transport.receive(module, payload, slot, self.weight_dtype)
+        if what == POLICY:
+            self.version = report.version
+        else:
+            self.ref_version = report.version
         return report
+
+    def _ref_logps(self, x_t: torch.Tensor, t: torch.Tensor, embeds, *x_prev: torch.Tensor) -> list[torch.Tensor]:
+        """float64 log π_ref of each ``x_prev`` given x_t (one reference evaluation for all of them)."""
+        t0 = time.perf_counter()
+        adapter = REF if self.cfg.reference_on_actors == "moving" and self.ref_version > 0 else None
+        mu, sigma, _ = self.policy.mean(x_t, t, embeds, adapter=adapter)
+        out = [self.policy.logprob64(x, mu, sigma).cpu() for x in x_prev]
+        self.ref_seconds += time.perf_counter() - t0
+        return out
 
     # ---- generation -------------------------------------------------------------------------------------------
     def generate(self, prompts: Sequence[str], prompt_ids: Sequence[int], seeds: Sequence[int],
@@ -72,7 +103,7 @@ class RolloutWorker:
         if expected_version != self.version:
             raise StaleWeightsError(
                 f"actor {self.actor_id} holds weights v{self.version}, asked for v{expected_version}")
-        t0 = time.perf_counter()
+        t0, self.ref_seconds = time.perf_counter(), 0.0
         with torch.no_grad():
             kind = self.cfg.pairs.record_kind
             make = self._step_branch if kind == "step" else self._trajectories
@@ -82,12 +113,14 @@ class RolloutWorker:
         slow = self.cfg.rollout.slowdown_s
         if slow:  # simulated slower hardware: extra seconds per chain and denoising step
             time.sleep(slow[self.actor_id % len(slow)] * chains * self.cfg.sampler.num_steps)
+        if self.cfg.reference_on_actors:
+            columns["ref_version"] = torch.full((len(columns["prompt"]),), self.ref_version)
         columns.update(prompt_id=torch.as_tensor(list(prompt_ids)).repeat(len(columns["prompt"]) // n),
                        policy_version=torch.full((len(columns["prompt"]),), self.version),
                        actor_id=torch.full((len(columns["prompt"]),), self.actor_id),
                        round=torch.full((len(columns["prompt"]),), round_index))
         seconds = time.perf_counter() - t0
-        stats = {"chains": float(chains), "seconds": seconds,
+        stats = {"chains": float(chains), "seconds": seconds, "ref_seconds": self.ref_seconds,
                  "pairs": float(len(columns["prompt"])), "steps": float(n * self.cfg.sampler.num_steps)}
         return to_record_batch(kind, columns), stats
 
@@ -125,6 +158,8 @@ class RolloutWorker:
         eps_next: torch.Tensor | None = None  # ε̂ of the current x, when ranking already computed it
         rows: dict[str, list] = {k: [] for k in ("x_t", "x_w", "x_l", "x0_w", "x0_l", "reward_w", "reward_l",
                                                   "logp_w", "logp_l", "guided", "step_index", "timestep")}
+        if self.cfg.reference_on_actors:
+            rows.update(ref_logp_w=[], ref_logp_l=[])
         for k, t in enumerate(pol.timesteps):
             if k not in branch:
                 x, eps_next = pol.step(x, t, embeds, gens, eps=eps_next).x_prev, None
@@ -151,6 +186,10 @@ class RolloutWorker:
                                 ("reward_w", r_w), ("reward_l", r_l), ("logp_w", logp_w), ("logp_l", logp_l),
                                 ("guided", guided)):
                 rows[name].append(value.detach().float().cpu() if name != "guided" else value)
+            if self.cfg.reference_on_actors:  # the stored children, the guided winner included, under the same σ
+                for name, value in zip(("ref_logp_w", "ref_logp_l"), self._ref_logps(x, t, embeds, x_w, x_l),
+                                       strict=True):
+                    rows[name].append(value)
             rows["step_index"].append(torch.full((len(prompts),), k))
             rows["timestep"].append(torch.full((len(prompts),), int(t)))
             x = x_w
@@ -172,7 +211,13 @@ class RolloutWorker:
         lat = roll.latents.view(roll.latents.shape[0], 2, b, *roll.latents.shape[2:]).permute(1, 2, 0, 3, 4, 5)
         lps = roll.logprobs.view(-1, 2, b).permute(1, 2, 0)
         seed_pair = torch.as_tensor([seeds, seeds_l])
-        return {"prompt": prompts, "seed_w": seed_pair[w, idx], "seed_l": seed_pair[1 - w, idx],
+        columns = {}
+        if self.cfg.reference_on_actors:  # every step of both chains
+            embeds = pol.encode_prompts(prompts * 2)
+            ref = torch.stack([self._ref_logps(roll.latents[k], t, embeds, roll.latents[k + 1])[0]
+                               for k, t in enumerate(pol.timesteps)]).view(-1, 2, b).permute(1, 2, 0)
+            columns.update(ref_logps_w=ref[w, idx], ref_logps_l=ref[1 - w, idx])
+        return {**columns, "prompt": prompts, "seed_w": seed_pair[w, idx], "seed_l": seed_pair[1 - w, idx],
                 "latents_w": lat[w, idx].float(), "latents_l": lat[1 - w, idx].float(),
                 "logps_w": lps[w, idx].float(), "logps_l": lps[1 - w, idx].float(),
                 "timesteps": roll.timesteps.int().expand(b, -1), "reward_w": rewards[w, idx],

@@ -104,7 +104,7 @@ class SimRollout:
     def reset(self, scale: float) -> None:
         self.scale, self.busy, self.loads = scale, [], {}
 
-    def receive_weights(self, payload: Any, transport: Any = None) -> Any:
+    def receive_weights(self, payload: Any, transport: Any = None, what: str = "policy") -> Any:
         from safetensors.numpy import load
 
         report = sys.modules["policy.lora"].LoadReport
@@ -168,7 +168,7 @@ class SimLearner:
         return {"loss": 0.69, "accuracy": 0.5, "margin": 0.0, "pairs": float(len(records)),
                 "reward_w": float(reward.mean()), "reward_l": float(reward.mean())}
 
-    def send_weights(self, version: int, transport: Any = None) -> Any:
+    def send_weights(self, version: int, transport: Any = None, what: str = "policy") -> Any:
         import torch
 
         from policy.lora import POLICY

@@ -165,13 +165,19 @@ class Config(BaseModel):
         if self.train.num_learners > 1 and self.train.weight_sync == "collective":
             raise ValueError("train.num_learners > 1 needs train.weight_sync=object_store: the learners' process "
                              "group and ray.util.collective's would both be torch's one default group on rank 0")
+        if self.reference.compute_on == "actors" and self.loss.kind == "diffusion_dpo":
+            raise ValueError("reference.compute_on=actors stores the sampler's reference log-probs, which "
+                             "loss.kind=diffusion_dpo does not use (its ε-MSE is on latents noised by the learner); "
+                             "use reference.compute_on: learner")
         find_method(self.loss.kind, self.pairs.record_kind)
         return self
 
     def rollout_settings(self) -> RolloutSettings:
         """The sections a rollout actor runs on."""
         return RolloutSettings.model_validate(self).model_copy(update={
-            "trainable": self.train.trainable, "weight_dtype": self.train.weight_dtype})
+            "trainable": self.train.trainable, "weight_dtype": self.train.weight_dtype,
+            "reference_on_actors": None if self.reference.compute_on == "learner" else (
+                "moving" if self.reference.strategy == "stable_update" else "frozen")})
 
 
 # ---- one-line errors -------------------------------------------------------------------------------------------

@@ -59,6 +59,7 @@ class Counters:
     rounds: int = 0
     chains: int = 0
     nonfinite_skipped: int = 0
+    ref_recomputed: int = 0  # pairs whose actor-computed log π_ref was stale (or missing) and recomputed by the learner
 
 
 class Driver:
@@ -87,6 +88,8 @@ class Driver:
             self.weights.version = self.checkpoints.restore(self)
             if rollouts:
                 self.weights.publish(new_version=False)
+                if self.weights.ref_version:
+                    self.weights.publish_reference(self.weights.ref_version)
 
     def run(self) -> dict[str, Any]:
         """Train to ``train.steps``; returns the final held-out evaluation."""
@@ -226,6 +229,9 @@ class Driver:
             self.logger.event("nonfinite_loss_skipped", step=c.steps, total=c.nonfinite_skipped)
         else:
             c.steps += 1
+        c.ref_recomputed += int(metrics.get("ref_recomputed", 0))
+        if metrics.get("ref_replaced") and self.rollouts and self.cfg.reference.compute_on == "actors":
+            self.weights.publish_reference(int(metrics["ref_version"]))
         elapsed = time.perf_counter() - self.started
         metrics.update(images_per_s=c.chains / elapsed, steps_per_s=c.steps / elapsed,
                        buffered_pairs=float(len(self.buffer)), version=float(self.weights.version))
@@ -246,7 +252,7 @@ class Driver:
         c = self.counters
         return {"steps": c.steps, "chains": c.chains, "actor_failures": self.weights.failures,
                 "dropped_stale_pairs": self.buffer.dropped, "nonfinite_skipped": c.nonfinite_skipped,
-                "staleness": self.buffer.histogram, "trained_age": self.buffer.trained_age,
-                "trained_age_mean": mean_age(self.buffer.trained_age),
+                "ref_recomputed": c.ref_recomputed, "staleness": self.buffer.histogram,
+                "trained_age": self.buffer.trained_age, "trained_age_mean": mean_age(self.buffer.trained_age),
                 "actor_chains_per_s": {str(a): r for a, r in self.balancer.rates.items()},
                 "actor_batch": [self.balancer.size(a) for a in range(len(self.rollouts))]}

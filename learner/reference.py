@@ -84,6 +84,9 @@ class ReferenceConfig(BaseModel):
         "kernel_kl grows with any drift from the initial model; log_ratio (the paper's Eq. 7) is one-sided"))
     divergence_samples: int = Field(16, ge=1, strict=True, description=(
         "winners of the last batch used to estimate D, each at 4 timesteps"))
+    compute_on: Literal["learner", "actors"] = Field("learner", description=(
+        "where log pi_ref of sampled transitions is computed: actors store it in the records (float64) as they "
+        "sample, so the learner's update skips its reference forward; a moving reference is then broadcast to them"))
 
 
 class RefEvent(NamedTuple):

@@ -57,7 +57,7 @@ class RunCheckpoints:
 
 def driver_state(d: Any) -> dict[str, Any]:
     return {"counters": dataclasses.asdict(d.counters), "buffer": d.buffer.state_dict(),
-            "actor_failures": d.weights.failures, "cursor": d.stream.cursor,
+            "actor_failures": d.weights.failures, "ref_version": d.weights.ref_version, "cursor": d.stream.cursor,
             "rates": {str(k): v for k, v in d.balancer.rates.items()}, **d.evaluator.state_dict(),
             "trajectory_rounds": d.traj_log.position() if d.traj_log else 0,
             "elapsed": time.perf_counter() - d.started}
@@ -67,6 +67,7 @@ def load_driver_state(d: Any, state: dict[str, Any]) -> None:
     d.counters = dataclasses.replace(d.counters, **state["counters"])
     d.buffer.load_state_dict(state["buffer"])
     d.weights.failures = int(state["actor_failures"])
+    d.weights.ref_version = int(state.get("ref_version", 0))  # absent in checkpoints from before it was broadcast
     d.stream.cursor = int(state["cursor"])
     d.balancer.rates = {int(k): float(v) for k, v in state["rates"].items()}
     if d.traj_log is not None:

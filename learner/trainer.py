@@ -9,6 +9,9 @@ Loss × time weighting × reference strategy are independent config choices; eve
 dense_dpo with timestep_aware (λ(t) scales β, which dense_dpo does not have).
 Each loss is a method registered per pair kind in learner/methods/ (one module per loss); this class gives
 them the shared pieces: log-ratios of step and trajectory pairs, the ε-MSE, the time weighting and the reference.
+With ``reference.compute_on: actors`` the records carry log π_ref from the rollout actors; an update uses them
+(skipping its reference forward) only when every row's came from the reference held now, else it recomputes the
+whole batch's and counts the rows (``ref_recomputed``), so stored and recomputed values are never mixed.
 """
 
 from __future__ import annotations
@@ -23,7 +26,7 @@ import pyarrow as pa
 import torch
 import torch.distributed as dist
 
-from actors.records import PairBatch, from_table
+from actors.records import PairBatch, from_table, reference_columns
 from actors.reward import RewardClient
 from learner.checkpoint import (
     RngSnapshot,
@@ -94,6 +97,7 @@ class Learner:
         """One optimizer step on a batch of pairs; returns metrics. A non-finite loss or gradient skips the step."""
         t0 = time.perf_counter()
         batch = records if isinstance(records, PairBatch) else from_table(records)
+        batch, recompute = self._stored_reference(batch)
         self.policy.train_mode(True)
         self.optimizer.zero_grad(set_to_none=True)
         self._remember_winners(batch)  # the whole batch's, not the last micro-batch's: D needs its sample count
@@ -101,8 +105,12 @@ class Learner:
         t = batch.tensors
         metrics["reward_w"] = float(t["reward_w"].mean())
         metrics["reward_l"] = float(t["reward_l"].mean())
+        if self.cfg.reference.compute_on == "actors":  # as a share, so that averaging over ranks adds the counts up
+            metrics["ref_recomputed"] = recompute / len(batch)
         if self.world > 1:
             metrics = self._average_over_ranks(metrics)
+        if "ref_recomputed" in metrics:
+            metrics["ref_recomputed"] = float(round(metrics["ref_recomputed"] * metrics["pairs"]))
         if not math.isfinite(metrics["loss"]):
             return self._skip(metrics, "loss")
         grad_norm = torch.nn.utils.clip_grad_norm_(self.params, self.cfg.train.grad_clip)
@@ -208,11 +216,32 @@ class Learner:
             return find_method(self.cfg.loss.kind, batch.kind)(self, batch)
         return self.method(self, batch)
 
-    def _logratios(self, x_t: torch.Tensor, t: torch.Tensor, emb, *x_prev: torch.Tensor) -> list[torch.Tensor]:
-        """log π_θ − log π_ref of each ``x_prev`` given x_t (one policy and one reference evaluation)."""
-        with torch.no_grad():
-            mu_ref, _, _ = self.policy.mean(x_t, t, emb, adapter=self.ref_adapter)
+    def _stored_reference(self, batch: PairBatch) -> tuple[PairBatch, int]:
+        """The batch to train on, and how many of its rows need log π_ref computed here although the actors were to
+        store it. Stored values are kept only when every row's came from the reference held now; a row from an
+        older (moved) reference, or without them, makes the whole batch recompute (its stored columns dropped)."""
+        on_actors, names = self.cfg.reference.compute_on == "actors", reference_columns(batch.kind)
+        if not names:
+            return batch, 0
+        stored = names[0] in batch.tensors
+        stale = int((batch.tensors["ref_version"] != self.reference.version).sum()) if stored else len(batch)
+        if on_actors and stale == 0:
+            return batch, 0
+        kept = {k: v for k, v in batch.tensors.items() if k not in names}
+        # compute_on=learner: whatever a record stores is ignored, and nothing is counted
+        return PairBatch(batch.kind, kept, batch.prompts), stale if on_actors else 0
+
+    def _logratios(self, x_t: torch.Tensor, t: torch.Tensor, emb, *x_prev: torch.Tensor,
+                   ref_logps: Sequence[torch.Tensor] | None = None) -> list[torch.Tensor]:
+        """log π_θ − log π_ref of each ``x_prev`` given x_t: one policy and one reference evaluation, or with
+        ``ref_logps`` (the actors' float64 log π_ref) the policy's float64 log-prob minus those (docs/math.md §2)."""
+        if ref_logps is None:
+            with torch.no_grad():
+                mu_ref, _, _ = self.policy.mean(x_t, t, emb, adapter=self.ref_adapter)
         mu, sigma, _ = self.policy.mean(x_t, t, emb, adapter=POLICY)
+        if ref_logps is not None:
+            return [(self.policy.logprob64(x, mu, sigma) - r.to(self.device)).float()
+                    for x, r in zip(x_prev, ref_logps, strict=True)]
         return [self.policy.logratio(x, mu, mu_ref, sigma) for x in x_prev]
 
     def step_logratios(self, batch: PairBatch) -> tuple[torch.Tensor, torch.Tensor, dict[str, float]]:
@@ -220,7 +249,9 @@ class Learner:
         reference evaluation per pair give both."""
         t, dev = batch.tensors, self.device
         emb = self.policy.encode_prompts(batch.prompts)
-        lw, ll = self._logratios(t["x_t"].to(dev), t["timestep"].to(dev), emb, t["x_w"].to(dev), t["x_l"].to(dev))
+        ref = (t["ref_logp_w"], t["ref_logp_l"]) if "ref_logp_w" in t else None
+        lw, ll = self._logratios(t["x_t"].to(dev), t["timestep"].to(dev), emb, t["x_w"].to(dev), t["x_l"].to(dev),
+                                 ref_logps=ref)
         return lw, ll, {"kl_ref": float((lw + ll).detach().mean() / 2)}
 
     def trajectory_logratios(self, batch: PairBatch, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor,
@@ -237,7 +268,8 @@ class Learner:
         x_prev = torch.cat([gather("latents_w", 1), gather("latents_l", 1)])
         ts = t["timesteps"][rows, k].flatten().to(dev).repeat(2)
         emb = self.policy.encode_prompts([p for p in batch.prompts for _ in range(m)] * 2)
-        (lr,) = self._logratios(x_t, ts, emb, x_prev)
+        ref = [torch.cat([gather("ref_logps_w", 0), gather("ref_logps_l", 0)])] if "ref_logps_w" in t else None
+        (lr,) = self._logratios(x_t, ts, emb, x_prev, ref_logps=ref)
         return lr[: b * m].view(b, m), lr[b * m :].view(b, m), {"kl_ref": float(lr.detach().mean())}
 
     def _clean_pairs(self, batch: PairBatch) -> tuple[torch.Tensor, torch.Tensor]:
@@ -306,20 +338,26 @@ class Learner:
         if event.action == "replaced":
             self.policy.copy_into(REF, self.reference.state, self.reference.version)
         return {"ref_divergence": event.divergence, "ref_replaced": float(event.action == "replaced"),
-                "ref_frozen": float(self.reference.frozen)}
+                "ref_frozen": float(self.reference.frozen), "ref_version": float(self.reference.version)}
 
     # ---- publishing, evaluation ---------------------------------------------------------------------------------
-    def send_weights(self, version: int, transport: Transport = OBJECT_STORE) -> Any:
+    def send_weights(self, version: int, transport: Transport = OBJECT_STORE, what: str = POLICY) -> Any:
         """Publish the policy adapter as ``version`` over ``transport`` (the driver picks it; see policy.transport).
 
         The first send of a version snapshots the adapter, so a later re-send (to a restarted actor) carries the
-        same weights even after further updates."""
+        same weights even after further updates. ``what=REF``: the moving reference, whose ``version`` is its own
+        (the driver learns it from the update's ``ref_version``; its state is never changed in place)."""
+        if what == REF:
+            if version != self.reference.version or self.reference.state is None:
+                raise ValueError(f"asked to send reference v{version}; the learner holds v{self.reference.version}")
+            return transport.send(self._cast(self.reference.state), version, self.policy.place(REF)[1])
         if version != self.version or self._published is None:
-            state = snapshot(self.policy.unet, self.policy.slot)
-            if self.weight_dtype is not None:
-                state = {k: t.to(self.weight_dtype) for k, t in state.items()}
-            self.version, self._published = version, state
+            self.version, self._published = version, self._cast(snapshot(self.policy.unet, self.policy.slot))
         return transport.send(self._published, version, self.policy.slot)
+
+    def _cast(self, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """``state`` in the dtype published weights travel in (``train.weight_dtype``)."""
+        return state if self.weight_dtype is None else {k: t.to(self.weight_dtype) for k, t in state.items()}
 
     def evaluate(self, prompts: list[str], seeds: list[int]) -> dict[str, Any]:
         """Fixed-seed samples of the current policy and their rewards (held-out evaluation)."""

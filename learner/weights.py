@@ -4,6 +4,8 @@ Which transport carries the bytes is a ``policy.transport.Transport``; this part
 Every actor load reports (version, keys, checksum) and a checksum that differs from the sent one stops the run.
 A rollout actor that dies is restarted by Ray (``max_restarts=-1``, ``max_task_retries=0``); it then gets the
 published version again, over the object store, since a restarted actor is no longer in a collective group.
+With ``reference.compute_on: actors`` a moved stable reference travels the same way (``publish_reference``), is
+verified the same way, and a restarted actor gets it again too.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import ray
 from ray.exceptions import GetTimeoutError, RayActorError
 
 from learner.metrics import RunLogger
+from policy.lora import POLICY, REF
 from policy.transport import OBJECT_STORE, Collective, Getter, ObjectStore, Transport
 
 RESTART_WAIT_S = 120  # how long a rollout actor may take to come back after a failure
@@ -49,6 +52,8 @@ class WeightSync:
         self.failures = 0  # rollout actors restarted so far
         self.pending: list[tuple[int, Any]] = []  # (actor, LoadReport ref) not yet verified
         self.reward_pids: list[int] | None = None  # each reward actor's process, to notice a silent restart
+        self.ref_version, self.ref_checksum = 0, ""  # the moving reference last broadcast (0: none, the initial model)
+        self.ref_pending: list[tuple[int, Any]] = []  # its loads not yet verified
 
     def publish(self, new_version: bool = True) -> None:
         """Send the policy (a new version, or the current one again) to every rollout actor."""
@@ -56,17 +61,29 @@ class WeightSync:
         self.version, self.checksum = sent.version, sent.checksum
         self.pending.extend(enumerate(sent.loads))
 
+    def publish_reference(self, version: int) -> None:
+        """Send the learner's moved reference, ``version``, to every rollout actor (they compute log π_ref)."""
+        sent = self.transport.publish(self.learner, self.actors, version, self.get, what=REF)
+        self.ref_version, self.ref_checksum = sent.version, sent.checksum
+        self.ref_pending.extend(enumerate(sent.loads))
+        self.logger.event("reference_published", version=sent.version, checksum=sent.checksum)
+
     def check(self, block: bool = False) -> None:
         """Verify the loads that have finished (all of them when ``block``)."""
-        if not self.pending:
-            return
-        refs = [ref for _, ref in self.pending]
+        self.pending = self._settle(self.pending, block, POLICY)
+        self.ref_pending = self._settle(self.ref_pending, block, REF)
+
+    def _settle(self, pending: list[tuple[int, Any]], block: bool, what: str) -> list[tuple[int, Any]]:
+        """Verify the finished loads of ``pending``; returns those still in flight."""
+        if not pending:
+            return pending
+        refs = [ref for _, ref in pending]
         done = set(ray.wait(refs, num_returns=len(refs), timeout=None if block else 0)[0])
-        for actor, ref in self.pending:
+        for actor, ref in pending:
             if ref in done:  # an actor that died is recovered when its generate fails, so its load is skipped
                 with contextlib.suppress(RayActorError):
-                    self._verify(actor, ray.get(ref))
-        self.pending = [(actor, ref) for actor, ref in self.pending if ref not in done]
+                    self._verify(actor, ray.get(ref), what)
+        return [(actor, ref) for actor, ref in pending if ref not in done]
 
     def recover(self, actor: int, error: Exception) -> None:
         """A rollout actor failed: wait for Ray to restart it, then give it the published version again."""
@@ -81,6 +98,10 @@ class WeightSync:
             try:
                 (load,) = OBJECT_STORE.publish(self.learner, [self.actors[actor]], self.version, self.get).loads
                 self._verify(actor, ray.get(load, timeout=60))
+                if self.ref_version:  # a restarted actor's reference is the initial model again
+                    (load,) = OBJECT_STORE.publish(self.learner, [self.actors[actor]], self.ref_version, self.get,
+                                                   REF).loads
+                    self._verify(actor, ray.get(load, timeout=60), REF)
                 break
             except RayActorError as e:
                 if time.monotonic() > deadline:
@@ -124,7 +145,11 @@ class WeightSync:
                     time.sleep(0.5)
         return pids
 
-    def _verify(self, actor: int, report: Any) -> None:
-        if report.version == self.version and report.checksum != self.checksum:
-            raise WeightSyncError(f"rollout actor {actor} loaded v{report.version} with checksum {report.checksum}, "
-                                  f"published {self.checksum}: weights did not land")
+    def _verify(self, actor: int, report: Any, what: str = POLICY) -> None:
+        version, sent = (self.version, self.checksum) if what == POLICY else (self.ref_version, self.ref_checksum)
+        if report.version == version and report.checksum != sent:
+            raise WeightSyncError(f"rollout actor {actor} loaded {what} v{report.version} with checksum "
+                                  f"{report.checksum}, published {sent}: weights did not land")
+        if what == REF:
+            self.logger.event("reference_loaded", actor=actor, version=report.version, checksum=report.checksum,
+                              verified=report.version == version)

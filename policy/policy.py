@@ -166,6 +166,11 @@ class DiffusionPolicy:
         name = self._adapter(name)
         return (self._copies[name], None) if name in self._copies else (self.c.unet, name)
 
+    def place(self, name: str | None) -> tuple[torch.nn.Module, str | None]:
+        """(module, adapter within it) where the weights called ``name`` live: for POLICY the published ``slot``
+        of ``unet``; for another name (the reference) its adapter or, with full training, its whole-UNet copy."""
+        return (self.c.unet, self.slot) if name == POLICY else self._resolve(name)
+
     def trainable_parameters(self) -> list[torch.nn.Parameter]:
         return [p for p in self.c.unet.parameters() if p.requires_grad]
 
@@ -299,6 +304,11 @@ class DiffusionPolicy:
                  ) -> torch.Tensor:
         """log π_a − log π_b of ``x_prev`` given both means (float32 difference of squared distances)."""
         return logprob_ratio(x_prev, mean_a, mean_b, sigma, self.sampler.logprob_reduce)
+
+    def logprob64(self, x_prev: torch.Tensor, mean: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+        """log π(x_prev) [B] in float64: a stored log-prob is later subtracted from another one, and that
+        difference of two large sums keeps the log-ratio only in float64 (docs/math.md §2)."""
+        return gaussian_logprob(x_prev.double(), mean.double(), sigma.double(), self.sampler.logprob_reduce)
 
     # ---- images ---------------------------------------------------------------------------------------------
     def decode(self, latents: torch.Tensor) -> torch.Tensor:

@@ -7,6 +7,8 @@ snapshot the learner took when it first published the version, so a re-send afte
 exactly the weights that version names. Every ``receive`` returns ``LoadReport(version, keys matched,
 checksum)`` computed from what the actor's module now holds; the driver compares it with the sent checksum, so
 a load that silently did nothing stops the run. A new transport (say CUDA IPC) is one more subclass here.
+``what`` names which weights travel: the policy (POLICY) or a moving reference (REF, broadcast when the stable
+reference moves and the actors compute log π_ref); both take the same path and checks.
 ``slot`` names where the weights live in the UNet on both ends (``policy.DiffusionPolicy.slot``): the POLICY
 adapter, or ``None`` for the UNet itself. A full UNet travels in the dtype the learner cast it to
 (``train.weight_dtype``: bfloat16 halves the bytes) and, over a collective, in buckets of at most
@@ -22,7 +24,16 @@ from typing import Any
 
 import torch
 
-from policy.lora import LoadReport, WeightState, adapter_parameters, checksum, copy_into, load_state, pack_state
+from policy.lora import (
+    POLICY,
+    LoadReport,
+    WeightState,
+    adapter_parameters,
+    checksum,
+    copy_into,
+    load_state,
+    pack_state,
+)
 
 Getter = Callable[[Any], Any]  # the driver's ray.get of a learner call (turns the learner's death into one line)
 BUCKET_BYTES = 256 << 20  # one collective broadcast carries at most this much (a larger tensor goes alone)
@@ -56,8 +67,9 @@ class Transport(ABC):
     name: str
 
     @abstractmethod
-    def publish(self, learner: Any, actors: list[Any], version: int, get: Getter) -> Published:
-        """Driver: send ``version`` from the learner to ``actors``; the actors' loads are left in flight."""
+    def publish(self, learner: Any, actors: list[Any], version: int, get: Getter, what: str = POLICY) -> Published:
+        """Driver: send ``version`` of ``what`` from the learner to ``actors``; the actors' loads are left in
+        flight."""
 
     @abstractmethod
     def send(self, tensors: dict[str, torch.Tensor], version: int, slot: str | None) -> Any:
@@ -78,12 +90,12 @@ class ObjectStore(Transport):
 
     name = "object_store"
 
-    def publish(self, learner: Any, actors: list[Any], version: int, get: Getter) -> Published:
+    def publish(self, learner: Any, actors: list[Any], version: int, get: Getter, what: str = POLICY) -> Published:
         import ray
 
-        state: WeightState = get(learner.send_weights.remote(version, self))
+        state: WeightState = get(learner.send_weights.remote(version, self, what))
         ref = ray.put(state)
-        return Published(state.version, state.checksum, [a.receive_weights.remote(ref, self) for a in actors])
+        return Published(state.version, state.checksum, [a.receive_weights.remote(ref, self, what) for a in actors])
 
     def send(self, tensors: dict[str, torch.Tensor], version: int, slot: str | None) -> WeightState:
         return pack_state(tensors, slot, version)
@@ -113,9 +125,9 @@ class Collective(Transport):
                                     backend=backend, group_name=group)
         return Collective(group)
 
-    def publish(self, learner: Any, actors: list[Any], version: int, get: Getter) -> Published:
-        loads = [a.receive_weights.remote(version, self) for a in actors]  # every rank must join the broadcast
-        return Published(version, get(learner.send_weights.remote(version, self)), loads)
+    def publish(self, learner: Any, actors: list[Any], version: int, get: Getter, what: str = POLICY) -> Published:
+        loads = [a.receive_weights.remote(version, self, what) for a in actors]  # every rank must join the broadcast
+        return Published(version, get(learner.send_weights.remote(version, self, what)), loads)
 
     def send(self, tensors: dict[str, torch.Tensor], version: int, slot: str | None) -> str:
         import ray.util.collective as col
