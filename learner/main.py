@@ -241,9 +241,6 @@ def run(cfg: Config, resume: bool = False) -> dict[str, Any]:
     from learner.small_box import small_box_layout
 
     cfg, small_box = small_box_layout(cfg)
-    if small_box:
-        LOG.info("small-box mode (ray.small_box: off to disable): %s",
-                 ", ".join(f"{k}={v}" for k, v in small_box.items()))
     inputs = preflight(cfg, resume, local_ray=not cfg.ray.address and not ray.is_initialized())
     out = Path(cfg.output.dir)
     t0 = time.perf_counter()
@@ -258,7 +255,9 @@ def run(cfg: Config, resume: bool = False) -> dict[str, Any]:
         learners, rollouts, rewards = launch(cfg, uuid.uuid4().hex[:6])
         actors = [*learners.ranks, *rollouts, *rewards]
         with RunLogger(out, tensorboard=cfg.output.tensorboard) as logger:
-            if small_box:
+            if small_box:  # said once the run is under way: a refused run's error stays its only line
+                LOG.info("small-box mode (ray.small_box: off to disable): %s",
+                         ", ".join(f"{k}={v}" for k, v in small_box.items()))
                 logger.event("small_box", **small_box)
             logger.event("actor_memory", **actor_memory({"learner": learners.ranks, "rollout": rollouts,
                                                          "reward": rewards}))

@@ -65,7 +65,7 @@ def test_evaluator_curve_survives_json_with_an_undefined_standard_error(make_con
     ev = Evaluator(None, None, ["a"], make_config().eval, tmp_path, None)
     ev.curve = [(0, 0.5, math.nan), (10, 0.7, 0.01)]
     state = json.loads(json.dumps(ev.state_dict(), allow_nan=False))
-    ev.load_state_dict(state)
+    ev.load_state_dict(state, {})
     assert ev.curve[1] == (10, 0.7, 0.01) and ev.curve[0][:2] == (0, 0.5) and math.isnan(ev.curve[0][2])
 
 
