@@ -99,22 +99,26 @@ class SimRollout:
         self.rng = np.random.default_rng(seed)
         self.scale, self.version = 1.0, 0
         self.busy: list[tuple[float, float]] = []  # wall-clock (start, end) of every generate
-        self.loads: dict[int, float] = {}  # version -> wall-clock time it was loaded
+        self.loads: list[tuple[float, int, bool]] = []  # (wall-clock time, version, carried by a generate) per load
 
     def reset(self, scale: float) -> None:
-        self.scale, self.busy, self.loads = scale, [], {}
+        self.scale, self.busy, self.loads = scale, [], []
 
     def receive_weights(self, payload: Any, transport: Any = None) -> Any:
+        return self._load(payload, carried=False)
+
+    def _load(self, payload: Any, carried: bool) -> Any:
         from safetensors.numpy import load
 
         report = sys.modules["policy.lora"].LoadReport
         tensors = load(payload.blob)
         self.version = payload.version
-        self.loads[payload.version] = time.time()
+        self.loads.append((time.time(), payload.version, carried))
         return report(payload.version, len(tensors), checksum(tensors))
 
     def generate(self, prompts: list[str], prompt_ids: list[int], seeds: list[int], expected_version: int,
-                 round_index: int = 0) -> tuple[pa.RecordBatch, dict[str, float]]:
+                 round_index: int = 0, weights: Any = None) -> tuple[pa.RecordBatch, dict[str, Any]]:
+        load = None if weights is None else self._load(weights, carried=True)
         if expected_version != self.version:
             raise StaleWeightsError(f"actor {self.actor_id} holds weights v{self.version}, asked for "
                                     f"v{expected_version}")
@@ -129,8 +133,11 @@ class SimRollout:
         columns = [pa.array(fields[f.name], f.type) if f.name in fields else batch.column(i)
                    for i, f in enumerate(batch.schema)]
         self.busy.append((start, time.time()))
-        return pa.RecordBatch.from_arrays(columns, schema=batch.schema), {
-            "chains": float(n), "seconds": seconds, "pairs": float(rows), "steps": float(n * costs.NUM_STEPS)}
+        stats: dict[str, Any] = {"chains": float(n), "seconds": seconds, "pairs": float(rows),
+                                 "steps": float(n * costs.NUM_STEPS)}
+        if load is not None:
+            stats["load"] = load
+        return pa.RecordBatch.from_arrays(columns, schema=batch.schema), stats
 
     def report(self) -> dict[str, Any]:
         return {"busy": self.busy, "loads": self.loads}
@@ -230,27 +237,44 @@ def sim_config(n: int, steps: int, batch: int, max_staleness: int, broadcast_eve
 
 
 def driver_class() -> type:
-    """learner.loop.Driver with clocks: the loop's wall and CPU time up to the last update, publish timings."""
+    """learner.loop.Driver with clocks: the loop's wall and CPU time up to the last update, the CPU time of its
+    parts (Ray's threads included, whichever part they ran during), publish timings."""
     from learner.loop import Driver
 
     class MeasuredDriver(Driver):
         def _run_async(self, bar: Any) -> None:
-            self.publishes: list[tuple[float, float]] = []  # (wall-clock start, driver seconds) per publish
+            self.publishes: list[tuple[float, float, int]] = []  # (wall-clock start, driver seconds, version)
+            self.parts: dict[str, float] = dict.fromkeys(("collect", "send", "publish", "update"), 0.0)
             publish = self.weights.publish
 
             def timed(new_version: bool = True) -> None:
-                t0 = time.time()
+                t0, cpu = time.time(), time.process_time()
                 publish(new_version)
-                self.publishes.append((t0, time.time() - t0))
+                self.parts["publish"] += time.process_time() - cpu
+                self.publishes.append((t0, time.time() - t0, self.weights.version))
 
             self.weights.publish = timed
             self.loop_start, self.cpu_start = time.time(), time.process_time()
             super()._run_async(bar)
             self.weights.publish = publish
 
+        def _part(self, name: str, call: Any, *args: Any) -> Any:
+            cpu = time.process_time()
+            try:
+                return call(*args)
+            finally:
+                self.parts[name] += time.process_time() - cpu
+
+        def _collect(self, ref: Any, task: Any) -> bool:
+            return self._part("collect", super()._collect, ref, task)
+
+        def _send(self, task: Any) -> Any:
+            return self._part("send", super()._send, task)
+
         def _after_update(self, metrics: dict[str, float], bar: Any) -> None:
-            super()._after_update(metrics, bar)
+            self._part("update", super()._after_update, metrics, bar)
             self.last_update, self.cpu_last = time.time(), time.process_time()
+            self.at_last = dict(self.parts), self.counters.rounds  # the parts and rollouts up to the last update
 
     return MeasuredDriver
 
@@ -317,10 +341,6 @@ def run_point(pool: Pool, n: int, k: int, args: argparse.Namespace) -> dict[str,
         with RunLogger(Path(tmp), tensorboard=False) as logger:
             driver = driver_class()(cfg, LearnerGroup(ranks), actors, Path(tmp), prompts, prompts[:2], logger)
             driver.run()
-            t0 = time.time()  # a publish to idle actors: the fan-out alone
-            driver.weights.publish()
-            driver.weights.check(block=True)
-            fanout = time.time() - t0
     reports = ray.get([a.report.remote() for a in actors])
     learned = ray.get(ranks[0].report.remote())
     start, end = driver.loop_start, driver.last_update
@@ -330,6 +350,11 @@ def run_point(pool: Pool, n: int, k: int, args: argparse.Namespace) -> dict[str,
     cpu = (driver.cpu_last - driver.cpu_start) / steps
     updates_per_s = steps / window
     publishes = [p for p in driver.publishes if start <= p[0] <= end]
+    published_at = {v: t for t, _, v in driver.publishes}
+    # seconds from a version's publish to each actor's load of it (every load in the window comes with a generate)
+    loads = [(t, v) for r in reports for t, v, carried in r["loads"] if start <= t <= end]
+    lag = [(t - published_at[v]) / scale for t, v in loads if v in published_at]
+    parts, rollouts = driver.at_last
     row_mb = pool.template_bytes_per_row / 2**20
     lora_mb = costs.LORA_PARAMS * 4 / 2**20
     age = np.array(learned["age"] or [0])
@@ -345,10 +370,14 @@ def run_point(pool: Pool, n: int, k: int, args: argparse.Namespace) -> dict[str,
         "pairs_seen": b.seen, "pairs_dropped": b.dropped, "dropped_fraction": b.dropped / max(b.seen, 1),
         "backlog_pairs": len(b), "age_updates_mean": float(age.mean()), "age_updates_p95": float(np.quantile(age, .95)),
         "driver_cpu_ms_per_update": 1e3 * cpu, "driver_core_share": cpu * updates_per_s,
-        "object_store_mb_per_update": (b.seen * row_mb / steps + args.batch * row_mb
-                                       + n * lora_mb * len(publishes) / steps),
+        "rollouts_per_update": rollouts / steps,
+        "driver_cpu_ms_per_rollout": 1e3 * (parts["collect"] + parts["send"]) / max(rollouts, 1),
+        "driver_cpu_ms_per_update_parts": {**{k: 1e3 * v / steps for k, v in parts.items()},
+                                           "rest": 1e3 * cpu - 1e3 * sum(parts.values()) / steps},
+        "object_store_mb_per_update": (b.seen * row_mb / steps + args.batch * row_mb + lora_mb * len(loads) / steps),
+        "weight_loads_per_update": len(loads) / steps,
         "publish_ms": 1e3 * float(np.median([p[1] for p in publishes])) if publishes else math.nan,
-        "fanout_idle_ms": 1e3 * fanout}
+        "publish_to_load_s": float(np.median(lag)) if lag else math.nan}
 
 
 def keeps_up(r: dict[str, Any]) -> bool:
@@ -384,7 +413,8 @@ def sweep(args: argparse.Namespace) -> dict[str, Any]:
                 r = run_point(pool, n, k, args)
                 rows.append(r)
                 shown = ("n", "k", "wall_s", "rollout_efficiency", "learner_utilisation", "dropped_fraction",
-                         "driver_core_share")
+                         "driver_core_share", "driver_cpu_ms_per_update", "driver_cpu_ms_per_rollout",
+                         "driver_cpu_ms_per_update_parts")
                 print(json.dumps({key: r[key] for key in shown}), flush=True)
                 if keeps_up(r) or k * 2 > args.max_learners:
                     smallest[n] = k if keeps_up(r) else None
@@ -401,7 +431,8 @@ def table(result: dict[str, Any]) -> str:
     """The Markdown table of a sweep."""
     head = ("| N (A100+L4) | K | rollout eff. | learner util. | pairs/s made / trained | dropped | "
             "staleness at arrival (versions: pairs) | age at training p95 (updates) | driver ms CPU/update | "
-            "driver core share | object store MB/update | publish ms | idle fan-out ms |")
+            "driver ms CPU/rollout | driver core share | object store MB/update | publish ms | "
+            "publish → load s (median) |")
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for r in result["rows"]:
         hist = ", ".join(f"{s}: {c}" for s, c in list(r["staleness_at_arrival"].items())[:6])
@@ -409,9 +440,9 @@ def table(result: dict[str, Any]) -> str:
             f"| {r['n']} ({r['a100']}+{r['l4']}) | {r['k']} | {r['rollout_efficiency']:.1%} | "
             f"{r['learner_utilisation']:.1%} | {r['pairs_per_s']:.0f} / {r['trained_pairs_per_s']:.0f} | "
             f"{r['dropped_fraction']:.1%} | {hist} | {r['age_updates_p95']:.0f} | "
-            f"{r['driver_cpu_ms_per_update']:.1f} | "
+            f"{r['driver_cpu_ms_per_update']:.1f} | {r['driver_cpu_ms_per_rollout']:.2f} | "
             f"{r['driver_core_share']:.1%} | {r['object_store_mb_per_update']:.0f} | {r['publish_ms']:.1f} | "
-            f"{r['fanout_idle_ms']:.0f} |")
+            f"{r['publish_to_load_s']:.2f} |")
     return "\n".join(lines)
 
 

@@ -4,10 +4,11 @@ Single controller: the actors are plain RPC targets and all scheduling lives her
 weight sync (learner.weights), the pair buffer (learner.buffer), evaluation (learner.report) and checkpoints
 (learner.resume).
 - async: every rollout actor always has one ``generate`` in flight; one learner ``update`` is in flight
-  whenever enough pairs are buffered; every K updates (``train.broadcast_every``) a new version is published.
-  Each ``generate`` names the version its actor holds, and the buffer drops records staler than
-  ``train.max_staleness``.
-- sync: strict on-policy rounds (generate on all actors → train on exactly those pairs → publish).
+  whenever enough pairs are buffered; every K updates (``train.broadcast_every``) a new version is published, and
+  an actor's next ``generate`` carries it (learner.weights). Each ``generate`` names the version its actor will
+  hold, and the buffer drops records staler than ``train.max_staleness``.
+- sync: strict on-policy rounds (generate on all actors with the round's version → train on exactly those pairs →
+  publish).
 - offline: training from a trajectory log, without actors (the dense-reward paper's setting).
 A rollout actor that fails is restarted by Ray, gets the weights again and its lost call is re-sent; a reward actor
 that fails fails the rollout call it was serving, and once Ray has restarted it that call is re-sent; the learner
@@ -176,7 +177,8 @@ class Driver:
 
     def _send(self, task: Task) -> Any:
         return self.rollouts[task.actor].generate.remote(task.prompts, task.prompt_ids, task.seeds,
-                                                         self.weights.version, task.round)
+                                                         self.weights.version, task.round,
+                                                         self.weights.attach(task.actor))
 
     def _collect(self, ref: Any, task: Task) -> bool:
         """Buffer the records of a finished generate call; False after an actor failure (re-send the task)."""
@@ -190,6 +192,7 @@ class Driver:
                 raise
             self.weights.recover(task.actor, e)
             return False
+        self.weights.landed(task.actor, stats.get("load"))
         self.balancer.observe(task.actor, stats["chains"], stats["seconds"])
         self.counters.chains += int(stats["chains"])
         a, step = task.actor, self.counters.steps

@@ -41,6 +41,17 @@ def test_object_store_round_trip_and_a_resend_carries_the_published_version(make
     assert newer.checksum == checksum(live) != first.checksum
 
 
+def test_a_generate_that_carries_weights_loads_them_before_sampling_and_reports_the_load(make_config):
+    cfg = make_config()
+    learner, worker = Learner(cfg), RolloutWorker(cfg.rollout_settings())
+    _perturb(learner)
+    state = learner.send_weights(1, OBJECT_STORE)
+    batch, stats = worker.generate(["a red circle on the left"], [0], [0], expected_version=1, weights=state)
+    assert (stats["load"].version, stats["load"].checksum) == (1, state.checksum)
+    assert set(batch.column("policy_version").to_pylist()) == {1}  # sampled by the version it carried
+    assert "load" not in worker.generate(["a red circle on the left"], [0], [1], expected_version=1)[1]
+
+
 def _records(versions: list[int]) -> pa.RecordBatch:
     return pa.RecordBatch.from_pydict({"policy_version": versions, "reward_w": [0.0] * len(versions)})
 
