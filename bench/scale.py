@@ -223,17 +223,28 @@ def record_template(max_prompts: int, branches: int, seed: int = 0) -> pa.Record
         "round": np.zeros(rows, np.int64)})
 
 
-def sim_config(n: int, steps: int, batch: int, max_staleness: int, broadcast_every: int, out: Path) -> Any:
-    """The TailorPO SD-1.5 preset with the simulation's sizes (no model is loaded: model.path is never read)."""
+def sim_config(n: int, steps: int, batch: int, max_staleness: int | None, broadcast_every: int, out: Path,
+               pairs_per_s: float = 0.0) -> Any:
+    """The TailorPO SD-1.5 preset with the simulation's sizes (no model is loaded: model.path is never read).
+    ``max_staleness`` None: matched to the rate (``matched_staleness``), for ``pairs_per_s`` trained."""
     from learner.config import build_config, load_yaml
 
     tree = load_yaml(PRESET)
     tree["ray"] = {"address": None}
     tree["rollout"].update(num_actors=n, max_prompts_per_task=MAX_PROMPTS)
+    if max_staleness is None:
+        cfg = build_config(tree)
+        max_staleness = matched_staleness(pairs_per_s / batch / broadcast_every, cfg.rollout.target_task_seconds)
     tree["train"].update(steps=steps, batch_size=batch, max_staleness=max_staleness, broadcast_every=broadcast_every)
     tree["eval"] = {"every": 0, "num_prompts": 2, "seeds_per_prompt": 1, "grid_prompts": 0}
     tree["output"] = {"dir": str(out), "checkpoint_every": 10**9, "tensorboard": False}
     return build_config(tree)
+
+
+def matched_staleness(versions_per_s: float, task_s: float) -> int:
+    """The versions published while one rollout task runs (rounded up): a task's records arrive about this stale,
+    so a smaller ``max_staleness`` drops most of what the actors make and a larger one only admits older records."""
+    return max(1, math.ceil(versions_per_s * task_s))
 
 
 def driver_class() -> type:
@@ -336,7 +347,8 @@ def run_point(pool: Pool, n: int, k: int, args: argparse.Namespace) -> dict[str,
     ray.get([a.reset.remote(scale) for a in actors] + [r.reset.remote(scale) for r in ranks])
     wall = time.time()
     with tempfile.TemporaryDirectory() as tmp:
-        cfg = sim_config(n, steps, args.batch, args.max_staleness, args.broadcast_every, Path(tmp))
+        cfg = sim_config(n, steps, args.batch, args.max_staleness, args.broadcast_every, Path(tmp),
+                         min(rates.sum(), learner_rate))
         prompts = [f"prompt {i}" for i in range(512)]
         with RunLogger(Path(tmp), tensorboard=False) as logger:
             driver = driver_class()(cfg, LearnerGroup(ranks), actors, Path(tmp), prompts, prompts[:2], logger)
@@ -360,6 +372,7 @@ def run_point(pool: Pool, n: int, k: int, args: argparse.Namespace) -> dict[str,
     age = np.array(learned["age"] or [0])
     return {
         "n": n, "k": k, "a100": gpus.count("A100"), "l4": gpus.count("L4"), "time_scale": scale, "updates": steps,
+        "max_staleness": cfg.train.max_staleness,
         "batch": args.batch, "wall_s": time.time() - wall,
         "sim_seconds": window,
         "rollout_efficiency": float((busy * rates).sum() / (window * rates.sum())),
@@ -429,7 +442,7 @@ def sweep(args: argparse.Namespace) -> dict[str, Any]:
 
 def table(result: dict[str, Any]) -> str:
     """The Markdown table of a sweep."""
-    head = ("| N (A100+L4) | K | rollout eff. | learner util. | pairs/s made / trained | dropped | "
+    head = ("| N (A100+L4) | K | max stale. | rollout eff. | learner util. | pairs/s made / trained | dropped | "
             "staleness at arrival (versions: pairs) | age at training p95 (updates) | driver ms CPU/update | "
             "driver ms CPU/rollout | driver core share | object store MB/update | publish ms | "
             "publish → load s (median) |")
@@ -437,7 +450,7 @@ def table(result: dict[str, Any]) -> str:
     for r in result["rows"]:
         hist = ", ".join(f"{s}: {c}" for s, c in list(r["staleness_at_arrival"].items())[:6])
         lines.append(
-            f"| {r['n']} ({r['a100']}+{r['l4']}) | {r['k']} | {r['rollout_efficiency']:.1%} | "
+            f"| {r['n']} ({r['a100']}+{r['l4']}) | {r['k']} | {r['max_staleness']} | {r['rollout_efficiency']:.1%} | "
             f"{r['learner_utilisation']:.1%} | {r['pairs_per_s']:.0f} / {r['trained_pairs_per_s']:.0f} | "
             f"{r['dropped_fraction']:.1%} | {hist} | {r['age_updates_p95']:.0f} | "
             f"{r['driver_cpu_ms_per_update']:.1f} | {r['driver_cpu_ms_per_rollout']:.2f} | "
@@ -468,7 +481,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--actors", type=int, nargs="+", default=[1, 2, 4, 8, 16, 32, 64])
     p.add_argument("--max-learners", type=int, default=16)
     p.add_argument("--batch", type=int, default=64, help="pairs per update (divisible by every K tried)")
-    p.add_argument("--max-staleness", type=int, default=1)
+    p.add_argument("--max-staleness", type=int, default=None, help="train.max_staleness (default: per point, the "
+                   "versions published while one task runs, ceil(updates/s / broadcast_every x "
+                   "rollout.target_task_seconds): 1 at N <= 4, 14 at N = 64. The preset's 1 would drop most pairs "
+                   "from N = 8 on, since a task's records arrive that many versions old)")
     p.add_argument("--broadcast-every", type=int, default=1)
     p.add_argument("--learner-gpu", choices=sorted(costs.PEAK_BF16), default="A100")
     p.add_argument("--trainable", choices=sorted(costs.PAIR_FLOPS), default="lora")

@@ -34,7 +34,7 @@ from learner.checkpoint import latest_checkpoint
 from learner.config import Config
 from learner.group import LearnerGroup
 from learner.metrics import RunLogger
-from learner.report import Evaluator, log_rollout
+from learner.report import Evaluator, RolloutStats
 from learner.resume import RunCheckpoints
 from learner.scheduling import PromptStream, ThroughputBalancer
 from learner.weights import WeightSync, open_transport
@@ -74,6 +74,7 @@ class Driver:
                                            r.max_prompts_per_task, r.adapt_batch)
         self.buffer = PairBuffer(t.max_staleness)
         self.traj_log = TrajectoryLog(out / "trajectories") if cfg.output.trajectory_log else None
+        self.rollout_stats = RolloutStats(logger, cfg.sampler.num_steps)
         transport = open_transport(t.weight_sync, t.collective_backend, learner, rollouts,
                                    t.num_gpus >= 1 and r.num_gpus >= 1, logger)
         self.weights = WeightSync(transport, learner, rollouts, self._learner, logger)
@@ -100,6 +101,7 @@ class Driver:
         with tqdm(total=self.cfg.train.steps, initial=self.counters.steps, desc="learner updates",
                   unit="upd", dynamic_ncols=True) as bar:
             loop(bar)
+        self.rollout_stats.log(self.counters.steps, self.buffer.dropped)  # those collected after the last update
         if self.checkpoints.last_step != self.counters.steps:
             self.checkpoints.save(self)
         final = self.evaluator.evaluate("after", self.counters.steps)
@@ -201,8 +203,7 @@ class Driver:
                                f"actor{a}/batch": float(len(task.prompts))}, "rollout")
         if self.traj_log is not None:
             self.traj_log.write(batch, round=task.round, actor_id=a)
-        staleness = self.buffer.accept(batch, self.weights.version)
-        log_rollout(self.logger, step, batch, staleness, self.buffer.dropped, self.cfg.sampler.num_steps)
+        self.rollout_stats.add(batch, self.buffer.accept(batch, self.weights.version))
         return True
 
     def _learner(self, ref: Any) -> Any:
@@ -221,6 +222,7 @@ class Driver:
 
     def _after_update(self, metrics: dict[str, float], bar: tqdm) -> None:
         c, skipped = self.counters, bool(metrics.get("skipped_nonfinite"))
+        self.rollout_stats.log(c.steps, self.buffer.dropped)  # the rollouts collected since the last update
         if skipped:
             c.nonfinite_skipped += 1
             self.logger.event("nonfinite_loss_skipped", step=c.steps, total=c.nonfinite_skipped)
