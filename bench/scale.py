@@ -247,34 +247,42 @@ def matched_staleness(versions_per_s: float, task_s: float) -> int:
     return max(1, math.ceil(versions_per_s * task_s))
 
 
+PARTS = ("collect", "send", "publish", "take", "shard", "learner_get", "after_update")
+
+
 def driver_class() -> type:
-    """learner.loop.Driver with clocks: the loop's wall and CPU time up to the last update, the CPU time of its
-    parts (Ray's threads included, whichever part they ran during), publish timings."""
+    """learner.loop.Driver with clocks: the loop's wall and CPU time up to the last update, the main thread's CPU
+    time in each part of the loop (the rest of the process's CPU is Ray's own threads), publish timings."""
     from learner.loop import Driver
 
     class MeasuredDriver(Driver):
+        def __init__(self, *args: Any, **kwargs: Any):
+            self.parts: dict[str, float] = dict.fromkeys(PARTS, 0.0)
+            super().__init__(*args, **kwargs)
+
         def _run_async(self, bar: Any) -> None:
             self.publishes: list[tuple[float, float, int]] = []  # (wall-clock start, driver seconds, version)
-            self.parts: dict[str, float] = dict.fromkeys(("collect", "send", "publish", "update"), 0.0)
-            publish = self.weights.publish
+            self.parts = dict.fromkeys(PARTS, 0.0)  # the loop's only
+            publish, take, shard = self.weights.publish, self.buffer.take, self.learners.update
 
             def timed(new_version: bool = True) -> None:
-                t0, cpu = time.time(), time.process_time()
-                publish(new_version)
-                self.parts["publish"] += time.process_time() - cpu
+                t0 = time.time()
+                self._part("publish", publish, new_version)
                 self.publishes.append((t0, time.time() - t0, self.weights.version))
 
             self.weights.publish = timed
-            self.loop_start, self.cpu_start = time.time(), time.process_time()
+            self.buffer.take = lambda n: self._part("take", take, n)
+            self.learners.update = lambda batch: self._part("shard", shard, batch)
+            self.loop_start, self.cpu_start, self.main_start = time.time(), time.process_time(), time.thread_time()
             super()._run_async(bar)
-            self.weights.publish = publish
+            self.weights.publish, self.buffer.take, self.learners.update = publish, take, shard
 
         def _part(self, name: str, call: Any, *args: Any) -> Any:
-            cpu = time.process_time()
+            cpu = time.thread_time()
             try:
                 return call(*args)
             finally:
-                self.parts[name] += time.process_time() - cpu
+                self.parts[name] += time.thread_time() - cpu
 
         def _collect(self, ref: Any, task: Any) -> bool:
             return self._part("collect", super()._collect, ref, task)
@@ -282,9 +290,12 @@ def driver_class() -> type:
         def _send(self, task: Any) -> Any:
             return self._part("send", super()._send, task)
 
+        def _learner(self, ref: Any) -> Any:
+            return self._part("learner_get", super()._learner, ref)
+
         def _after_update(self, metrics: dict[str, float], bar: Any) -> None:
-            self._part("update", super()._after_update, metrics, bar)
-            self.last_update, self.cpu_last = time.time(), time.process_time()
+            self._part("after_update", super()._after_update, metrics, bar)
+            self.last_update, self.cpu_last, self.main_last = time.time(), time.process_time(), time.thread_time()
             self.at_last = dict(self.parts), self.counters.rounds  # the parts and rollouts up to the last update
 
     return MeasuredDriver
@@ -360,6 +371,7 @@ def run_point(pool: Pool, n: int, k: int, args: argparse.Namespace) -> dict[str,
     busy = np.array([busy_in(r["busy"], start, end) for r in reports]) / scale
     b = driver.buffer
     cpu = (driver.cpu_last - driver.cpu_start) / steps
+    main = (driver.main_last - driver.main_start) / steps  # the driver's own (main) thread
     updates_per_s = steps / window
     publishes = [p for p in driver.publishes if start <= p[0] <= end]
     published_at = {v: t for t, _, v in driver.publishes}
@@ -385,8 +397,9 @@ def run_point(pool: Pool, n: int, k: int, args: argparse.Namespace) -> dict[str,
         "driver_cpu_ms_per_update": 1e3 * cpu, "driver_core_share": cpu * updates_per_s,
         "rollouts_per_update": rollouts / steps,
         "driver_cpu_ms_per_rollout": 1e3 * (parts["collect"] + parts["send"]) / max(rollouts, 1),
-        "driver_cpu_ms_per_update_parts": {**{k: 1e3 * v / steps for k, v in parts.items()},
-                                           "rest": 1e3 * cpu - 1e3 * sum(parts.values()) / steps},
+        "driver_cpu_ms_per_update_parts": {  # main thread by part, its waits and loop, then Ray's own threads
+            **{k: 1e3 * v / steps for k, v in parts.items()},
+            "wait_and_loop": 1e3 * (main - sum(parts.values()) / steps), "ray_threads": 1e3 * (cpu - main)},
         "object_store_mb_per_update": (b.seen * row_mb / steps + args.batch * row_mb + lora_mb * len(loads) / steps),
         "weight_loads_per_update": len(loads) / steps,
         "publish_ms": 1e3 * float(np.median([p[1] for p in publishes])) if publishes else math.nan,

@@ -74,7 +74,8 @@ class Transport(ABC):
 
 
 class ObjectStore(Transport):
-    """safetensors bytes in Ray's object store: one ``ray.put`` per version, the same ref to every actor.
+    """safetensors bytes in Ray's object store: the learner's ``send_weights`` result, one object per version, and
+    the same ref to every actor (the driver reads the version and checksum from it, and puts nothing itself).
 
     The driver hands the ref to an actor with its next ``generate`` (``Published.payload``), which loads it before
     sampling: the version lands exactly at the rollout boundary, without one extra call per actor and publish."""
@@ -82,10 +83,8 @@ class ObjectStore(Transport):
     name = "object_store"
 
     def publish(self, learner: Any, actors: list[Any], version: int, get: Getter) -> Published:
-        import ray
-
-        state: WeightState = get(learner.send_weights.remote(version, self))
-        ref = ray.put(state)
+        ref = learner.send_weights.remote(version, self)
+        state: WeightState = get(ref)
         return Published(state.version, state.checksum, [a.receive_weights.remote(ref, self) for a in actors], ref)
 
     def send(self, tensors: dict[str, torch.Tensor], version: int, slot: str | None) -> WeightState:
