@@ -1,8 +1,8 @@
 """Over the object store a published version travels with each actor's next ``generate``: after the first publish the
 driver makes no ``receive_weights`` call, a wrong checksum in a generate's load report still stops the run, a
 restarted actor still recovers with an explicit load, and sync rounds stay on-policy. The real driver on Ray, with
-the scale simulation's torch-free roles (fast to start; the real RolloutWorker's generate is covered in
-test_learner.py)."""
+the scale simulation's torch-free roles (fast to start; the real RolloutWorker's generate with weights is covered
+in test_driver_parts.py)."""
 
 from __future__ import annotations
 
@@ -99,9 +99,9 @@ def test_a_wrong_checksum_in_a_generates_load_report_stops_the_run(tmp_path):
 def test_a_restarted_actor_recovers_with_an_explicit_load(tmp_path):
     driver, reports, out = _run(tmp_path, die=True, steps=40)  # time for the driver to see the death, run on
     assert driver.counters.steps == 40 and driver.weights.failures == 1
-    direct = [(v, carried) for _, v, carried in reports[0]["loads"]]  # the restarted process's loads
-    assert direct[0][0] >= 1 and not direct[0][1]  # its first load is the recovery's, of the version then published
-    assert all(carried for _, carried in direct[1:])
+    loads = [(v, carried) for _, v, carried in reports[0]["loads"]]  # the restarted process's loads
+    assert loads[0][0] >= 1 and not loads[0][1]  # its first load is the recovery's, of the version then published
+    assert all(carried for _, carried in loads[1:])
     assert [v for _, v, carried in reports[1]["loads"] if not carried] == [0]
     events = (out / "events.jsonl").read_text()
     assert '"actor_failed"' in events and '"actor_recovered"' in events
