@@ -9,8 +9,9 @@ replaces the winner in the record and in the chain, and its log-prob is taken un
 At steps that do not branch the chain takes one ordinary policy sample.
 ``trajectory`` (D3PO, dense-reward DPO): two chains per prompt from the same x_T with independent step noise,
 ranked by the reward of their final images.
-Each call names the weights version it expects; a worker holding another version refuses (the learner then
-re-sends weights), so no record is ever attributed to the wrong policy.
+Each call names the weights version it expects, and may carry that version's weights (the object store's
+``WeightState``, loaded first and its ``LoadReport`` returned in the stats); a worker holding another version
+refuses (the driver then re-sends weights), so no record is ever attributed to the wrong policy.
 With ``reference.compute_on: actors`` every stored transition also carries log π_ref (float64, docs/math.md §2)
 and the version of the reference that computed it: the initial model for a frozen reference (adapters off, or the
 kept initial UNet with full training), the broadcast "ref" weights for a moving one (the initial model until the
@@ -98,8 +99,11 @@ class RolloutWorker:
 
     # ---- generation -------------------------------------------------------------------------------------------
     def generate(self, prompts: Sequence[str], prompt_ids: Sequence[int], seeds: Sequence[int],
-                 expected_version: int, round_index: int = 0) -> tuple[pa.RecordBatch, dict[str, float]]:
-        """Pairs for ``prompts`` as an Arrow record batch, plus timing stats for throughput-adaptive batching."""
+                 expected_version: int, round_index: int = 0, weights: Any = None
+                 ) -> tuple[pa.RecordBatch, dict[str, Any]]:
+        """Pairs for ``prompts`` as an Arrow record batch, plus timing stats for throughput-adaptive batching and,
+        when the call carries ``weights``, their ``LoadReport`` under ``"load"``."""
+        load = None if weights is None else self.receive_weights(weights)
         if expected_version != self.version:
             raise StaleWeightsError(
                 f"actor {self.actor_id} holds weights v{self.version}, asked for v{expected_version}")
@@ -120,8 +124,10 @@ class RolloutWorker:
                        actor_id=torch.full((len(columns["prompt"]),), self.actor_id),
                        round=torch.full((len(columns["prompt"]),), round_index))
         seconds = time.perf_counter() - t0
-        stats = {"chains": float(chains), "seconds": seconds, "ref_seconds": self.ref_seconds,
-                 "pairs": float(len(columns["prompt"])), "steps": float(n * self.cfg.sampler.num_steps)}
+        stats: dict[str, Any] = {"chains": float(chains), "seconds": seconds, "ref_seconds": self.ref_seconds,
+                                 "pairs": float(len(columns["prompt"])), "steps": float(n * self.cfg.sampler.num_steps)}
+        if load is not None:
+            stats["load"] = load
         return to_record_batch(kind, columns), stats
 
     def _x0_next(self, x: torch.Tensor, k: int, embeds) -> tuple[torch.Tensor, torch.Tensor | None]:

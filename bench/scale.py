@@ -99,22 +99,26 @@ class SimRollout:
         self.rng = np.random.default_rng(seed)
         self.scale, self.version = 1.0, 0
         self.busy: list[tuple[float, float]] = []  # wall-clock (start, end) of every generate
-        self.loads: dict[int, float] = {}  # version -> wall-clock time it was loaded
+        self.loads: list[tuple[float, int, bool]] = []  # (wall-clock time, version, carried by a generate) per load
 
     def reset(self, scale: float) -> None:
-        self.scale, self.busy, self.loads = scale, [], {}
+        self.scale, self.busy, self.loads = scale, [], []
 
     def receive_weights(self, payload: Any, transport: Any = None, what: str = "policy") -> Any:
+        return self._load(payload, carried=False)
+
+    def _load(self, payload: Any, carried: bool) -> Any:
         from safetensors.numpy import load
 
         report = sys.modules["policy.lora"].LoadReport
         tensors = load(payload.blob)
         self.version = payload.version
-        self.loads[payload.version] = time.time()
+        self.loads.append((time.time(), payload.version, carried))
         return report(payload.version, len(tensors), checksum(tensors))
 
     def generate(self, prompts: list[str], prompt_ids: list[int], seeds: list[int], expected_version: int,
-                 round_index: int = 0) -> tuple[pa.RecordBatch, dict[str, float]]:
+                 round_index: int = 0, weights: Any = None) -> tuple[pa.RecordBatch, dict[str, Any]]:
+        load = None if weights is None else self._load(weights, carried=True)
         if expected_version != self.version:
             raise StaleWeightsError(f"actor {self.actor_id} holds weights v{self.version}, asked for "
                                     f"v{expected_version}")
@@ -129,8 +133,11 @@ class SimRollout:
         columns = [pa.array(fields[f.name], f.type) if f.name in fields else batch.column(i)
                    for i, f in enumerate(batch.schema)]
         self.busy.append((start, time.time()))
-        return pa.RecordBatch.from_arrays(columns, schema=batch.schema), {
-            "chains": float(n), "seconds": seconds, "pairs": float(rows), "steps": float(n * costs.NUM_STEPS)}
+        stats: dict[str, Any] = {"chains": float(n), "seconds": seconds, "pairs": float(rows),
+                                 "steps": float(n * costs.NUM_STEPS)}
+        if load is not None:
+            stats["load"] = load
+        return pa.RecordBatch.from_arrays(columns, schema=batch.schema), stats
 
     def report(self) -> dict[str, Any]:
         return {"busy": self.busy, "loads": self.loads}
@@ -216,41 +223,82 @@ def record_template(max_prompts: int, branches: int, seed: int = 0) -> pa.Record
         "round": np.zeros(rows, np.int64)})
 
 
-def sim_config(n: int, steps: int, batch: int, max_staleness: int, broadcast_every: int, out: Path) -> Any:
-    """The TailorPO SD-1.5 preset with the simulation's sizes (no model is loaded: model.path is never read)."""
+def sim_config(n: int, steps: int, batch: int, max_staleness: int | None, broadcast_every: int, out: Path,
+               pairs_per_s: float = 0.0) -> Any:
+    """The TailorPO SD-1.5 preset with the simulation's sizes (no model is loaded: model.path is never read).
+    ``max_staleness`` None: matched to the rate (``matched_staleness``), for ``pairs_per_s`` trained."""
     from learner.config import build_config, load_yaml
 
     tree = load_yaml(PRESET)
     tree["ray"] = {"address": None}
     tree["rollout"].update(num_actors=n, max_prompts_per_task=MAX_PROMPTS)
+    if max_staleness is None:
+        cfg = build_config(tree)
+        max_staleness = matched_staleness(pairs_per_s / batch / broadcast_every, cfg.rollout.target_task_seconds)
     tree["train"].update(steps=steps, batch_size=batch, max_staleness=max_staleness, broadcast_every=broadcast_every)
     tree["eval"] = {"every": 0, "num_prompts": 2, "seeds_per_prompt": 1, "grid_prompts": 0}
     tree["output"] = {"dir": str(out), "checkpoint_every": 10**9, "tensorboard": False}
     return build_config(tree)
 
 
+def matched_staleness(versions_per_s: float, task_s: float) -> int:
+    """The versions published while one rollout task runs (rounded up), plus one while its pairs wait for a batch
+    and one for the tasks' jitter: a task's records are about this old when trained, so a smaller
+    ``max_staleness`` drops much of what the actors make and a larger one only admits older records. (Without
+    the two, 13-25 % of pairs were dropped at N = 4-8.)"""
+    return math.ceil(versions_per_s * task_s) + 2
+
+
+PARTS = ("collect", "send", "publish", "take", "shard", "learner_get", "after_update")
+
+
 def driver_class() -> type:
-    """learner.loop.Driver with clocks: the loop's wall and CPU time up to the last update, publish timings."""
+    """learner.loop.Driver with clocks: the loop's wall and CPU time up to the last update, the main thread's CPU
+    time in each part of the loop (the rest of the process's CPU is Ray's own threads), publish timings."""
     from learner.loop import Driver
 
     class MeasuredDriver(Driver):
+        def __init__(self, *args: Any, **kwargs: Any):
+            self.parts: dict[str, float] = dict.fromkeys(PARTS, 0.0)
+            super().__init__(*args, **kwargs)
+
         def _run_async(self, bar: Any) -> None:
-            self.publishes: list[tuple[float, float]] = []  # (wall-clock start, driver seconds) per publish
-            publish = self.weights.publish
+            self.publishes: list[tuple[float, float, int]] = []  # (wall-clock start, driver seconds, version)
+            self.parts = dict.fromkeys(PARTS, 0.0)  # the loop's only
+            publish, take, shard = self.weights.publish, self.buffer.take, self.learners.update
 
             def timed(new_version: bool = True) -> None:
                 t0 = time.time()
-                publish(new_version)
-                self.publishes.append((t0, time.time() - t0))
+                self._part("publish", publish, new_version)
+                self.publishes.append((t0, time.time() - t0, self.weights.version))
 
             self.weights.publish = timed
-            self.loop_start, self.cpu_start = time.time(), time.process_time()
+            self.buffer.take = lambda n: self._part("take", take, n)
+            self.learners.update = lambda batch: self._part("shard", shard, batch)
+            self.loop_start, self.cpu_start, self.main_start = time.time(), time.process_time(), time.thread_time()
             super()._run_async(bar)
-            self.weights.publish = publish
+            self.weights.publish, self.buffer.take, self.learners.update = publish, take, shard
+
+        def _part(self, name: str, call: Any, *args: Any) -> Any:
+            cpu = time.thread_time()
+            try:
+                return call(*args)
+            finally:
+                self.parts[name] += time.thread_time() - cpu
+
+        def _collect(self, ref: Any, task: Any) -> bool:
+            return self._part("collect", super()._collect, ref, task)
+
+        def _send(self, task: Any) -> Any:
+            return self._part("send", super()._send, task)
+
+        def _learner(self, ref: Any) -> Any:
+            return self._part("learner_get", super()._learner, ref)
 
         def _after_update(self, metrics: dict[str, float], bar: Any) -> None:
-            super()._after_update(metrics, bar)
-            self.last_update, self.cpu_last = time.time(), time.process_time()
+            self._part("after_update", super()._after_update, metrics, bar)
+            self.last_update, self.cpu_last, self.main_last = time.time(), time.process_time(), time.thread_time()
+            self.at_last = dict(self.parts), self.counters.rounds  # the parts and rollouts up to the last update
 
     return MeasuredDriver
 
@@ -312,15 +360,12 @@ def run_point(pool: Pool, n: int, k: int, args: argparse.Namespace) -> dict[str,
     ray.get([a.reset.remote(scale) for a in actors] + [r.reset.remote(scale) for r in ranks])
     wall = time.time()
     with tempfile.TemporaryDirectory() as tmp:
-        cfg = sim_config(n, steps, args.batch, args.max_staleness, args.broadcast_every, Path(tmp))
+        cfg = sim_config(n, steps, args.batch, args.max_staleness, args.broadcast_every, Path(tmp),
+                         min(rates.sum(), learner_rate))
         prompts = [f"prompt {i}" for i in range(512)]
         with RunLogger(Path(tmp), tensorboard=False) as logger:
             driver = driver_class()(cfg, LearnerGroup(ranks), actors, Path(tmp), prompts, prompts[:2], logger)
             driver.run()
-            t0 = time.time()  # a publish to idle actors: the fan-out alone
-            driver.weights.publish()
-            driver.weights.check(block=True)
-            fanout = time.time() - t0
     reports = ray.get([a.report.remote() for a in actors])
     learned = ray.get(ranks[0].report.remote())
     start, end = driver.loop_start, driver.last_update
@@ -328,13 +373,20 @@ def run_point(pool: Pool, n: int, k: int, args: argparse.Namespace) -> dict[str,
     busy = np.array([busy_in(r["busy"], start, end) for r in reports]) / scale
     b = driver.buffer
     cpu = (driver.cpu_last - driver.cpu_start) / steps
+    main = (driver.main_last - driver.main_start) / steps  # the driver's own (main) thread
     updates_per_s = steps / window
     publishes = [p for p in driver.publishes if start <= p[0] <= end]
+    published_at = {v: t for t, _, v in driver.publishes}
+    # seconds from a version's publish to each actor's load of it (every load in the window comes with a generate)
+    loads = [(t, v) for r in reports for t, v, carried in r["loads"] if start <= t <= end]
+    lag = [(t - published_at[v]) / scale for t, v in loads if v in published_at]
+    parts, rollouts = driver.at_last
     row_mb = pool.template_bytes_per_row / 2**20
     lora_mb = costs.LORA_PARAMS * 4 / 2**20
     age = np.array(learned["age"] or [0])
     return {
         "n": n, "k": k, "a100": gpus.count("A100"), "l4": gpus.count("L4"), "time_scale": scale, "updates": steps,
+        "max_staleness": cfg.train.max_staleness,
         "batch": args.batch, "wall_s": time.time() - wall,
         "sim_seconds": window,
         "rollout_efficiency": float((busy * rates).sum() / (window * rates.sum())),
@@ -345,10 +397,15 @@ def run_point(pool: Pool, n: int, k: int, args: argparse.Namespace) -> dict[str,
         "pairs_seen": b.seen, "pairs_dropped": b.dropped, "dropped_fraction": b.dropped / max(b.seen, 1),
         "backlog_pairs": len(b), "age_updates_mean": float(age.mean()), "age_updates_p95": float(np.quantile(age, .95)),
         "driver_cpu_ms_per_update": 1e3 * cpu, "driver_core_share": cpu * updates_per_s,
-        "object_store_mb_per_update": (b.seen * row_mb / steps + args.batch * row_mb
-                                       + n * lora_mb * len(publishes) / steps),
+        "rollouts_per_update": rollouts / steps,
+        "driver_cpu_ms_per_rollout": 1e3 * (parts["collect"] + parts["send"]) / max(rollouts, 1),
+        "driver_cpu_ms_per_update_parts": {  # main thread by part, its waits and loop, then Ray's own threads
+            **{k: 1e3 * v / steps for k, v in parts.items()},
+            "wait_and_loop": 1e3 * (main - sum(parts.values()) / steps), "ray_threads": 1e3 * (cpu - main)},
+        "object_store_mb_per_update": (b.seen * row_mb / steps + args.batch * row_mb + lora_mb * len(loads) / steps),
+        "weight_loads_per_update": len(loads) / steps,
         "publish_ms": 1e3 * float(np.median([p[1] for p in publishes])) if publishes else math.nan,
-        "fanout_idle_ms": 1e3 * fanout}
+        "publish_to_load_s": float(np.median(lag)) if lag else math.nan}
 
 
 def keeps_up(r: dict[str, Any]) -> bool:
@@ -384,7 +441,8 @@ def sweep(args: argparse.Namespace) -> dict[str, Any]:
                 r = run_point(pool, n, k, args)
                 rows.append(r)
                 shown = ("n", "k", "wall_s", "rollout_efficiency", "learner_utilisation", "dropped_fraction",
-                         "driver_core_share")
+                         "driver_core_share", "driver_cpu_ms_per_update", "driver_cpu_ms_per_rollout",
+                         "driver_cpu_ms_per_update_parts")
                 print(json.dumps({key: r[key] for key in shown}), flush=True)
                 if keeps_up(r) or k * 2 > args.max_learners:
                     smallest[n] = k if keeps_up(r) else None
@@ -399,19 +457,20 @@ def sweep(args: argparse.Namespace) -> dict[str, Any]:
 
 def table(result: dict[str, Any]) -> str:
     """The Markdown table of a sweep."""
-    head = ("| N (A100+L4) | K | rollout eff. | learner util. | pairs/s made / trained | dropped | "
+    head = ("| N (A100+L4) | K | max stale. | rollout eff. | learner util. | pairs/s made / trained | dropped | "
             "staleness at arrival (versions: pairs) | age at training p95 (updates) | driver ms CPU/update | "
-            "driver core share | object store MB/update | publish ms | idle fan-out ms |")
+            "driver ms CPU/rollout | driver core share | object store MB/update | publish ms | "
+            "publish → load s (median) |")
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for r in result["rows"]:
         hist = ", ".join(f"{s}: {c}" for s, c in list(r["staleness_at_arrival"].items())[:6])
         lines.append(
-            f"| {r['n']} ({r['a100']}+{r['l4']}) | {r['k']} | {r['rollout_efficiency']:.1%} | "
+            f"| {r['n']} ({r['a100']}+{r['l4']}) | {r['k']} | {r['max_staleness']} | {r['rollout_efficiency']:.1%} | "
             f"{r['learner_utilisation']:.1%} | {r['pairs_per_s']:.0f} / {r['trained_pairs_per_s']:.0f} | "
             f"{r['dropped_fraction']:.1%} | {hist} | {r['age_updates_p95']:.0f} | "
-            f"{r['driver_cpu_ms_per_update']:.1f} | "
+            f"{r['driver_cpu_ms_per_update']:.1f} | {r['driver_cpu_ms_per_rollout']:.2f} | "
             f"{r['driver_core_share']:.1%} | {r['object_store_mb_per_update']:.0f} | {r['publish_ms']:.1f} | "
-            f"{r['fanout_idle_ms']:.0f} |")
+            f"{r['publish_to_load_s']:.2f} |")
     return "\n".join(lines)
 
 
@@ -437,7 +496,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--actors", type=int, nargs="+", default=[1, 2, 4, 8, 16, 32, 64])
     p.add_argument("--max-learners", type=int, default=16)
     p.add_argument("--batch", type=int, default=64, help="pairs per update (divisible by every K tried)")
-    p.add_argument("--max-staleness", type=int, default=1)
+    p.add_argument("--max-staleness", type=int, default=None, help="train.max_staleness (default: per point, the "
+                   "versions published while one task runs, ceil(updates/s / broadcast_every x "
+                   "rollout.target_task_seconds) + 2 for the wait in the buffer and jitter: 3 at N = 1, 16 at N = "
+                   "64. The preset's 1 drops most pairs from N = 8 on, since a task's records arrive that many "
+                   "versions old)")
     p.add_argument("--broadcast-every", type=int, default=1)
     p.add_argument("--learner-gpu", choices=sorted(costs.PEAK_BF16), default="A100")
     p.add_argument("--trainable", choices=sorted(costs.PAIR_FLOPS), default="lora")

@@ -4,10 +4,11 @@ Single controller: the actors are plain RPC targets and all scheduling lives her
 weight sync (learner.weights), the pair buffer (learner.buffer), evaluation (learner.report) and checkpoints
 (learner.resume).
 - async: every rollout actor always has one ``generate`` in flight; one learner ``update`` is in flight
-  whenever enough pairs are buffered; every K updates (``train.broadcast_every``) a new version is published.
-  Each ``generate`` names the version its actor holds, and the buffer drops records staler than
-  ``train.max_staleness``.
-- sync: strict on-policy rounds (generate on all actors → train on exactly those pairs → publish).
+  whenever enough pairs are buffered; every K updates (``train.broadcast_every``) a new version is published, and
+  an actor's next ``generate`` carries it (learner.weights). Each ``generate`` names the version its actor will
+  hold, and the buffer drops records staler than ``train.max_staleness``.
+- sync: strict on-policy rounds (generate on all actors with the round's version → train on exactly those pairs →
+  publish).
 - offline: training from a trajectory log, without actors (the dense-reward paper's setting).
 A rollout actor that fails is restarted by Ray, gets the weights again and its lost call is re-sent; a reward actor
 that fails fails the rollout call it was serving, and once Ray has restarted it that call is re-sent (in sync mode
@@ -34,7 +35,7 @@ from learner.checkpoint import latest_checkpoint
 from learner.config import Config
 from learner.group import LearnerGroup
 from learner.metrics import RunLogger
-from learner.report import Evaluator, log_rollout
+from learner.report import Evaluator, RolloutStats
 from learner.resume import RunCheckpoints
 from learner.scheduling import PromptStream, ThroughputBalancer
 from learner.weights import WeightSync, open_transport
@@ -75,6 +76,7 @@ class Driver:
                                            r.max_prompts_per_task, r.adapt_batch)
         self.buffer = PairBuffer(t.max_staleness)
         self.traj_log = TrajectoryLog(out / "trajectories") if cfg.output.trajectory_log else None
+        self.rollout_stats = RolloutStats(logger, cfg.sampler.num_steps)
         transport = open_transport(t.weight_sync, t.collective_backend, learner, rollouts,
                                    t.num_gpus >= 1 and r.num_gpus >= 1, logger)
         self.weights = WeightSync(transport, learner, rollouts, self._learner, logger)
@@ -103,6 +105,7 @@ class Driver:
         with tqdm(total=self.cfg.train.steps, initial=self.counters.steps, desc="learner updates",
                   unit="upd", dynamic_ncols=True) as bar:
             loop(bar)
+        self.rollout_stats.log(self.counters.steps, self.buffer.dropped)  # those collected after the last update
         if self.checkpoints.last_step != self.counters.steps:
             self.checkpoints.save(self)
         final = self.evaluator.evaluate("after", self.counters.steps)
@@ -182,7 +185,8 @@ class Driver:
 
     def _send(self, task: Task) -> Any:
         return self.rollouts[task.actor].generate.remote(task.prompts, task.prompt_ids, task.seeds,
-                                                         self.weights.version, task.round)
+                                                         self.weights.version, task.round,
+                                                         self.weights.attach(task.actor))
 
     def _collect(self, ref: Any, task: Task) -> bool:
         """Buffer the records of a finished generate call; False after an actor failure (re-send the task)."""
@@ -196,6 +200,7 @@ class Driver:
                 raise
             self.weights.recover(task.actor, e)
             return False
+        self.weights.landed(task.actor, stats.get("load"))
         self.balancer.observe(task.actor, stats["chains"], stats["seconds"])
         self.counters.chains += int(stats["chains"])
         a, step = task.actor, self.counters.steps
@@ -204,8 +209,7 @@ class Driver:
                                f"actor{a}/batch": float(len(task.prompts))}, "rollout")
         if self.traj_log is not None:
             self.traj_log.write(batch, round=task.round, actor_id=a)
-        staleness = self.buffer.accept(batch, self.weights.version)
-        log_rollout(self.logger, step, batch, staleness, self.buffer.dropped, self.cfg.sampler.num_steps)
+        self.rollout_stats.add(batch, self.buffer.accept(batch, self.weights.version))
         return True
 
     def _learner(self, ref: Any) -> Any:
@@ -224,6 +228,7 @@ class Driver:
 
     def _after_update(self, metrics: dict[str, float], bar: tqdm) -> None:
         c, skipped = self.counters, bool(metrics.get("skipped_nonfinite"))
+        self.rollout_stats.log(c.steps, self.buffer.dropped)  # the rollouts collected since the last update
         if skipped:
             c.nonfinite_skipped += 1
             self.logger.event("nonfinite_loss_skipped", step=c.steps, total=c.nonfinite_skipped)

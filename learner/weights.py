@@ -1,6 +1,9 @@
 """The driver's side of weight transport: publish versions, verify every actor's load, re-send after a restart.
 
 Which transport carries the bytes is a ``policy.transport.Transport``; this part only knows its interface.
+Over the object store a publish is one ``ray.put``: an actor that holds an older version gets the newest with its
+next ``generate`` (``attach``), so a publish costs the driver no call per actor. The first publish, and every
+publish over a collective (a broadcast needs every rank), load the version into every actor at once.
 Every actor load reports (version, keys, checksum) and a checksum that differs from the sent one stops the run.
 A rollout actor that dies is restarted by Ray (``max_restarts=-1``, ``max_task_retries=0``); it then gets the
 published version again, over the object store, since a restarted actor is no longer in a collective group.
@@ -49,41 +52,56 @@ class WeightSync:
         self.transport, self.learner, self.actors, self.get, self.logger = transport, learner, actors, get, logger
         self.version = 0  # the last published version
         self.checksum = ""
+        self.payload: Any = None  # object store: the last published version's ref, carried by generate calls
         self.failures = 0  # rollout actors restarted so far
-        self.pending: list[tuple[int, Any]] = []  # (actor, LoadReport ref) not yet verified
+        self.held = [-1] * len(actors)  # the version each rollout actor has verifiably loaded
+        self.attached: dict[int, tuple[int, str]] = {}  # actor -> (version, checksum) its in-flight generate carries
+        # (actor, LoadReport ref, (version, checksum) sent, POLICY or REF) not yet verified
+        self.pending: list[tuple[int, Any, tuple[int, str], str]] = []
         self.reward_pids: list[int] | None = None  # each reward actor's process, to notice a silent restart
         self.ref_version, self.ref_checksum = 0, ""  # the moving reference last broadcast (0: none, the initial model)
-        self.ref_pending: list[tuple[int, Any]] = []  # its loads not yet verified
 
     def publish(self, new_version: bool = True) -> None:
-        """Send the policy (a new version, or the current one again) to every rollout actor."""
-        sent = self.transport.publish(self.learner, self.actors, self.version + int(new_version), self.get)
-        self.version, self.checksum = sent.version, sent.checksum
-        self.pending.extend(enumerate(sent.loads))
+        """Publish the policy (a new version, or the current one again): into every rollout actor now when no
+        version was published yet or over a collective; else only into the object store, for ``attach``."""
+        everyone = self.payload is None or not isinstance(self.transport, ObjectStore)
+        sent = self.transport.publish(self.learner, self.actors if everyone else [], self.version + int(new_version),
+                                      self.get)
+        self.version, self.checksum, self.payload = sent.version, sent.checksum, sent.payload
+        self.pending.extend((actor, ref, (sent.version, sent.checksum), POLICY) for actor, ref in enumerate(sent.loads))
+
+    def attach(self, actor: int) -> Any:
+        """The weights ``actor``'s next ``generate`` carries: the published version's ref while the actor has not
+        verifiably loaded it (object store), else None."""
+        if self.payload is None or self.held[actor] == self.version:
+            return None
+        self.attached[actor] = (self.version, self.checksum)
+        return self.payload
+
+    def landed(self, actor: int, report: Any) -> None:
+        """Verify the load that a finished ``generate`` of ``actor`` reports for the weights it carried."""
+        sent = self.attached.pop(actor, None)
+        if sent is not None:
+            self._verify(actor, report, sent)
 
     def publish_reference(self, version: int) -> None:
         """Send the learner's moved reference, ``version``, to every rollout actor (they compute log π_ref)."""
         sent = self.transport.publish(self.learner, self.actors, version, self.get, what=REF)
         self.ref_version, self.ref_checksum = sent.version, sent.checksum
-        self.ref_pending.extend(enumerate(sent.loads))
+        self.pending.extend((actor, ref, (sent.version, sent.checksum), REF) for actor, ref in enumerate(sent.loads))
         self.logger.event("reference_published", version=sent.version, checksum=sent.checksum)
 
     def check(self, block: bool = False) -> None:
-        """Verify the loads that have finished (all of them when ``block``)."""
-        self.pending = self._settle(self.pending, block, POLICY)
-        self.ref_pending = self._settle(self.ref_pending, block, REF)
-
-    def _settle(self, pending: list[tuple[int, Any]], block: bool, what: str) -> list[tuple[int, Any]]:
-        """Verify the finished loads of ``pending``; returns those still in flight."""
-        if not pending:
-            return pending
-        refs = [ref for _, ref in pending]
+        """Verify the published loads that have finished (all of them when ``block``)."""
+        if not self.pending:
+            return
+        refs = [ref for _, ref, _, _ in self.pending]
         done = set(ray.wait(refs, num_returns=len(refs), timeout=None if block else 0)[0])
-        for actor, ref in pending:
+        for actor, ref, sent, what in self.pending:
             if ref in done:  # an actor that died is recovered when its generate fails, so its load is skipped
                 with contextlib.suppress(RayActorError):
-                    self._verify(actor, ray.get(ref), what)
-        return [(actor, ref) for actor, ref in pending if ref not in done]
+                    self._verify(actor, ray.get(ref), sent, what)
+        self.pending = [p for p in self.pending if p[1] not in done]
 
     def recover(self, actor: int, error: Exception) -> None:
         """A rollout actor failed: wait for Ray to restart it, then give it the published version again."""
@@ -97,11 +115,12 @@ class WeightSync:
         while True:
             try:
                 (load,) = OBJECT_STORE.publish(self.learner, [self.actors[actor]], self.version, self.get).loads
-                self._verify(actor, ray.get(load, timeout=60))
+                self.attached.pop(actor, None)  # what its lost call carried is superseded by this load
+                self._verify(actor, ray.get(load, timeout=60), (self.version, self.checksum))
                 if self.ref_version:  # a restarted actor's reference is the initial model again
                     (load,) = OBJECT_STORE.publish(self.learner, [self.actors[actor]], self.ref_version, self.get,
                                                    REF).loads
-                    self._verify(actor, ray.get(load, timeout=60), REF)
+                    self._verify(actor, ray.get(load, timeout=60), (self.ref_version, self.ref_checksum), REF)
                 break
             except RayActorError as e:
                 if time.monotonic() > deadline:
@@ -145,11 +164,15 @@ class WeightSync:
                     time.sleep(0.5)
         return pids
 
-    def _verify(self, actor: int, report: Any, what: str = POLICY) -> None:
-        version, sent = (self.version, self.checksum) if what == POLICY else (self.ref_version, self.ref_checksum)
-        if report.version == version and report.checksum != sent:
-            raise WeightSyncError(f"rollout actor {actor} loaded {what} v{report.version} with checksum "
-                                  f"{report.checksum}, published {sent}: weights did not land")
-        if what == REF:
-            self.logger.event("reference_loaded", actor=actor, version=report.version, checksum=report.checksum,
-                              verified=report.version == version)
+    def _verify(self, actor: int, report: Any, sent: tuple[int, str], what: str = POLICY) -> None:
+        """``report`` (a LoadReport, None when the actor sent none) must show the (version, checksum) of ``what``
+        (the policy or the moving reference) that was sent."""
+        version, checksum = sent
+        if report is None or (report.version, report.checksum) != sent:
+            got = "no load report" if report is None else f"v{report.version} with checksum {report.checksum}"
+            raise WeightSyncError(f"rollout actor {actor} loaded {got}, sent {what} v{version} with checksum "
+                                  f"{checksum}: weights did not land")
+        if what == POLICY:
+            self.held[actor] = version
+        else:
+            self.logger.event("reference_loaded", actor=actor, version=version, checksum=checksum)

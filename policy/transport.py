@@ -1,7 +1,7 @@
 """How the policy travels from the learner to the rollout actors: one interface, one class per transport.
 
 A transport is a small picklable object with three halves, each run where it belongs: ``publish`` in the
-driver (it calls the learner's ``send_weights`` and every rollout actor's ``receive_weights``, both of which
+driver (it calls the learner's ``send_weights`` and the given rollout actors' ``receive_weights``, both of which
 take the transport as an argument), ``send`` in the learner, ``receive`` in a rollout actor. ``send`` reads a
 snapshot the learner took when it first published the version, so a re-send after an update still carries
 exactly the weights that version names. Every ``receive`` returns ``LoadReport(version, keys matched,
@@ -56,11 +56,13 @@ def buckets(nbytes: dict[str, int], max_bytes: int | None = None) -> list[list[s
 
 @dataclass(frozen=True)
 class Published:
-    """What the driver gets back from a publish: the version, its checksum and one LoadReport ref per actor."""
+    """What the driver gets back from a publish: the version, its checksum, one LoadReport ref per actor it was
+    sent to, and (object store) the ref of the weights, which an actor's next ``generate`` can carry instead."""
 
     version: int
     checksum: str
     loads: list[Any]
+    payload: Any = None
 
 
 class Transport(ABC):
@@ -68,8 +70,8 @@ class Transport(ABC):
 
     @abstractmethod
     def publish(self, learner: Any, actors: list[Any], version: int, get: Getter, what: str = POLICY) -> Published:
-        """Driver: send ``version`` of ``what`` from the learner to ``actors``; the actors' loads are left in
-        flight."""
+        """Driver: send ``version`` of ``what`` from the learner to ``actors`` (which may be none, where the
+        transport can deliver it later); the actors' loads are left in flight."""
 
     @abstractmethod
     def send(self, tensors: dict[str, torch.Tensor], version: int, slot: str | None) -> Any:
@@ -83,19 +85,19 @@ class Transport(ABC):
 
 
 class ObjectStore(Transport):
-    """safetensors bytes in Ray's object store: one ``ray.put`` per version, the same ref to every actor.
+    """safetensors bytes in Ray's object store: the learner's ``send_weights`` result, one object per version, and
+    the same ref to every actor (the driver reads the version and checksum from it, and puts nothing itself).
 
-    An actor runs its calls in order, so a load queued behind its in-flight ``generate`` lands exactly at
-    the rollout boundary."""
+    The driver hands the ref to an actor with its next ``generate`` (``Published.payload``), which loads it before
+    sampling: the version lands exactly at the rollout boundary, without one extra call per actor and publish."""
 
     name = "object_store"
 
     def publish(self, learner: Any, actors: list[Any], version: int, get: Getter, what: str = POLICY) -> Published:
-        import ray
-
-        state: WeightState = get(learner.send_weights.remote(version, self, what))
-        ref = ray.put(state)
-        return Published(state.version, state.checksum, [a.receive_weights.remote(ref, self, what) for a in actors])
+        ref = learner.send_weights.remote(version, self, what)
+        state: WeightState = get(ref)
+        return Published(state.version, state.checksum, [a.receive_weights.remote(ref, self, what) for a in actors],
+                         ref)
 
     def send(self, tensors: dict[str, torch.Tensor], version: int, slot: str | None) -> WeightState:
         return pack_state(tensors, slot, version)

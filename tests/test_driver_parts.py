@@ -6,12 +6,15 @@ from __future__ import annotations
 import json
 import math
 
+import numpy as np
 import pyarrow as pa
+import pytest
 import torch
 
 from actors.rollout import RolloutWorker
 from learner.buffer import PairBuffer, mean_age
-from learner.report import Evaluator
+from learner.metrics import RunLogger
+from learner.report import Evaluator, RolloutStats
 from learner.trainer import Learner
 from policy import POLICY
 from policy.lora import checksum
@@ -39,6 +42,17 @@ def test_object_store_round_trip_and_a_resend_carries_the_published_version(make
     newer = learner.send_weights(2)
     live = {k: p.detach() for k, p in learner.policy.adapter_parameters(POLICY).items()}
     assert newer.checksum == checksum(live) != first.checksum
+
+
+def test_a_generate_that_carries_weights_loads_them_before_sampling_and_reports_the_load(make_config):
+    cfg = make_config()
+    learner, worker = Learner(cfg), RolloutWorker(cfg.rollout_settings())
+    _perturb(learner)
+    state = learner.send_weights(1, OBJECT_STORE)
+    batch, stats = worker.generate(["a red circle on the left"], [0], [0], expected_version=1, weights=state)
+    assert (stats["load"].version, stats["load"].checksum) == (1, state.checksum)
+    assert set(batch.column("policy_version").to_pylist()) == {1}  # sampled by the version it carried
+    assert "load" not in worker.generate(["a red circle on the left"], [0], [1], expected_version=1)[1]
 
 
 def _records(versions: list[int]) -> pa.RecordBatch:
@@ -85,3 +99,26 @@ def test_buffer_drops_records_that_grew_stale_while_they_waited():
     assert not buf.ready(3, version=4)  # now 2, 2, 1: the two version-2 records go
     assert (len(buf), buf.dropped) == (1, 2)
     assert buf.take(1, version=4).column("policy_version").to_pylist() == [3]
+
+
+def test_rollout_stats_are_logged_once_per_update_over_every_call_since_the_last(tmp_path):
+    """Two calls' records summarised together (float64 reference), once; nothing is logged when nothing came."""
+    rng = np.random.default_rng(0)
+    calls = [pa.RecordBatch.from_pydict({"reward_w": rng.random(len(k)).astype(np.float32),
+                                         "step_index": np.array(k, np.int16), "policy_version": [0] * len(k)})
+             for k in ([0, 1, 2, 3, 4], [5, 6, 7, 0, 1, 2, 3])]
+    with RunLogger(tmp_path, tensorboard=False) as logger:
+        stats = RolloutStats(logger, num_steps=8)
+        stats.add(calls[0], np.array([0, 0, 1, 1, 2]))
+        stats.add(calls[1], np.zeros(7, np.int64))
+        stats.log(3, dropped=4)
+        stats.log(4, dropped=4)
+    (line,) = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    m = line["metrics"]
+    r = np.concatenate([c.column("reward_w").to_numpy() for c in calls]).astype(np.float64)
+    k = np.concatenate([c.column("step_index").to_numpy() for c in calls])
+    assert line["step"] == 3 and m["rollout/dropped_stale_total"] == 4 and m["rollout/staleness_mean"] == 4 / 12
+    assert m["rollout/train_reward_w_mean"] == pytest.approx(r.mean(), abs=1e-12)
+    assert m["rollout/train_reward_w_sem"] == pytest.approx(r.std(ddof=1) / math.sqrt(12), abs=1e-12)
+    assert m["rollout/reward_w_mean/bucket2-3"] == pytest.approx(r[(k >= 2) & (k < 4)].mean(), abs=1e-12)
+    assert m["rollout/reward_w_count/bucket6-7"] == ((k >= 6) & (k < 8)).sum()

@@ -77,7 +77,7 @@ def test_quick_scale_run_drives_the_real_driver():
     assert out.returncode == 0, out.stderr[-2000:]
     rows = [line for line in out.stdout.splitlines() if line.startswith("| 1 (1+0)") or line.startswith("| 2 (1+1)")]
     assert len(rows) >= 2
-    efficiency = float(rows[0].split("|")[3].strip().rstrip("%"))
+    efficiency = float(rows[0].split("|")[4].strip().rstrip("%"))
     assert efficiency > 50
 
 
