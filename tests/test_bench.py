@@ -193,7 +193,8 @@ def test_render_puts_every_run_in_the_tables_and_writes_no_analysis():
     probe = {"gen_chains_per_s": {1: 4.0, 2: 0.5}, "update_s": {1: 0.8, 2: 5.0}, "chains_per_call": 8}
     base = _fake_run("baseline (1 process, 1 thread)", 4.0, 0.6, threads=1, probe=probe, generate_s=5.0,
                      publish_s=0.1, round_prompts=32)
-    system = [_fake_run("1 actor async", 3.0, 0.5), _fake_run("2 actors async", 5.0, 0.7, dropped_stale_pairs=30)]
+    system = [_fake_run("1 actor async", 3.0, 0.5),
+              _fake_run("2 actors async", 5.0, 0.7, dropped_stale_pairs=30, trained_age_mean=1.5)]
     res = {"machine": {"cpu": "x", "cores": 2, "ram_gib": 1.0, "load_avg": (0.5, 0.5, 0.5), "python": "3",
                        "torch": "t", "ray": "r", "diffusers": "d", "cuda": False, "date": "today"},
            "quick": False, "cores": 2, "batch_size": 64, "pairs_per_prompt": 10, "num_steps": 20, "seconds": 1.0,
@@ -209,6 +210,6 @@ def test_render_puts_every_run_in_the_tables_and_writes_no_analysis():
     rows = {ln.split("|")[1].strip(): [c.strip() for c in ln.split("|")[2:-1]]
             for ln in text.splitlines() if ln.startswith("| ")}
     assert rows["2 actors async"][3:5] == ["5", "1.25"]  # images/s and × baseline (5.0 / 4.0)
-    assert rows["2 actors async"][-1] == "30"  # stale pairs dropped
+    assert rows["2 actors async"][-2:] == ["30", "1.5"]  # stale pairs dropped, mean trained pair age
     assert rows["1 actor async"][7] == "0.833"  # updates × baseline (0.5 / 0.6)
     assert "Where the time goes" not in text and "Headline" not in text
