@@ -219,8 +219,9 @@ def test_actor_resources(args, expected):
     (("learner", 1, "L4"), set()),
     (("rollout", 1, "L4"), {"l4"}),
     (("rollout", 1, None), {"a100", "l4"}),
-    (("rollout", 7, None), {"a100"}),          # 7 rollout GPUs on the learner's node, never 8
-    (("rollout", 8, None), set()),
+    (("rollout", 4, None), {"a100", "l4"}),    # 4 rollout GPUs on the learners' node, never more
+    (("rollout", 5, None), set()),
+    (("learner", 4, None), {"a100"}),          # a group of 4 learner ranks fits the A100 node
     (("reward", 0.25, "A100"), {"a100"}),
     (("reward", 0, None), {"head", "a100", "l4"}),
 ])

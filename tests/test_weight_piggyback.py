@@ -92,7 +92,8 @@ def test_a_version_reaches_an_actor_only_with_its_next_generate(tmp_path):
 
 
 def test_a_wrong_checksum_in_a_generates_load_report_stops_the_run(tmp_path):
-    with pytest.raises(WeightSyncError, match=r"rollout actor \d loaded v\d+ with checksum 0000000000000000, sent v"):
+    with pytest.raises(WeightSyncError,
+                       match=r"rollout actor \d loaded v\d+ with checksum 0000000000000000, sent policy v"):
         _run(tmp_path, wrong_checksum=True)
 
 
