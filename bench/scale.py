@@ -273,7 +273,7 @@ def driver_class() -> type:
                 self.publishes.append((t0, time.time() - t0, self.weights.version))
 
             self.weights.publish = timed
-            self.buffer.take = lambda n, version: self._part("take", take, n, version)
+            self.buffer.take = lambda n, step: self._part("take", take, n, step)
             self.learners.update = lambda batch: self._part("shard", shard, batch)
             self.loop_start, self.cpu_start, self.main_start = time.time(), time.process_time(), time.thread_time()
             super()._run_async(bar)

@@ -3,8 +3,9 @@
 A record's staleness is how many versions were published after the one that sampled it. Records staler than
 ``max_staleness`` are dropped and counted (a bounded off-policy gap), when they arrive and again when the learner
 asks for a batch (records that waited while newer versions were published age in the buffer); every record's
-staleness on arrival goes into a histogram that the run summary reports, and so does every trained record's age
-(versions between the one that sampled it and the one being trained: how on-policy the updates are).
+staleness on arrival goes into a histogram that the run summary reports, and so does every trained record's age:
+the learner updates made between the publish of the version that sampled it and the update that trains on it (how
+on-policy the updates are, in the unit the single-process loop has too, whatever the publish cadence).
 """
 
 from __future__ import annotations
@@ -22,7 +23,8 @@ class PairBuffer:
         self.seen = 0
         self.dropped = 0
         self.histogram: dict[str, int] = {}  # staleness -> records (str keys: the checkpoint is JSON)
-        self.trained_age: dict[str, int] = {}  # age when taken for an update -> records
+        self.trained_age: dict[str, int] = {}  # age in updates when taken for an update -> records
+        self.published_at: dict[int, int] = {}  # version -> learner updates made when it was published
 
     def __len__(self) -> int:
         return sum(len(b) for b in self.batches)
@@ -50,15 +52,20 @@ class PairBuffer:
             return [batch]
         return [batch.filter(pa.array(keep))] if keep.any() else []
 
-    def take(self, n: int, version: int) -> pa.Table:
-        """The oldest ``n`` pairs, to train the policy ``version`` on (only the batches that hold them are copied
-        into one chunk: a long backlog is not copied at every update)."""
+    def published(self, version: int, step: int) -> None:
+        """Note that ``version`` was published after ``step`` learner updates."""
+        self.published_at.setdefault(version, step)
+
+    def take(self, n: int, step: int) -> pa.Table:
+        """The oldest ``n`` pairs, for the update after ``step`` (only the batches that hold them are copied into one
+        chunk: a long backlog is not copied at every update)."""
         used = int(np.searchsorted(np.cumsum([len(b) for b in self.batches]), n)) + 1  # batches holding them
         table = pa.Table.from_batches(self.batches[:used]).combine_chunks()
         rest = table.slice(n)
         self.batches = [*(rest.to_batches() if len(rest) else []), *self.batches[used:]]
         taken = table.slice(0, n)
-        _count(self.trained_age, version - taken.column("policy_version").to_numpy())
+        versions = taken.column("policy_version").to_numpy()
+        _count(self.trained_age, step - np.array([self.published_at.get(int(v), step) for v in versions]))
         return taken
 
     def clear(self) -> None:

@@ -89,14 +89,14 @@ class Driver:
         if resume:
             self.weights.version = self.checkpoints.restore(self)
             if rollouts:
-                self.weights.publish(new_version=False)
+                self._publish(new_version=False)
                 if self.weights.ref_version:
                     self.weights.publish_reference(self.weights.ref_version)
 
     def run(self) -> dict[str, Any]:
         """Train to ``train.steps``; returns the final held-out evaluation."""
         if self.rollouts and self.counters.steps == 0:
-            self.weights.publish(new_version=False)
+            self._publish(new_version=False)
         self.weights.check(block=True)
         if self.counters.steps == 0:
             self.evaluator.evaluate("before", 0)
@@ -119,14 +119,14 @@ class Driver:
         update_ref = None
         while self.counters.steps < self.cfg.train.steps:
             if update_ref is None and self.buffer.ready(self.cfg.train.batch_size, self.weights.version):
-                update_ref = self.learners.update(self.buffer.take(self.cfg.train.batch_size, self.weights.version))
+                update_ref = self.learners.update(self.buffer.take(self.cfg.train.batch_size, self.counters.steps))
             done, _ = ray.wait([*inflight, *([update_ref] if update_ref is not None else [])], num_returns=1)
             ref = done[0]
             if ref is update_ref:
                 update_ref = None
                 self._after_update(self._learner(ref), bar)
                 if self.counters.steps % self.cfg.train.broadcast_every == 0:
-                    self.weights.publish()
+                    self._publish()
                 self.weights.check()
                 continue
             task = inflight.pop(ref)
@@ -155,10 +155,10 @@ class Driver:
                     inflight[self._send(task)] = task
             self.counters.rounds += 1
             while len(self.buffer) >= t.batch_size and self.counters.steps < t.steps:
-                batch = self.buffer.take(t.batch_size, self.weights.version)
+                batch = self.buffer.take(t.batch_size, self.counters.steps)
                 self._after_update(self._learner(self.learners.update(batch)), bar)
             self.buffer.clear()  # on-policy: leftovers of this round are not reused
-            self.weights.publish()
+            self._publish()
             self.weights.check(block=True)
             if self.checkpoint_due:
                 self.checkpoints.save(self)
@@ -182,6 +182,10 @@ class Driver:
         ids, prompts, seeds = self.stream.take(size)
         task = Task(actor, ids, prompts, seeds, self.counters.rounds)
         return self._send(task), task
+
+    def _publish(self, new_version: bool = True) -> None:
+        self.weights.publish(new_version)
+        self.buffer.published(self.weights.version, self.counters.steps)
 
     def _send(self, task: Task) -> Any:
         return self.rollouts[task.actor].generate.remote(task.prompts, task.prompt_ids, task.seeds,

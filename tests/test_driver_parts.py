@@ -67,9 +67,11 @@ def test_buffer_drops_and_counts_stale_records_and_takes_the_oldest_first():
     buf.accept(_records([0, 4]), version=4)
     assert (len(buf), buf.seen, buf.dropped) == (4, 6, 2)
     assert buf.histogram == {"0": 3, "1": 1, "2": 1, "4": 1}
-    assert buf.take(2, version=4).column("policy_version").to_pylist() == [3, 2]
-    assert buf.take(2, version=5).column("policy_version").to_pylist() == [3, 4] and len(buf) == 0
-    assert buf.trained_age == {"1": 2, "2": 2} and mean_age(buf.trained_age) == 1.5  # ages 1, 2, 2, 1
+    for version, step in ((2, 10), (3, 12), (4, 15)):  # versions published after 10, 12 and 15 updates
+        buf.published(version, step)
+    assert buf.take(2, step=16).column("policy_version").to_pylist() == [3, 2]
+    assert buf.take(2, step=17).column("policy_version").to_pylist() == [3, 4] and len(buf) == 0
+    assert buf.trained_age == {"4": 1, "6": 1, "5": 1, "2": 1} and mean_age(buf.trained_age) == 4.25  # in updates
     restored = PairBuffer(max_staleness=1)
     restored.load_state_dict(json.loads(json.dumps(buf.state_dict())))
     assert restored.state_dict() == buf.state_dict()
@@ -98,7 +100,7 @@ def test_buffer_drops_records_that_grew_stale_while_they_waited():
     assert buf.ready(3, version=3) and buf.dropped == 0
     assert not buf.ready(3, version=4)  # now 2, 2, 1: the two version-2 records go
     assert (len(buf), buf.dropped) == (1, 2)
-    assert buf.take(1, version=4).column("policy_version").to_pylist() == [3]
+    assert buf.take(1, step=4).column("policy_version").to_pylist() == [3]
 
 
 def test_rollout_stats_are_logged_once_per_update_over_every_call_since_the_last(tmp_path):
