@@ -11,6 +11,7 @@ import argparse
 import difflib
 import json
 import logging
+import math
 import os
 import sys
 import time
@@ -112,6 +113,7 @@ def start_ray(cfg: Config) -> bool:
     import ray
 
     from cluster.resources import LEARNER, ROLLOUT
+    from learner.preflight import cluster_demand
 
     if ray.is_initialized():
         return False
@@ -124,11 +126,10 @@ def start_ray(cfg: Config) -> bool:
                               "start it with `ray up cluster/gpu.yaml` or `ray start --head`, or drop "
                               "--ray.address to run locally") from None
         return True
-    actors = (cfg.train.torch_threads * cfg.train.num_learners + cfg.rollout.num_actors * cfg.rollout.torch_threads
-              + cfg.reward.num_actors)
-    gpus = int(cfg.rollout.num_gpus * cfg.rollout.num_actors + cfg.reward.num_gpus * cfg.reward.num_actors
-               + cfg.train.num_gpus * cfg.train.num_learners + 0.999)
-    ray.init(num_cpus=cfg.ray.num_cpus or max(os.cpu_count() or 1, actors), include_dashboard=False,
+    demand = cluster_demand(cfg)
+    gpus = math.ceil(demand.total("GPU"))
+    ray.init(num_cpus=cfg.ray.num_cpus or max(os.cpu_count() or 1, math.ceil(demand.total("CPU"))),
+             include_dashboard=False,
              resources={LEARNER: cfg.train.num_learners, ROLLOUT: max(gpus, 1)}, runtime_env=env,
              logging_level=logging.WARNING)
     return True

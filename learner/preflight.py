@@ -18,6 +18,7 @@ import shutil
 import socket
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 from learner.config import Config, ConfigError
 
@@ -128,39 +129,41 @@ def clear_outputs(out: Path) -> None:
 
 def check_local_resources(cfg: Config) -> None:
     """The actors fit this machine's cores, GPUs and memory; otherwise name the largest count that fits."""
-    r, w, t = cfg.rollout, cfg.reward, cfg.train
-    rewards = 0 if cfg.data.offline_dataset else w.num_actors
-    rollouts = 0 if cfg.data.offline_dataset else r.num_actors
-    cpus = t.torch_threads + rollouts * r.torch_threads + rewards
-    parts = f"learner {t.torch_threads}, rollout {rollouts}x{r.torch_threads}, reward {rewards}"
+    r, t = cfg.rollout, cfg.train
+    d = cluster_demand(cfg)
+    rollouts, rewards, fixed_cpus = d.rollouts, d.rewards, int(d.fixed.get("CPU", 0))
+    cpus = fixed_cpus + rollouts * r.torch_threads
+    parts = f"learner {t.num_learners}x{t.torch_threads}, rollout {rollouts}x{r.torch_threads}, reward {rewards}"
     if cfg.ray.num_cpus is not None and cfg.ray.num_cpus < cpus:
         raise ConfigError(f"ray.num_cpus={cfg.ray.num_cpus} cannot place the actors, which ask for {cpus} CPUs "
                           f"({parts}): set ray.num_cpus >= {cpus}, or drop it to use this machine's cores")
     cores = os.cpu_count() or 1
     limit = (cfg.ray.num_cpus or 0) or OVERSUBSCRIBE * cores
-    fit_cpu = (limit - t.torch_threads - rewards) // r.torch_threads
+    fit_cpu = (limit - fixed_cpus) // r.torch_threads
     if rollouts > fit_cpu:
         raise ConfigError(f"rollout.num_actors={rollouts} asks for {cpus} CPUs ({parts}) on a {cores}-core machine "
                           f"(at most {limit} here); use --num-actors {max(fit_cpu, 0)} or fewer, or join a "
                           "cluster with --ray.address")
-    gpus = rollouts * r.num_gpus + rewards * w.num_gpus + t.num_gpus
+    gpus = d.total("GPU")
     if gpus > 0:
         import torch
 
         have = torch.cuda.device_count()
         if gpus > have:
-            raise ConfigError(f"the actors ask for {gpus:g} GPUs (train.num_gpus, rollout.num_gpus x "
-                              f"{rollouts}, reward.num_gpus x {rewards}) and this machine has {have}; lower them "
+            raise ConfigError(f"the actors ask for {gpus:g} GPUs (train.num_gpus x {t.num_learners}, rollout.num_gpus "
+                              f"x {rollouts}, reward.num_gpus x {rewards}) and this machine has {have}; lower them "
                               "or join a cluster with --ray.address")
     available = available_memory()
     if available is None:
         return
     per = PROCESS_BYTES + MODEL_COPIES * directory_bytes(Path(cfg.model.path))
     budget = int(MEMORY_FRACTION * available)
-    fit_mem = budget // per - 1 - rewards
+    fixed_processes = t.num_learners + rewards
+    fit_mem = budget // per - fixed_processes
     if rollouts > fit_mem:
-        raise ConfigError(f"rollout.num_actors={rollouts} needs ~{(1 + rollouts + rewards) * per / 2**30:.1f} GiB "
-                          f"({1 + rollouts + rewards} processes x ~{per / 2**30:.2f} GiB) and {available / 2**30:.1f} "
+        processes = fixed_processes + rollouts
+        raise ConfigError(f"rollout.num_actors={rollouts} needs ~{processes * per / 2**30:.1f} GiB "
+                          f"({processes} processes x ~{per / 2**30:.2f} GiB) and {available / 2**30:.1f} "
                           f"GiB is free; use --num-actors {max(fit_mem, 0)} or fewer")
 
 
@@ -194,9 +197,21 @@ def probe_address(address: str, timeout_s: float = 5.0) -> None:
                           ) from None
 
 
-def cluster_demand(cfg: Config) -> tuple[dict[str, float], dict[str, float], int]:
-    """The Ray resources of the learner ranks and reward actors, those of one rollout actor, and the number of
-    rollout actors, as ``learner.main.launch`` will ask for them."""
+class Demand(NamedTuple):
+    """The Ray resources the actors of a run ask for, as ``learner.main.launch`` will create them."""
+
+    fixed: dict[str, float]  # the learner ranks and the reward actors together
+    each: dict[str, float]  # one rollout actor
+    rollouts: int
+    rewards: int  # reward actors (shared and own-environment ones)
+
+    def total(self, resource: str) -> float:
+        return self.fixed.get(resource, 0.0) + self.rollouts * self.each.get(resource, 0.0)
+
+
+def cluster_demand(cfg: Config) -> Demand:
+    """What the run's actors ask Ray for (one list of them for the local checks, Ray's local start-up and the
+    check against a running cluster)."""
     from cluster.resources import actor_bundle
     from rewards.registry import own_env_rewards
 
@@ -209,7 +224,7 @@ def cluster_demand(cfg: Config) -> tuple[dict[str, float], dict[str, float], int
         for k, v in bundle.items():
             fixed[k] = fixed.get(k, 0.0) + count * v
     each = actor_bundle("rollout", r.torch_threads, r.num_gpus, r.accelerator_type)
-    return fixed, each, r.num_actors if online else 0
+    return Demand(fixed, each, r.num_actors if online else 0, rewards)
 
 
 def check_cluster(cfg: Config, have: dict[str, float], autoscaling: bool = False) -> None:
@@ -218,11 +233,11 @@ def check_cluster(cfg: Config, have: dict[str, float], autoscaling: bool = False
     ``--num-actors 16`` adds L4 nodes), so there a shortfall is logged, not refused."""
     from cluster.resources import largest_fit
 
-    fixed, each, rollouts = cluster_demand(cfg)
-    fit = largest_fit(have, fixed, each)
-    if rollouts <= fit:
+    d = cluster_demand(cfg)
+    fit = largest_fit(have, d.fixed, d.each)
+    if d.rollouts <= fit:
         return
-    need = {k: fixed.get(k, 0.0) + rollouts * each.get(k, 0.0) for k in {*fixed, *each}}
+    need = {k: d.total(k) for k in {*d.fixed, *d.each}}
     short = ", ".join(f"{k} {need[k]:g} > {have.get(k, 0.0):g}" for k in sorted(need) if need[k] > have.get(k, 0.0))
     if autoscaling:
         logging.getLogger("dpr").warning("the actors need more than the Ray cluster has now (%s); waiting for its "

@@ -197,7 +197,7 @@ def test_actors_that_do_not_fit_a_running_ray_end_in_one_line_before_any_actor_s
 
 
 def test_the_cluster_check_counts_gpus_and_custom_units_and_waits_for_an_autoscaler(make_config):
-    """cluster/gpu.yaml's A100 node: 8 GPUs, 1 learner unit, 7 rollout units. 16 one-GPU rollout actors fit 7."""
+    """An 8-GPU node offering 1 learner unit and 7 rollout units. 16 one-GPU rollout actors fit 7."""
     from learner.config import ConfigError
     from learner.preflight import check_cluster
 
