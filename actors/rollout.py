@@ -30,6 +30,7 @@ import torch
 from actors.config import ConfigError, RolloutSettings
 from actors.records import to_record_batch
 from actors.reward import RewardClient
+from actors.stored import record_summary
 from policy import POLICY, REF, DiffusionPolicy, LoadReport
 from policy.guidance import guidance_eta, reward_gradient_step
 from policy.schedule import gaussian_logprob
@@ -101,8 +102,9 @@ class RolloutWorker:
     def generate(self, prompts: Sequence[str], prompt_ids: Sequence[int], seeds: Sequence[int],
                  expected_version: int, round_index: int = 0, weights: Any = None
                  ) -> tuple[pa.RecordBatch, dict[str, Any]]:
-        """Pairs for ``prompts`` as an Arrow record batch, plus timing stats for throughput-adaptive batching and,
-        when the call carries ``weights``, their ``LoadReport`` under ``"load"``."""
+        """Pairs for ``prompts`` as an Arrow record batch, plus stats: timings for throughput-adaptive batching, the
+        version that sampled the pairs, the records' ``record_summary`` and, when the call carries ``weights``,
+        their ``LoadReport`` under ``"load"``. (The driver fetches only the stats: ``actors.stored``.)"""
         load = None if weights is None else self.receive_weights(weights)
         if expected_version != self.version:
             raise StaleWeightsError(
@@ -128,7 +130,8 @@ class RolloutWorker:
                                  "pairs": float(len(columns["prompt"])), "steps": float(n * self.cfg.sampler.num_steps)}
         if load is not None:
             stats["load"] = load
-        return to_record_batch(kind, columns), stats
+        batch = to_record_batch(kind, columns)
+        return batch, {**stats, "policy_version": self.version, "summary": record_summary(batch)}
 
     def _x0_next(self, x: torch.Tensor, k: int, embeds) -> tuple[torch.Tensor, torch.Tensor | None]:
         """x̂_0 of a child x_{t−1} of step k and its ε̂ at the next timestep; the last step's children are clean

@@ -32,6 +32,7 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
+from actors.stored import RowLayout, record_summary
 from bench import costs
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -137,7 +138,8 @@ class SimRollout:
                                  "steps": float(n * costs.NUM_STEPS)}
         if load is not None:
             stats["load"] = load
-        return pa.RecordBatch.from_arrays(columns, schema=batch.schema), stats
+        batch = pa.RecordBatch.from_arrays(columns, schema=batch.schema)
+        return batch, {**stats, "policy_version": self.version, "summary": record_summary(batch)}
 
     def report(self) -> dict[str, Any]:
         return {"busy": self.busy, "loads": self.loads}
@@ -162,8 +164,10 @@ class SimLearner:
         self.busy: list[tuple[float, float]] = []
         self.age: list[int] = []  # updates between a trained record's version and the update training on it
 
-    def update(self, records: pa.Table) -> dict[str, float]:
+    def update(self, records: pa.Table | RowLayout, *batches: pa.RecordBatch) -> dict[str, float]:
         start = time.time()
+        if isinstance(records, RowLayout):
+            records = records.assemble(batches)
         versions = records.column("policy_version").to_numpy()
         self.age.extend(self.step - self.published.get(int(v), 0) for v in versions)
         time.sleep(len(records) * self.costs.pair_s * self.scale

@@ -10,16 +10,19 @@ on-policy the updates are, in the unit the single-process loop has too, whatever
 
 from __future__ import annotations
 
+from collections import deque
 from typing import Any
 
-import numpy as np
-import pyarrow as pa
+from actors.stored import StoredPairs
 
 
 class PairBuffer:
+    """Rollout calls' records, held by reference (``actors.stored``): one entry per call, all of one version."""
+
     def __init__(self, max_staleness: int):
         self.max_staleness = max_staleness
-        self.batches: list[pa.RecordBatch] = []
+        self.held: deque[tuple[Any, int, int, int]] = deque()  # (records ref, first row, rows, version), oldest first
+        self.rows = 0
         self.seen = 0
         self.dropped = 0
         self.histogram: dict[str, int] = {}  # staleness -> records (str keys: the checkpoint is JSON)
@@ -27,49 +30,53 @@ class PairBuffer:
         self.published_at: dict[int, int] = {}  # version -> learner updates made when it was published
 
     def __len__(self) -> int:
-        return sum(len(b) for b in self.batches)
+        return self.rows
 
-    def accept(self, batch: pa.RecordBatch, version: int) -> np.ndarray:
-        """Keep the records of ``batch`` fresh enough for ``version``; returns every record's staleness."""
-        staleness = version - batch.column("policy_version").to_numpy()
-        _count(self.histogram, staleness)
-        self.seen += len(batch)
-        self.batches.extend(self._fresh(batch, staleness))
+    def accept(self, records: Any, rows: int, sampled_by: int, version: int) -> int:
+        """Keep the ``rows`` records of one call, sampled by version ``sampled_by``, if fresh enough for
+        ``version``; returns their staleness."""
+        staleness = version - sampled_by
+        _count(self.histogram, staleness, rows)
+        self.seen += rows
+        if staleness <= self.max_staleness:
+            self.held.append((records, 0, rows, sampled_by))
+            self.rows += rows
+        else:
+            self.dropped += rows
         return staleness
 
     def ready(self, n: int, version: int) -> bool:
         """Drop what has become too stale for ``version`` while it waited; True when ``n`` pairs remain."""
-        self.batches = [kept for batch in self.batches
-                        for kept in self._fresh(batch, version - batch.column("policy_version").to_numpy())]
-        return len(self) >= n
-
-    def _fresh(self, batch: pa.RecordBatch, staleness: np.ndarray) -> list[pa.RecordBatch]:
-        """``batch`` without its records staler than ``max_staleness`` (counted as dropped): the batch itself when
-        all are fresh (the usual case: no copy), nothing when none is."""
-        keep = staleness <= self.max_staleness
-        self.dropped += int((~keep).sum())
-        if keep.all():
-            return [batch]
-        return [batch.filter(pa.array(keep))] if keep.any() else []
+        fresh = [held for held in self.held if version - held[3] <= self.max_staleness]
+        if len(fresh) < len(self.held):
+            kept = sum(held[2] for held in fresh)
+            self.dropped += self.rows - kept
+            self.held, self.rows = deque(fresh), kept
+        return self.rows >= n
 
     def published(self, version: int, step: int) -> None:
         """Note that ``version`` was published after ``step`` learner updates."""
         self.published_at.setdefault(version, step)
 
-    def take(self, n: int, step: int) -> pa.Table:
-        """The oldest ``n`` pairs, for the update after ``step`` (only the batches that hold them are copied into one
-        chunk: a long backlog is not copied at every update)."""
-        used = int(np.searchsorted(np.cumsum([len(b) for b in self.batches]), n)) + 1  # batches holding them
-        table = pa.Table.from_batches(self.batches[:used]).combine_chunks()
-        rest = table.slice(n)
-        self.batches = [*(rest.to_batches() if len(rest) else []), *self.batches[used:]]
-        taken = table.slice(0, n)
-        versions = taken.column("policy_version").to_numpy()
-        _count(self.trained_age, step - np.array([self.published_at.get(int(v), step) for v in versions]))
-        return taken
+    def take(self, n: int, step: int) -> StoredPairs:
+        """The oldest ``n`` pairs (references to them), for the update after ``step``."""
+        if n > self.rows:
+            raise ValueError(f"asked for {n} pairs, {self.rows} are buffered")
+        pieces, need = [], n
+        while need:
+            records, first, rows, version = self.held.popleft()
+            used = min(rows, need)
+            pieces.append((records, first, used))
+            if used < rows:  # the rest of this call's records waits for the next update
+                self.held.appendleft((records, first + used, rows - used, version))
+            _count(self.trained_age, step - self.published_at.get(version, step), used)
+            need -= used
+        self.rows -= n
+        return StoredPairs(tuple(pieces))
 
     def clear(self) -> None:
-        self.batches = []
+        self.held.clear()
+        self.rows = 0
 
     def state_dict(self) -> dict[str, Any]:
         """The counters (buffered records are not saved: a resumed run samples afresh)."""
@@ -88,6 +95,5 @@ def mean_age(histogram: dict[str, int]) -> float:
     return sum(int(k) * v for k, v in histogram.items()) / n if n else float("nan")
 
 
-def _count(histogram: dict[str, int], values: np.ndarray) -> None:
-    for v, c in zip(*np.unique(values, return_counts=True), strict=True):
-        histogram[str(v)] = histogram.get(str(v), 0) + int(c)
+def _count(histogram: dict[str, int], value: int, records: int) -> None:
+    histogram[str(value)] = histogram.get(str(value), 0) + records

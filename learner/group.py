@@ -1,7 +1,8 @@
 """The driver's handle on the learner: one ``Learner`` actor, or K data-parallel ranks that act as one.
 
 With ``train.num_learners: K`` the K ranks form one torch.distributed process group (gloo on CPU, nccl on GPUs).
-Every update's batch is cut into K contiguous shards, one per rank; each rank's backward is followed by one
+Every update's batch is cut into K contiguous shards, one per rank (online, references to the rows in the object
+store, which each rank fetches itself: ``actors.stored``); each rank's backward is followed by one
 all-reduce of its gradients and metrics weighted by shard size (``Learner._average_over_ranks``), so every rank
 clips and steps with the whole batch's gradient and holds the same parameters and optimizer state. Rank 0 stands
 for the group wherever one copy suffices: it publishes weights, evaluates and writes the checkpoint (to which
@@ -18,14 +19,15 @@ import ray
 from ray.exceptions import RayActorError
 
 from actors.records import PairBatch
+from actors.stored import StoredPairs, shard_bounds
 from policy.transport import Getter
 
 
-def shard(batch: pa.Table | PairBatch, k: int) -> list[Any]:
+def shard(batch: pa.Table | PairBatch | StoredPairs, k: int) -> list[Any]:
     """``batch`` (of at least ``k`` pairs) cut into ``k`` contiguous shards whose sizes differ by at most one."""
-    if isinstance(batch, PairBatch):
+    if isinstance(batch, PairBatch | StoredPairs):
         return batch.split(k)
-    cuts = [len(batch) * i // k for i in range(k + 1)]
+    cuts = shard_bounds(len(batch), k)
     return [batch.slice(a, b - a) for a, b in itertools.pairwise(cuts)]
 
 
@@ -46,11 +48,11 @@ class LearnerGroup:
         host, port = ray.get(self.lead.open_rendezvous.remote(self.size))
         ray.get([r.join_group.remote(backend, host, port, i, self.size) for i, r in enumerate(self.ranks)])
 
-    def update(self, batch: pa.Table | PairBatch) -> Any:
+    def update(self, batch: pa.Table | PairBatch | StoredPairs) -> Any:
         """Start one update on every rank (a shard each); returns rank 0's ref, whose metrics are the batch's."""
-        if self.size == 1:
-            return self.lead.update.remote(batch)
-        return self._all("update", [(s,) for s in shard(batch, self.size)])
+        shares = [batch] if self.size == 1 else shard(batch, self.size)
+        return self._follow([s.send(r.update) if isinstance(s, StoredPairs) else r.update.remote(s)
+                             for r, s in zip(self.ranks, shares, strict=True)])
 
     def restore(self, tensors: dict[str, Any], state: dict[str, Any]) -> Any:
         """Load a checkpoint on every rank; returns rank 0's ref."""
@@ -78,6 +80,10 @@ class LearnerGroup:
 
     def _all(self, method: str, args: list[tuple]) -> Any:
         """Call ``method`` on every rank (``args[i]`` for rank i); returns rank 0's ref, the others follow it."""
-        refs = [getattr(r, method).remote(*a) for r, a in zip(self.ranks, args, strict=True)]
-        self._followers[refs[0]] = refs[1:]
+        return self._follow([getattr(r, method).remote(*a) for r, a in zip(self.ranks, args, strict=True)])
+
+    def _follow(self, refs: list[Any]) -> Any:
+        """Rank 0's ref of a call made on every rank (``refs``); ``get`` waits for the others too."""
+        if len(refs) > 1:
+            self._followers[refs[0]] = refs[1:]
         return refs[0]

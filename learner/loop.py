@@ -52,6 +52,7 @@ class Task:
     prompts: list[str]
     seeds: list[int]
     round: int
+    records: Any = None  # the ObjectRef of the last send's record batch (actors.stored)
 
 
 @dataclass
@@ -115,27 +116,28 @@ class Driver:
 
     # ---- the three loops --------------------------------------------------------------------------------------
     def _run_async(self, bar: tqdm) -> None:
+        t = self.cfg.train
         inflight = dict(self._submit(a, self.balancer.size(a)) for a in range(len(self.rollouts)))
         update_ref = None
-        while self.counters.steps < self.cfg.train.steps:
-            if update_ref is None and self.buffer.ready(self.cfg.train.batch_size, self.weights.version):
-                update_ref = self.learners.update(self.buffer.take(self.cfg.train.batch_size, self.counters.steps))
-            done, _ = ray.wait([*inflight, *([update_ref] if update_ref is not None else [])], num_returns=1)
-            ref = done[0]
-            if ref is update_ref:
+        while self.counters.steps < t.steps:
+            if update_ref is None and self.buffer.ready(t.batch_size, self.weights.version):
+                update_ref = self.learners.update(self.buffer.take(t.batch_size, self.counters.steps))
+            done = _ready([*inflight, *([update_ref] if update_ref is not None else [])])
+            if update_ref in done:  # first, so that the rollouts re-sent below carry a version it publishes
+                self._after_update(self._learner(update_ref), bar)
                 update_ref = None
-                self._after_update(self._learner(ref), bar)
-                if self.counters.steps % self.cfg.train.broadcast_every == 0:
+                if self.counters.steps % t.broadcast_every == 0:
                     self._publish()
                 self.weights.check()
-                continue
-            task = inflight.pop(ref)
-            if not self._collect(ref, task):  # re-send the same work to the restarted actor
-                inflight[self._send(task)] = task
-                continue
-            self.counters.rounds += 1
-            new_ref, new_task = self._submit(task.actor, self.balancer.size(task.actor))
-            inflight[new_ref] = new_task
+            for ref in done.intersection(inflight):
+                task = inflight.pop(ref)
+                if not self._collect(ref, task):  # re-send the same work to the restarted actor
+                    inflight[self._send(task)] = task
+                    continue
+                self.counters.rounds += 1
+                if self.counters.steps < t.steps:
+                    new_ref, new_task = self._submit(task.actor, self.balancer.size(task.actor))
+                    inflight[new_ref] = new_task
         if update_ref is not None:
             self._after_update(self._learner(update_ref), bar)
         for ref in inflight:  # let in-flight work finish so actors are idle at shutdown
@@ -188,14 +190,16 @@ class Driver:
         self.buffer.published(self.weights.version, self.counters.steps)
 
     def _send(self, task: Task) -> Any:
-        return self.rollouts[task.actor].generate.remote(task.prompts, task.prompt_ids, task.seeds,
-                                                         self.weights.version, task.round,
-                                                         self.weights.attach(task.actor))
+        """Start ``task``; returns its statistics' ref (the records stay in the object store: ``task.records``)."""
+        task.records, stats = self.rollouts[task.actor].generate.options(num_returns=2).remote(
+            task.prompts, task.prompt_ids, task.seeds, self.weights.version, task.round,
+            self.weights.attach(task.actor))
+        return stats
 
     def _collect(self, ref: Any, task: Task) -> bool:
         """Buffer the records of a finished generate call; False after an actor failure (re-send the task)."""
         try:
-            batch, stats = ray.get(ref)
+            stats = ray.get(ref)
         except (RayActorError, RayTaskError) as e:
             if isinstance(e, RewardActorLost):  # the rollout actor is fine; a reward actor it called is not
                 self.weights.recover_rewards(self.rewards, task.actor, e)
@@ -212,8 +216,9 @@ class Driver:
                                f"actor{a}/steps_per_s": stats["steps"] / stats["seconds"],
                                f"actor{a}/batch": float(len(task.prompts))}, "rollout")
         if self.traj_log is not None:
-            self.traj_log.write(batch, round=task.round, actor_id=a)
-        self.rollout_stats.add(batch, self.buffer.accept(batch, self.weights.version))
+            self.traj_log.write(ray.get(task.records), round=task.round, actor_id=a)
+        staleness = self.buffer.accept(task.records, int(stats["pairs"]), stats["policy_version"], self.weights.version)
+        self.rollout_stats.add(staleness, stats["summary"])
         return True
 
     def _learner(self, ref: Any) -> Any:
@@ -265,3 +270,10 @@ class Driver:
                 "trained_age": self.buffer.trained_age, "trained_age_mean": mean_age(self.buffer.trained_age),
                 "actor_chains_per_s": {str(a): r for a, r in self.balancer.rates.items()},
                 "actor_batch": [self.balancer.size(a) for a in range(len(self.rollouts))]}
+
+
+def _ready(refs: list[Any]) -> set[Any]:
+    """Every ref of ``refs`` that is ready, once at least one is (all the calls that finished while the driver
+    was busy are handled in one pass: one wait per pass, not per call)."""
+    ray.wait(refs, num_returns=1)
+    return set(ray.wait(refs, num_returns=len(refs), timeout=0)[0])

@@ -12,7 +12,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import pyarrow as pa
 import torch
 
 from learner.config import EvalConfig
@@ -88,10 +87,10 @@ class RolloutStats:
         self.logger, self.num_steps = logger, num_steps
         self.parts: list[tuple[np.ndarray, np.ndarray, np.ndarray | None]] = []  # (staleness, reward_w, step_index)
 
-    def add(self, batch: pa.RecordBatch, staleness: np.ndarray) -> None:
-        """Keep copies of the two small columns (a view would pin the whole batch, latents included, in memory)."""
-        steps = batch.column("step_index").to_numpy().copy() if "step_index" in batch.schema.names else None
-        self.parts.append((staleness, batch.column("reward_w").to_numpy().copy(), steps))
+    def add(self, staleness: int, summary: dict[str, np.ndarray]) -> None:
+        """One call's ``actors.stored.record_summary``, all of its records ``staleness`` versions old."""
+        rewards = summary["reward_w"]
+        self.parts.append((np.full(len(rewards), staleness), rewards, summary.get("step_index")))
 
     def log(self, step: int, dropped: int) -> None:
         """Log what was added since the last call (nothing when nothing was)."""

@@ -28,6 +28,7 @@ import torch.distributed as dist
 
 from actors.records import PairBatch, from_table, reference_columns
 from actors.reward import RewardClient
+from actors.stored import RowLayout
 from learner.checkpoint import (
     RngSnapshot,
     capture_rng,
@@ -93,9 +94,14 @@ class Learner:
         self._last_prompts: list[str] = []
 
     # ---- the update ---------------------------------------------------------------------------------------------
-    def update(self, records: pa.Table | pa.RecordBatch | PairBatch) -> dict[str, float]:
-        """One optimizer step on a batch of pairs; returns metrics. A non-finite loss or gradient skips the step."""
+    def update(self, records: pa.Table | pa.RecordBatch | PairBatch | RowLayout, *batches: pa.RecordBatch
+               ) -> dict[str, float]:
+        """One optimizer step on a batch of pairs (or on the rows ``records`` names of ``batches``, as
+        ``actors.stored.StoredPairs.send`` passes them); returns metrics. A non-finite loss or gradient skips the
+        step."""
         t0 = time.perf_counter()
+        if isinstance(records, RowLayout):
+            records = records.assemble(batches)
         batch = records if isinstance(records, PairBatch) else from_table(records)
         batch, recompute = self._stored_reference(batch)
         self.policy.train_mode(True)

@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from actors.rollout import RolloutWorker
+from actors.stored import StoredPairs, record_summary
 from learner.buffer import PairBuffer, mean_age
 from learner.metrics import RunLogger
 from learner.report import Evaluator, RolloutStats
@@ -55,23 +56,25 @@ def test_a_generate_that_carries_weights_loads_them_before_sampling_and_reports_
     assert "load" not in worker.generate(["a red circle on the left"], [0], [1], expected_version=1)[1]
 
 
-def _records(versions: list[int]) -> pa.RecordBatch:
-    return pa.RecordBatch.from_pydict({"policy_version": versions, "reward_w": [0.0] * len(versions)})
-
-
 def test_buffer_drops_and_counts_stale_records_and_takes_the_oldest_first():
+    """Calls' records by reference (one version each): stale calls dropped and counted on arrival, the oldest rows
+    taken first, a call split across two updates, trained ages counted per row."""
     buf = PairBuffer(max_staleness=1)
-    staleness = buf.accept(_records([3, 2, 1, 3]), version=3)
-    assert staleness.tolist() == [0, 1, 2, 0]
+    assert [buf.accept(name, rows, v, version=3) for name, rows, v in (("a", 1, 3), ("b", 1, 2), ("c", 1, 1),
+                                                                      ("d", 1, 3))] == [0, 1, 2, 0]
     assert (len(buf), buf.seen, buf.dropped) == (3, 4, 1)
-    buf.accept(_records([0, 4]), version=4)
-    assert (len(buf), buf.seen, buf.dropped) == (4, 6, 2)
-    assert buf.histogram == {"0": 3, "1": 1, "2": 1, "4": 1}
+    buf.accept("e", 1, 0, version=4)
+    buf.accept("f", 3, 4, version=4)
+    assert (len(buf), buf.seen, buf.dropped) == (6, 8, 2)
+    assert buf.histogram == {"0": 5, "1": 1, "2": 1, "4": 1}
     for version, step in ((2, 10), (3, 12), (4, 15)):  # versions published after 10, 12 and 15 updates
         buf.published(version, step)
-    assert buf.take(2, step=16).column("policy_version").to_pylist() == [3, 2]
-    assert buf.take(2, step=17).column("policy_version").to_pylist() == [3, 4] and len(buf) == 0
-    assert buf.trained_age == {"4": 1, "6": 1, "5": 1, "2": 1} and mean_age(buf.trained_age) == 4.25  # in updates
+    assert buf.take(2, step=16) == StoredPairs((("a", 0, 1), ("b", 0, 1)))
+    assert buf.take(2, step=17) == StoredPairs((("d", 0, 1), ("f", 0, 1)))  # f's other two rows wait
+    assert buf.take(2, step=17) == StoredPairs((("f", 1, 2),)) and len(buf) == 0
+    assert buf.trained_age == {"4": 1, "6": 1, "5": 1, "2": 3} and mean_age(buf.trained_age) == 3.5  # in updates
+    with pytest.raises(ValueError, match="asked for 1 pairs, 0 are buffered"):
+        buf.take(1, step=18)
     restored = PairBuffer(max_staleness=1)
     restored.load_state_dict(json.loads(json.dumps(buf.state_dict())))
     assert restored.state_dict() == buf.state_dict()
@@ -96,30 +99,31 @@ def test_buffer_drops_records_that_grew_stale_while_they_waited():
     """A record fresh on arrival ages while newer versions are published: the learner must not get it once it is
     staler than max_staleness (checked again when a batch is asked for)."""
     buf = PairBuffer(max_staleness=1)
-    buf.accept(_records([2, 2, 3]), version=3)  # staleness 1, 1, 0: all kept
+    buf.accept("old", 2, 2, version=3)  # staleness 1: kept
+    buf.accept("new", 1, 3, version=3)
     assert buf.ready(3, version=3) and buf.dropped == 0
-    assert not buf.ready(3, version=4)  # now 2, 2, 1: the two version-2 records go
+    assert not buf.ready(3, version=4)  # now 2 and 1: the two version-2 records go
     assert (len(buf), buf.dropped) == (1, 2)
-    assert buf.take(1, step=4).column("policy_version").to_pylist() == [3]
+    assert buf.take(1, step=4) == StoredPairs((("new", 0, 1),))
 
 
 def test_rollout_stats_are_logged_once_per_update_over_every_call_since_the_last(tmp_path):
     """Two calls' records summarised together (float64 reference), once; nothing is logged when nothing came."""
     rng = np.random.default_rng(0)
-    calls = [pa.RecordBatch.from_pydict({"reward_w": rng.random(len(k)).astype(np.float32),
-                                         "step_index": np.array(k, np.int16), "policy_version": [0] * len(k)})
-             for k in ([0, 1, 2, 3, 4], [5, 6, 7, 0, 1, 2, 3])]
+    calls = [record_summary(pa.RecordBatch.from_pydict({
+        "reward_w": rng.random(len(k)).astype(np.float32), "step_index": np.array(k, np.int16),
+        "policy_version": [0] * len(k)})) for k in ([0, 1, 2, 3, 4], [5, 6, 7, 0, 1, 2, 3])]
     with RunLogger(tmp_path, tensorboard=False) as logger:
         stats = RolloutStats(logger, num_steps=8)
-        stats.add(calls[0], np.array([0, 0, 1, 1, 2]))
-        stats.add(calls[1], np.zeros(7, np.int64))
+        stats.add(1, calls[0])
+        stats.add(0, calls[1])
         stats.log(3, dropped=4)
         stats.log(4, dropped=4)
     (line,) = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     m = line["metrics"]
-    r = np.concatenate([c.column("reward_w").to_numpy() for c in calls]).astype(np.float64)
-    k = np.concatenate([c.column("step_index").to_numpy() for c in calls])
-    assert line["step"] == 3 and m["rollout/dropped_stale_total"] == 4 and m["rollout/staleness_mean"] == 4 / 12
+    r = np.concatenate([c["reward_w"] for c in calls]).astype(np.float64)
+    k = np.concatenate([c["step_index"] for c in calls])
+    assert line["step"] == 3 and m["rollout/dropped_stale_total"] == 4 and m["rollout/staleness_mean"] == 5 / 12
     assert m["rollout/train_reward_w_mean"] == pytest.approx(r.mean(), abs=1e-12)
     assert m["rollout/train_reward_w_sem"] == pytest.approx(r.std(ddof=1) / math.sqrt(12), abs=1e-12)
     assert m["rollout/reward_w_mean/bucket2-3"] == pytest.approx(r[(k >= 2) & (k < 4)].mean(), abs=1e-12)

@@ -13,6 +13,7 @@ import torch
 
 from actors.records import from_table
 from actors.rollout import RolloutWorker
+from actors.stored import StoredPairs, shard_bounds
 from learner.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from learner.config import ConfigError
 from learner.group import LearnerGroup, shard
@@ -75,6 +76,25 @@ def ray_session():
     ray.shutdown()
 
 
+@ray.remote
+def _rows(layout, *batches) -> list[int]:
+    """What a learner rank's ``update`` receives from ``StoredPairs.send``: the rows it names."""
+    return layout.assemble(batches).column("row").to_pylist()
+
+
+def test_stored_pairs_split_into_contiguous_shares_that_send_the_rows_they_name(ray_session):
+    """The learner ranks' shares of one update: every row once, in order, from the object store."""
+    tables = [pa.RecordBatch.from_pydict({"row": list(range(start, start + n))}) for start, n in ((0, 5), (5, 3))]
+    a, b = (ray.put(t) for t in tables)
+    pairs = StoredPairs(((a, 2, 3), (b, 0, 3)))  # rows 2-4 of the first call and 0-2 of the second
+    assert len(pairs) == 6 and ray.get(pairs.send(_rows)) == [2, 3, 4, 5, 6, 7]
+    shares = pairs.split(4)
+    assert [len(s) for s in shares] == [1, 2, 1, 2] and shares[1] == StoredPairs(((a, 3, 2),))
+    assert shares[3] == StoredPairs(((b, 1, 2),)) and shares[2] == StoredPairs(((b, 0, 1),))
+    assert [r for s in shares for r in ray.get(s.send(_rows))] == [2, 3, 4, 5, 6, 7]
+    assert shard_bounds(6, 4) == [0, 1, 3, 4, 6]
+
+
 def test_two_learners_match_one_resume_exactly_and_a_dead_rank_is_one_line(ray_session, make_config, tmp_path):
     from learner.loop import Counters, Driver, LearnerDiedError
 
@@ -84,16 +104,18 @@ def test_two_learners_match_one_resume_exactly_and_a_dead_rank_is_one_line(ray_s
 
     cfg = make_config(train={"batch_size": 8, "num_learners": 2, "lr": 1e-2})
     table = _records(cfg)
-    batches = [table.slice(0, 8), table.slice(4, 8), table.slice(2, 8)]
+    tables = [table.slice(0, 8), table.slice(4, 8), table.slice(2, 8)]
+    stored = StoredPairs(((ray.put(table.to_batches()[0]), 4, 8),))  # as the driver passes them: by reference
+    batches = [tables[0], stored, tables[2]]  # the group's; the learner in this process gets the tables
 
     one, two = Learner(cfg), _group(cfg, 2)  # one learner: in this process, as a K = 1 group's actor runs it
-    m1, m2 = [one.update(batches[0])], _updates(two, batches[:1])
+    m1, m2 = [one.update(tables[0])], _updates(two, batches[:1])
     # the gradient every rank steps with is the whole batch's (float32 sums in another order)
     g1, g2 = gradients(one), ray.get(two.ranks[1].__ray_call__.remote(gradients))
     assert g1.keys() == g2.keys()
     g1, g2 = torch.cat([g.flatten() for g in g1.values()]), torch.cat([g2[k].flatten() for k in g1])
     assert float(g1.norm()) > 1e-3 and float((g2 - g1).norm() / g1.norm()) < 1e-5
-    m1 += [one.update(b) for b in batches[1:]]
+    m1 += [one.update(b) for b in tables[1:]]
     m2 += _updates(two, batches[1:2])
     ray.get(two.ranks[1].__ray_call__.remote(lambda learner: torch.rand(3, generator=learner.generator)))
     rank1_stream = _rank_generator(two.ranks[1])  # a stochastic loss draws from each rank's own stream

@@ -79,20 +79,3 @@ def test_quick_scale_run_drives_the_real_driver():
     assert len(rows) >= 2
     efficiency = float(rows[0].split("|")[4].strip().rstrip("%"))
     assert efficiency > 50
-
-
-def test_buffer_take_copies_only_the_batches_it_takes():
-    from learner.buffer import PairBuffer
-
-    buf = PairBuffer(max_staleness=1)
-    batches = [record_template(2, 5, seed=s) for s in range(4)]  # 10 rows each, all fresh (version 0)
-    for b in batches:
-        buf.accept(b, version=0)
-    assert buf.batches[0] is batches[0]  # an all-fresh batch is kept as it came, not filtered into a copy
-    first = buf.take(15, 0)
-    assert first.column("x_t").to_pylist() == [*batches[0].column("x_t").to_pylist(),
-                                               *batches[1].column("x_t").to_pylist()[:5]]
-    assert len(buf) == 25  # the untouched backlog stays as it came, not copied:
-    assert all(a is b for a, b in zip(buf.batches[-2:], batches[2:], strict=True))
-    assert buf.take(25, 0).column("x_t").to_pylist()[:5] == batches[1].column("x_t").to_pylist()[5:]
-    assert len(buf) == 0
