@@ -227,13 +227,15 @@ def record_template(max_prompts: int, branches: int, seed: int = 0) -> pa.Record
         "round": np.zeros(rows, np.int64)})
 
 
-def sim_config(n: int, steps: int, batch: int, max_staleness: int | None, broadcast_every: int, out: Path,
+def sim_config(n: int, steps: int, batch: int, max_staleness: int | None, broadcast_every: int | None, out: Path,
                pairs_per_s: float = 0.0) -> Any:
     """The TailorPO SD-1.5 preset with the simulation's sizes (no model is loaded: model.path is never read).
-    ``max_staleness`` None: matched to the rate (``matched_staleness``), for ``pairs_per_s`` trained."""
+    ``max_staleness`` None: matched to the rate (``matched_staleness``), for ``pairs_per_s`` trained;
+    ``broadcast_every`` None: the preset's."""
     from learner.config import build_config, load_yaml
 
     tree = load_yaml(PRESET)
+    broadcast_every = broadcast_every or tree["train"]["broadcast_every"]
     tree["ray"] = {"address": None}
     tree["rollout"].update(num_actors=n, max_prompts_per_task=MAX_PROMPTS)
     if max_staleness is None:
@@ -502,10 +504,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--batch", type=int, default=64, help="pairs per update (divisible by every K tried)")
     p.add_argument("--max-staleness", type=int, default=None, help="train.max_staleness (default: per point, the "
                    "versions published while one task runs, ceil(updates/s / broadcast_every x "
-                   "rollout.target_task_seconds) + 2 for the wait in the buffer and jitter: 3 at N = 1, 16 at N = "
-                   "64. The preset's 1 drops most pairs from N = 8 on, since a task's records arrive that many "
-                   "versions old)")
-    p.add_argument("--broadcast-every", type=int, default=1)
+                   "rollout.target_task_seconds) + 2 for the wait in the buffer and jitter. A smaller bound drops "
+                   "much of what the actors make, since a task's records arrive that many versions old)")
+    p.add_argument("--broadcast-every", type=int, default=None, help="train.broadcast_every (default: the "
+                   "preset's, 4)")
     p.add_argument("--learner-gpu", choices=sorted(costs.PEAK_BF16), default="A100")
     p.add_argument("--trainable", choices=sorted(costs.PAIR_FLOPS), default="lora")
     p.add_argument("--sim-seconds", type=float, default=15.0, help="simulated seconds per point")
