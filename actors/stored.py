@@ -2,10 +2,11 @@
 
 The driver calls ``generate`` with ``num_returns=2``: it fetches only the call's statistics (with the small
 ``record_summary`` of the records it logs) and keeps the record batch's ObjectRef, its row count and the version
-that sampled it. An update hands each learner rank its ``StoredPairs`` share: the batches as top-level arguments of
-``update``, which Ray moves from the actor's node to the rank's, and a ``RowLayout`` naming the rows. The latents
-never pass through the driver; at 64 simulated actors, fetching, copying and re-sending them (as Arrow shards, one
-object per rank) cost the driver ~45 ms of its main thread's CPU an update, two thirds of it.
+that sampled it. An update hands each learner rank its ``StoredPairs`` share (through rank 0:
+``learner.group_lead``): the batches as top-level arguments of ``update``, which Ray moves from the actor's node to
+the rank's, and a ``RowLayout`` naming the rows. The latents never pass through the driver; at 64 simulated
+actors, fetching, copying and re-sending them (as Arrow shards, one object per rank) cost the driver ~45 ms of its
+main thread's CPU an update, two thirds of it.
 
 Torch-free: the scale simulation's learner ranks unpickle it without importing torch.
 """
@@ -42,13 +43,12 @@ class StoredPairs:
             at += rows
         return StoredPairs(tuple(pieces))
 
-    def send(self, method: Any) -> Any:
-        """``method.remote(layout, *batches)``: the record batches as top-level arguments, which Ray resolves before
-        the call runs, and a ``RowLayout`` saying which of their rows to train on. (A reference nested in an argument
-        would make its owner, the driver, track every rank as a borrower of every batch: ~1 ms of its CPU per rank
-        and update at 64 actors.)"""
+    def send(self, method: Any, *leading: Any) -> Any:
+        """``method.remote(*leading, layout, *batches)``: the record batches as top-level arguments, which Ray
+        moves to the callee before the call runs (rather than references nested in an argument, which would make
+        the callee a borrower that the driver, their owner, tracks), and a ``RowLayout`` of the rows to train on."""
         layout = RowLayout(tuple((first, rows) for _, first, rows in self.pieces))
-        return method.remote(layout, *(ref for ref, _, _ in self.pieces))
+        return method.remote(*leading, layout, *(ref for ref, _, _ in self.pieces))
 
 
 @dataclass(frozen=True)

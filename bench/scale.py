@@ -34,6 +34,7 @@ import pyarrow as pa
 
 from actors.stored import RowLayout, record_summary
 from bench import costs
+from learner.group_lead import GroupLead
 
 ROOT = Path(__file__).resolve().parent.parent
 PRESET = ROOT / "configs/tailorpo_sd15.yaml"
@@ -145,7 +146,7 @@ class SimRollout:
         return {"busy": self.busy, "loads": self.loads}
 
 
-class SimLearner:
+class SimLearner(GroupLead):
     """A learner rank with the methods the driver and learner.group call; ``update`` sleeps for its shard's seconds.
 
     Torch is imported only by the calls rank 0 alone receives (publish, evaluate, checkpoint)."""
@@ -364,6 +365,7 @@ def run_point(pool: Pool, n: int, k: int, args: argparse.Namespace) -> dict[str,
 
     ranks = pool.learners[:k]
     ray.get([a.reset.remote(scale) for a in actors] + [r.reset.remote(scale) for r in ranks])
+    ray.get(ranks[0].set_peers.remote(ranks[1:]))  # what LearnerGroup.connect does after the process group forms
     wall = time.time()
     with tempfile.TemporaryDirectory() as tmp:
         cfg = sim_config(n, steps, args.batch, args.max_staleness, args.broadcast_every, Path(tmp),

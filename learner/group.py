@@ -2,7 +2,8 @@
 
 With ``train.num_learners: K`` the K ranks form one torch.distributed process group (gloo on CPU, nccl on GPUs).
 Every update's batch is cut into K contiguous shards, one per rank (online, references to the rows in the object
-store, which each rank fetches itself: ``actors.stored``); each rank's backward is followed by one
+store, ``actors.stored``, all sent in one call to rank 0, which starts the others: ``learner.group_lead``); each
+rank's backward is followed by one
 all-reduce of its gradients and metrics weighted by shard size (``Learner._average_over_ranks``), so every rank
 clips and steps with the whole batch's gradient and holds the same parameters and optimizer state. Rank 0 stands
 for the group wherever one copy suffices: it publishes weights, evaluates and writes the checkpoint (to which
@@ -47,12 +48,20 @@ class LearnerGroup:
             return
         host, port = ray.get(self.lead.open_rendezvous.remote(self.size))
         ray.get([r.join_group.remote(backend, host, port, i, self.size) for i, r in enumerate(self.ranks)])
+        ray.get(self.lead.set_peers.remote(self.ranks[1:]))
 
     def update(self, batch: pa.Table | PairBatch | StoredPairs) -> Any:
-        """Start one update on every rank (a shard each); returns rank 0's ref, whose metrics are the batch's."""
-        shares = [batch] if self.size == 1 else shard(batch, self.size)
-        return self._follow([s.send(r.update) if isinstance(s, StoredPairs) else r.update.remote(s)
-                             for r, s in zip(self.ranks, shares, strict=True)])
+        """Start one update on every rank (a shard each); returns rank 0's ref, whose metrics are the batch's.
+        Pairs by reference go to rank 0 alone, which starts the other ranks' shares (``learner.group_lead``);
+        the offline loop's tables are sent to every rank by the driver."""
+        if isinstance(batch, StoredPairs):
+            if self.size == 1:
+                return batch.send(self.lead.update)
+            own, *others = batch.split(self.size)
+            return own.send(self.lead.update_group, others)
+        if self.size == 1:
+            return self.lead.update.remote(batch)
+        return self._all("update", [(s,) for s in shard(batch, self.size)])
 
     def restore(self, tensors: dict[str, Any], state: dict[str, Any]) -> Any:
         """Load a checkpoint on every rank; returns rank 0's ref."""
@@ -80,10 +89,6 @@ class LearnerGroup:
 
     def _all(self, method: str, args: list[tuple]) -> Any:
         """Call ``method`` on every rank (``args[i]`` for rank i); returns rank 0's ref, the others follow it."""
-        return self._follow([getattr(r, method).remote(*a) for r, a in zip(self.ranks, args, strict=True)])
-
-    def _follow(self, refs: list[Any]) -> Any:
-        """Rank 0's ref of a call made on every rank (``refs``); ``get`` waits for the others too."""
-        if len(refs) > 1:
-            self._followers[refs[0]] = refs[1:]
+        refs = [getattr(r, method).remote(*a) for r, a in zip(self.ranks, args, strict=True)]
+        self._followers[refs[0]] = refs[1:]
         return refs[0]

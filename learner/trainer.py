@@ -37,6 +37,7 @@ from learner.checkpoint import (
     tensors_to_optimizer_state,
 )
 from learner.config import Config
+from learner.group_lead import GroupLead
 from learner.losses import PairLoss
 from learner.methods import find_method
 from learner.reference import build_reference, divergence_estimate, kernel_kl
@@ -55,7 +56,7 @@ class NonFiniteLossError(RuntimeError):
     """Too many consecutive non-finite losses: training has diverged."""
 
 
-class Learner:
+class Learner(GroupLead):
     def __init__(self, cfg: Config, own_reward_handles: Sequence[Any] = ()):
         torch.set_num_threads(cfg.train.torch_threads)
         self.cfg = cfg
