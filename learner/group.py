@@ -3,11 +3,10 @@
 With ``train.num_learners: K`` the K ranks form one torch.distributed process group (gloo on CPU, nccl on GPUs).
 Every update's batch is cut into K contiguous shards, one per rank (online, references to the rows in the object
 store, ``actors.stored``, all sent in one call to rank 0, which starts the others: ``learner.group_lead``); each
-rank's backward is followed by one
-all-reduce of its gradients and metrics weighted by shard size (``Learner._average_over_ranks``), so every rank
-clips and steps with the whole batch's gradient and holds the same parameters and optimizer state. Rank 0 stands
-for the group wherever one copy suffices: it publishes weights, evaluates and writes the checkpoint (to which
-the other ranks add their RNG states); a restore loads every rank.
+rank's backward is followed by one all-reduce of its gradients and metrics weighted by shard size
+(``Learner._average_over_ranks``), so every rank clips and steps with the whole batch's gradient and holds the
+same parameters and optimizer state. Rank 0 stands for the group wherever one copy suffices: it publishes weights,
+evaluates and writes the checkpoint (to which the other ranks add their RNG states); a restore loads every rank.
 """
 
 from __future__ import annotations
@@ -24,9 +23,9 @@ from actors.stored import StoredPairs, shard_bounds
 from policy.transport import Getter
 
 
-def shard(batch: pa.Table | PairBatch | StoredPairs, k: int) -> list[Any]:
+def shard(batch: pa.Table | PairBatch, k: int) -> list[Any]:
     """``batch`` (of at least ``k`` pairs) cut into ``k`` contiguous shards whose sizes differ by at most one."""
-    if isinstance(batch, PairBatch | StoredPairs):
+    if isinstance(batch, PairBatch):
         return batch.split(k)
     cuts = shard_bounds(len(batch), k)
     return [batch.slice(a, b - a) for a, b in itertools.pairwise(cuts)]
