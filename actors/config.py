@@ -7,9 +7,9 @@ the driver (``learner.config``); an actor only sees the sections it runs on.
 
 from __future__ import annotations
 
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, model_validator
 
 from policy.components import ModelConfig
 from policy.lora import LoraSettings
@@ -19,6 +19,19 @@ from rewards.registry import RewardConfig
 
 class ConfigError(ValueError):
     """A configuration problem, reported as one actionable line."""
+
+
+_WORDS = {"true": True, "yes": True, "on": True, "false": False, "no": False, "off": False}
+
+
+def _word_to_bool(value: Any) -> Any:
+    return _WORDS.get(value.lower(), value) if isinstance(value, str) else value
+
+
+# A true/false key. Configs are read as YAML 1.2 (learner.config), where yes/no/on/off are text; on a key that takes
+# only true or false their YAML 1.1 meaning (and a quoted "true") is still the user's plain intent, so they are read
+# as such, in any case. Anything else (1, "maybe") is refused.
+Bool = Annotated[bool, BeforeValidator(_word_to_bool), Field(strict=True)]
 
 
 class PairsConfig(BaseModel):
@@ -58,7 +71,7 @@ class RolloutConfig(BaseModel):
     num_actors: int = Field(1, ge=1, strict=True)
     prompts_per_task: int = Field(8, ge=1, strict=True, description=(
         "chains per generate call (adapted to each actor's speed when adapt_batch)"))
-    adapt_batch: bool = Field(True, strict=True)
+    adapt_batch: Bool = True
     target_task_seconds: float = Field(3.0, gt=0, description="adaptive batches aim at this duration per call")
     max_prompts_per_task: int = Field(64, ge=1, strict=True)
     num_gpus: float = Field(0.0, ge=0)

@@ -27,7 +27,7 @@ from typing import Any
 import pyarrow as pa
 import torch
 
-from actors.config import ConfigError, RolloutSettings
+from actors.config import RolloutSettings
 from actors.records import to_record_batch
 from actors.reward import RewardClient
 from actors.stored import record_summary
@@ -68,10 +68,9 @@ class RolloutWorker:
         self.guided = cfg.guidance.kind == "reward_gradient"
         local = None
         main = cfg.reward.main_env_spec() if own_reward_handles else cfg.reward.spec
-        if main and (self.guided or not reward_handles):  # guidance needs the reward's gradient: it must live here
+        # guidance needs the reward's gradient, so the reward must live here (the Config checked it has one)
+        if main and (self.guided or not reward_handles):
             local = build_reward(main, cfg.reward.options).to(self.policy.device)
-            if self.guided and not local.differentiable:
-                raise ConfigError(f"guidance.kind=reward_gradient needs a differentiable reward; {local.name} is not")
         self.reward = RewardClient(local, reward_handles, own_reward_handles)
 
     # ---- weights ----------------------------------------------------------------------------------------------

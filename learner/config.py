@@ -4,7 +4,7 @@ Each package owns its sections as pydantic models (policy: model, sampler, lora;
 pairs, guidance, rollout; the learner: time_weight and reference in their modules, the rest below). The field
 types and bounds are the one list of allowed values, and the dotted CLI flags and ``--help`` are generated from
 them (learner/main.py). Any problem ends in one ``ConfigError`` line naming the key and what is allowed; an
-unknown key gets a did-you-mean.
+unknown key gets a did-you-mean. Files and flag values are read as YAML 1.2 (``parse_yaml``).
 """
 
 from __future__ import annotations
@@ -13,19 +13,22 @@ import difflib
 from pathlib import Path
 from typing import Any, Literal
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from ruamel.yaml import YAML
+from ruamel.yaml.constructor import DuplicateKeyError
+from ruamel.yaml.error import YAMLError
 
-from actors.config import ConfigError, GuidanceConfig, PairsConfig, RolloutConfig, RolloutSettings
+from actors.config import Bool, ConfigError, GuidanceConfig, PairsConfig, RolloutConfig, RolloutSettings
 from learner.methods import find_method, method_names
 from learner.reference import ReferenceConfig
 from learner.time_weighting import TimeWeightConfig
 from policy.components import ModelConfig
 from policy.lora import LoraSettings
 from policy.policy import SamplerConfig
-from rewards.registry import RewardConfig
+from rewards.base import RewardConfigError
+from rewards.registry import RewardConfig, differentiable
 
-__all__ = ["Config", "ConfigError", "build_config", "load_yaml"]
+__all__ = ["Config", "ConfigError", "build_config", "load_yaml", "parse_yaml"]
 
 
 class LossConfig(BaseModel):
@@ -102,9 +105,9 @@ class OutputConfig(BaseModel):
     dir: str = "runs/default"
     checkpoint_every: int = Field(50, ge=1, strict=True)
     keep_checkpoints: int = Field(3, ge=1, strict=True)
-    trajectory_log: bool = Field(False, strict=True)
-    tensorboard: bool = Field(True, strict=True)
-    overwrite: bool = Field(False, strict=True, description=(
+    trajectory_log: Bool = False
+    tensorboard: Bool = True
+    overwrite: Bool = Field(False, description=(
         "start afresh in a dir that holds an earlier run, deleting that run's outputs (default: refuse)"))
 
 
@@ -147,6 +150,9 @@ class Config(BaseModel):
         if self.guidance.kind == "reward_gradient" and len(self.reward.main_env_spec()) < len(self.reward.spec):
             raise ValueError("guidance.kind=reward_gradient needs the reward's gradient in the rollout actor; a reward "
                              "with reward.options.<name>.runtime_env runs in its own actor and has none there")
+        if self.guidance.kind == "reward_gradient" and (flat := self._gradient_free_rewards()):
+            raise ValueError(f"guidance.kind=reward_gradient needs a differentiable reward; {flat} in reward.spec "
+                             "have no gradient: drop them from reward.spec or set guidance.kind: none")
         if self.guidance.kind == "reward_gradient" and self.pairs.kind != "step_branch":
             raise ValueError("guidance.kind=reward_gradient (TailorPO-G) needs pairs.kind=step_branch; set "
                              "guidance.kind: none for trajectory pairs")
@@ -171,6 +177,13 @@ class Config(BaseModel):
                              "use reference.compute_on: learner")
         find_method(self.loss.kind, self.pairs.record_kind)
         return self
+
+    def _gradient_free_rewards(self) -> list[str]:
+        """The rewards of reward.spec without a gradient, told by the registry without loading any weights."""
+        try:
+            return [name for name in self.reward.spec if not differentiable(name)]
+        except RewardConfigError as e:
+            raise ValueError(f"reward.spec: {e}") from None
 
     def rollout_settings(self) -> RolloutSettings:
         """The sections a rollout actor runs on."""
@@ -245,14 +258,30 @@ def build_config(tree: dict[str, Any] | None = None) -> Config:
         raise _one_line(e) from None
 
 
+def parse_yaml(text: str, source: str) -> Any:
+    """``text`` read as YAML 1.2, where ``on``/``off``/``yes``/``no`` are text (YAML 1.1, PyYAML's dialect, reads them
+    as booleans, so ``--ray.small_box off`` arrived as False). A key repeated in one mapping, at any depth, is
+    refused in one line naming it and ``source`` (a YAML 1.1 reader silently keeps the last value); other syntax
+    errors raise ruamel's ``YAMLError``."""
+    try:
+        return YAML(typ="safe", pure=True).load(text)  # pure: the C reader knows YAML 1.1 only
+    except DuplicateKeyError as e:
+        key = e.problem.removeprefix('found duplicate key "').split('" with value')[0]
+        raise ConfigError(f"{source}: duplicate key '{key}' (line {e.problem_mark.line + 1}); keep one of them"
+                          ) from None
+
+
 def load_yaml(path: str | Path) -> dict[str, Any]:
     p = Path(path)
     if not p.is_file():
         raise ConfigError(f"config file not found: {p}")
     try:
-        data = yaml.safe_load(p.read_text()) or {}
-    except yaml.YAMLError as e:
-        raise ConfigError(f"config file {p} is not valid YAML: {str(e).splitlines()[0]}") from None
+        data = parse_yaml(p.read_text(), str(p)) or {}
+    except YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" (line {mark.line + 1})" if mark else ""
+        problem = getattr(e, "problem", None) or str(e).strip().splitlines()[0]
+        raise ConfigError(f"config file {p} is not valid YAML: {problem}{where}") from None
     if not isinstance(data, dict):
         raise ConfigError(f"config file {p} must hold a mapping of sections, got {type(data).__name__}")
     return data

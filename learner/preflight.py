@@ -3,11 +3,13 @@ before anything is written, so a bad value, path or size ends in one ``ConfigErr
 traceback minutes later inside an actor.
 
 Checked: the model directory, the prompt sets (and that the configured rewards can score every prompt), the
-offline dataset (schema and row count from the Parquet footers, no data read), the output directory (creatable,
-writable, not holding another run unless resumed or overwritten), the checkpoint a ``--resume`` would load, and
-for a local Ray the actors' CPUs, GPUs and memory against this machine. Once Ray is up (started here, joined
-with ``ray.address`` or already running in this process), ``check_cluster`` compares the actors' resources with
-what Ray reports, before any actor is created.
+offline dataset (schema, row count and that loss.kind trains on its kind of pairs, from the Parquet footers, no
+data read), the output directory (creatable, writable, not holding another run unless resumed or overwritten),
+the checkpoint a ``--resume`` would load, and for a local Ray the actors' CPUs, GPUs and memory against this
+machine. The rules between config sections (guidance needs a differentiable reward, ...) are checked earlier, when
+the config is built (``Config``'s validator, learner/config.py). Once Ray is up (started here, joined with
+``ray.address`` or already running in this process), ``check_cluster`` compares the actors' resources with what
+Ray reports, before any actor is created.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from pathlib import Path
 from typing import NamedTuple
 
 from learner.config import Config, ConfigError
+from learner.methods import find_method
 
 # Memory per actor process for the local cap, a measured constant rather than a start-up measurement: the cap must
 # hold before Ray starts (a refused run starts nothing), measuring would first start a rollout actor (~20 s of every
@@ -55,7 +58,7 @@ def preflight(cfg: Config, resume: bool, local_ray: bool) -> Inputs:
     train, heldout = load_prompts(cfg.data.train_prompts), load_prompts(cfg.data.eval_prompts)
     check_prompts(cfg, {"data.train_prompts": train, "data.eval_prompts": heldout})
     if cfg.data.offline_dataset is not None:
-        check_dataset(Path(cfg.data.offline_dataset))
+        check_dataset(Path(cfg.data.offline_dataset), cfg.loss.kind)
     if local_ray:
         check_local_resources(cfg)
     if cfg.ray.address:
@@ -78,18 +81,23 @@ def check_prompts(cfg: Config, sets: dict[str, list[str]]) -> None:
                               text if text.startswith("reward.") else f"reward.spec: {text}") from None
 
 
-def check_dataset(root: Path) -> None:
-    """The trajectory log's files parse, share one record schema and hold at least one row (footers only)."""
+def check_dataset(root: Path, loss: str) -> None:
+    """The trajectory log's files parse, share one record schema, hold at least one row, and are of a kind of pairs
+    that ``loss`` trains on (footers only; else the learner would fail at its first update)."""
     from actors.records import TrajectoryLog
 
     if not root.is_dir():
         raise ConfigError(f"data.offline_dataset: directory not found: {root}")
     try:
-        _, rows = TrajectoryLog(root).describe()
+        kind, rows = TrajectoryLog(root).describe()
     except ValueError as e:
         raise ConfigError(f"data.offline_dataset: {e}; point it at a log that output.trajectory_log wrote") from None
     if rows == 0:
         raise ConfigError(f"data.offline_dataset: the record files under {root} hold no rows")
+    try:
+        find_method(loss, kind)
+    except ValueError as e:
+        raise ConfigError(f"data.offline_dataset: {root} holds {kind} pairs, and {e}") from None
 
 
 def check_output(out: Path, resume: bool, overwrite: bool) -> None:

@@ -6,6 +6,8 @@ lazily (``_MODULES``) so that asking for an analytic reward never imports open_c
 A reward of one's own is named ``package.module:Factory``. ``reward.options.<name>.runtime_env`` (Ray's
 runtime_env: pip, env_vars, working_dir, py_modules, py_executable, container, ...) is not a factory option: it
 puts that reward in its own reward actor with its own dependencies (``own_env_rewards``, actors/reward.py).
+Whether a reward has a gradient (TailorPO-G needs one) is its class's ``differentiable``, which ``differentiable``
+reads from the factory (a class, or a function annotated with the class it returns) without building anything.
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ from __future__ import annotations
 import importlib
 import inspect
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any
+from typing import Any, get_type_hints
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field, model_validator
@@ -118,6 +120,19 @@ def _checked(name: str, kwargs: Mapping[str, Any]) -> Callable[..., Reward]:
     if unknown and not any(p.kind is p.VAR_KEYWORD for p in params.values()):
         raise RewardConfigError(f"reward.options.{name}: unknown option(s) {unknown}; allowed: {sorted(params)}")
     return factory
+
+
+def differentiable(name: str) -> bool:
+    """Whether reward ``name`` keeps the gradient, known without building it (no weights load, so a config check
+    can ask): the ``differentiable`` attribute of its factory's class, or of the class a factory function's
+    return annotation names; a factory without either counts as not differentiable."""
+    factory = _factory(name)
+    if not isinstance(factory, type):
+        try:
+            factory = get_type_hints(factory).get("return")
+        except NameError:  # an annotation that does not resolve here
+            factory = None
+    return bool(getattr(factory, "differentiable", False))
 
 
 def _make(name: str, kwargs: dict[str, Any]) -> Reward:

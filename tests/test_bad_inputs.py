@@ -13,8 +13,10 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+import torch
 import yaml
 
+from actors.records import TrajectoryLog, to_record_batch
 from learner.main import main
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -50,6 +52,9 @@ def base(tiny_model_dir, tmp_path_factory) -> dict[str, Path]:
         pq.write_table(pa.table({"x": list(range(100))}), part)
         if name == "truncated":
             part.write_bytes(part.read_bytes()[:-20])
+    clean = {"prompt": ["a red circle on the left"], "prompt_id": [0], "x0_w": torch.zeros(1, 4, 8, 8),
+             "x0_l": torch.zeros(1, 4, 8, 8), "reward_w": [1.0], "reward_l": [0.0], "actor_id": [0], "round": [0]}
+    TrajectoryLog(root / "log_clean").write(to_record_batch("clean", clean), round=0, actor_id=0)
     ckpts = {"ckpt_none": [], "ckpt_tmp_only": [".tmp-step-00000002-1"], "ckpt_corrupt": ["step-00000002"]}
     for name, dirs in ckpts.items():
         (root / name / "checkpoints").mkdir(parents=True)
@@ -60,6 +65,8 @@ def base(tiny_model_dir, tmp_path_factory) -> dict[str, Path]:
     (root / "bad.yaml").write_text("train: {steps: [1, 2\n")
     (root / "list.yaml").write_text("- 1\n- 2\n")
     (root / "typo.yaml").write_text("trian: {steps: 2}\n")
+    (root / "dup_top.yaml").write_text("train: {steps: 2}\nloss: {beta: 0.5}\nloss: {kind: dense_dpo}\n")
+    (root / "dup_nested.yaml").write_text("loss:\n  kind: dpo_logprob\n  beta: 0.5\n  kind: dense_dpo\n")
     return files
 
 
@@ -97,6 +104,11 @@ def _cases(f: dict[str, Path]) -> list[tuple[list[str], str]]:
         (["--rollout.num_actors", "0"], "rollout.num_actors must be >= 1"),
         (["--rollout.slowdown_s", "[.nan]"], "rollout.slowdown_s.0 must be a finite number"),
         (["--ray.num_cpus", "-1"], "ray.num_cpus must be >= 1"),
+        (["--ray.small_box", "maybe"], "ray.small_box must be one of 'auto', 'on' or 'off', got 'maybe'"),
+        (["--reward.spec", "{world: 1.0, world: 0.5}"], "--reward.spec: duplicate key 'world' (line 1)"),
+        # rules between sections (learner.config's Config validator)
+        (["--guidance.kind", "reward_gradient", "--reward.spec", "{world: 1.0, world_shape: 1.0}"],
+         "needs a differentiable reward; ['world_shape'] in reward.spec have no gradient"),
         # unknown flags and config files
         (["--loss.betta", "1"], "did you mean 'loss.beta'"),
         (["--no-such-flag"], "unknown config key 'no-such-flag'"),
@@ -104,6 +116,8 @@ def _cases(f: dict[str, Path]) -> list[tuple[list[str], str]]:
         (["--config", str(r / "bad.yaml")], "is not valid YAML"),
         (["--config", str(r / "list.yaml")], "must hold a mapping of sections"),
         (["--config", str(r / "typo.yaml")], "unknown config key 'trian'"),
+        (["--config", str(r / "dup_top.yaml")], f"{r / 'dup_top.yaml'}: duplicate key 'loss' (line 3)"),
+        (["--config", str(r / "dup_nested.yaml")], f"{r / 'dup_nested.yaml'}: duplicate key 'kind' (line 4)"),
         # resources of a local run
         (["--ray.num_cpus", "1"], "ray.num_cpus=1 cannot place the actors"),
         (["--num-actors", "64"], "--num-actors"),
@@ -124,6 +138,8 @@ def _cases(f: dict[str, Path]) -> list[tuple[list[str], str]]:
         (["--data.offline_dataset", str(r / "log_garbage")], "is not a readable Parquet file"),
         (["--data.offline_dataset", str(r / "log_truncated")], "is not a readable Parquet file"),
         (["--data.offline_dataset", str(r / "log_foreign")], "not a pair record"),
+        (["--data.offline_dataset", str(r / "log_clean")], "holds clean pairs, and loss.kind=dpo_logprob does not "
+         "train on clean pairs"),
         # output directories and checkpoints
         (["--output.dir", str(f["a_file"] / "run")], "is a file"),
         (["--output.dir", str(r / "used")], "--output.overwrite true"),
@@ -153,13 +169,17 @@ def test_every_bad_input_gets_one_line_and_exit_2(base, capsys):
         seconds = time.perf_counter() - start
         err = capsys.readouterr().err.strip().splitlines()
         ok = rc == 2 and len(err) == 1 and err[0].startswith("error: ") and expected in err[0] and seconds < 10
-        if not ok:
+        ray = sys.modules.get("ray")
+        if ray is not None and ray.is_initialized():
+            failures.append(f"{flags}: Ray was started")
+        elif not ok:
             failures.append(f"{flags}: rc={rc}, {seconds:.1f} s, stderr={err}")
         assert _snapshot(base["root"]) == before, f"{flags} wrote into {base['root']}"
     assert not failures, f"{len(failures)} of {len(cases)} bad inputs failed:\n" + "\n".join(failures)
 
 
-@pytest.mark.parametrize("flags", [["--loss.betta", "1"], ["--train.steps", "true"]])
+@pytest.mark.parametrize("flags", [["--loss.betta", "1"], ["--train.steps", "true"],
+                                   ["--reward.spec", "{jpeg_compressibility: 1.0}"]])  # default.yaml is guided
 def test_bad_flags_through_the_real_cli(flags):
     out = subprocess.run([sys.executable, "-m", "learner.main", *flags], capture_output=True, text=True, cwd=ROOT,
                          timeout=120, env={**os.environ, "PYTHONWARNINGS": "ignore"})

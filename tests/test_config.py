@@ -1,4 +1,4 @@
-"""Config loading, CLI overrides, one-line errors; the driver's prompt stream and throughput balancer."""
+"""Config loading, CLI overrides, one-line errors; the driver's prompt stream."""
 
 from __future__ import annotations
 
@@ -8,10 +8,10 @@ from pathlib import Path
 
 import pytest
 
-from learner.config import Config, ConfigError, build_config
-from learner.main import parse_args
+from learner.config import Config, ConfigError, build_config, load_yaml
+from learner.main import parse_args, parse_value
 from learner.prompts import load_prompts
-from learner.scheduling import PromptStream, ThroughputBalancer
+from learner.scheduling import PromptStream
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -44,14 +44,74 @@ def test_cli_overrides_yaml_and_parses_values(tmp_path):
     ({"sampler": {"eta": 0.0}}, r"sampler\.eta must be > 0"),
     ({"train": {"steps": 2.5}}, r"train\.steps must be an integer"),
     ({"train": {"mode": "fast"}}, r"train\.mode must be one of"),
-    ({"output": {"trajectory_log": "yes"}}, r"output\.trajectory_log must be true or false"),
+    ({"output": {"trajectory_log": "maybe"}}, r"output\.trajectory_log must be true or false, got 'maybe'"),
+    ({"rollout": {"adapt_batch": 1}}, r"rollout\.adapt_batch must be true or false, got 1"),
     ({"pairs": {"branch_steps": [30]}}, r"beyond sampler\.num_steps"),
     ({"guidance": {"kind": "reward_gradient"}, "pairs": {"kind": "trajectory"}}, r"needs pairs\.kind=step_branch"),
+    ({"guidance": {"kind": "reward_gradient"}, "reward": {"spec": {"world": 1.0, "jpeg_compressibility": 0.1}}},
+     r"^guidance\.kind=reward_gradient needs a differentiable reward; \['jpeg_compressibility'\] in reward\.spec "
+     r"have no gradient: drop them from reward\.spec or set guidance\.kind: none$"),
+    ({"guidance": {"kind": "reward_gradient"}, "reward": {"spec": {"wrold": 1.0}}}, r"^reward\.spec: unknown reward"),
 ])
 def test_bad_values_fail_with_one_line(tree, match):
     with pytest.raises(ConfigError, match=match) as info:
         build_config(tree)
     assert "\n" not in str(info.value)
+
+
+def test_yes_no_on_off_are_text_in_files_and_flags(tmp_path):
+    """YAML 1.2: ``off`` is text, so a choice key takes it; a true/false key reads yes/no/on/off as booleans."""
+    path = tmp_path / "c.yaml"
+    path.write_text("ray: {small_box: off}\nrollout: {adapt_batch: no}\noutput: {tensorboard: Off, overwrite: yes}\n"
+                    "data: {eval_prompts: on}\n")
+    assert load_yaml(path) == {"ray": {"small_box": "off"}, "rollout": {"adapt_batch": "no"},
+                               "output": {"tensorboard": "Off", "overwrite": "yes"}, "data": {"eval_prompts": "on"}}
+    cfg, _ = parse_args(["--config", str(path)])
+    assert (cfg.ray.small_box, cfg.rollout.adapt_batch, cfg.output.tensorboard, cfg.output.overwrite) == (
+        "off", False, False, True)
+    assert cfg.data.eval_prompts == "on"
+    cfg, _ = parse_args(["--ray.small_box", "on", "--rollout.adapt_batch", "false", "--output.trajectory_log", "YES",
+                         "--data.train_prompts", "no"])
+    assert (cfg.ray.small_box, cfg.rollout.adapt_batch, cfg.output.trajectory_log) == ("on", False, True)
+    assert cfg.data.train_prompts == "no"
+    assert parse_args(["--ray.small_box", "off"])[0].ray.small_box == "off"
+    assert [parse_value(v, "--x") for v in ("yes", "no", "on", "off", "true", "False")] == [
+        "yes", "no", "on", "off", True, False]
+
+
+@pytest.mark.parametrize("text,key,line", [
+    ("loss: {beta: 0.5}\ntrain: {steps: 7}\nloss: {kind: dense_dpo}\n", "loss", 3),
+    ("loss:\n  kind: dense_dpo\n  beta: 0.5\n  kind: dpo_logprob\n", "kind", 4),
+    ("reward:\n  spec: {world: 1.0, world: 0.5}\n", "world", 2),
+])
+def test_a_duplicated_key_is_refused_in_one_line(tmp_path, text, key, line):
+    path = tmp_path / "dup.yaml"
+    path.write_text(text)
+    with pytest.raises(ConfigError) as info:
+        parse_args(["--config", str(path)])
+    assert str(info.value) == f"{path}: duplicate key '{key}' (line {line}); keep one of them"
+
+
+def test_a_duplicated_key_in_a_flag_is_refused_and_text_that_is_not_yaml_stays_text():
+    with pytest.raises(ConfigError, match=r"^--reward\.spec: duplicate key 'world' \(line 1\); keep one of them$"):
+        parse_args(["--reward.spec", "{world: 1.0, world: 0.5}"])
+    assert parse_value("[::1]:6379", "--ray.address") == "[::1]:6379"
+
+
+def test_malformed_yaml_is_one_line(tmp_path):
+    path = tmp_path / "bad.yaml"
+    path.write_text("train: {steps: [1, 2\n")
+    with pytest.raises(ConfigError, match=r"^config file .*bad\.yaml is not valid YAML: expected ',' or '\]', but got "
+                                          r"'<stream end>' \(line 2\)$"):
+        load_yaml(path)
+
+
+def test_differentiability_is_known_without_building_the_reward():
+    from rewards.registry import differentiable
+
+    # a class factory (world, world_shape) or a factory function's return annotation (jpeg_*, aesthetic)
+    assert differentiable("world") and differentiable("aesthetic")
+    assert not differentiable("world_shape") and not differentiable("jpeg_compressibility")
 
 
 def test_an_unsupported_loss_and_pair_kind_fail_at_start_up(monkeypatch):
@@ -128,18 +188,6 @@ def test_prompt_stream_is_deterministic_and_resumable():
     assert c.take(3) == tuple(x[2:] for x in first)
     assert sorted(first[0][:3]) == [0, 1, 2]  # one epoch visits every prompt once
     assert len(set(first[2])) == 5  # every chain gets its own seed
-
-
-def test_balancer_gives_slow_actors_less_work():
-    bal = ThroughputBalancer(num_actors=2, initial=8, target_seconds=2.0, max_size=64)
-    assert bal.split(16) == [8, 8] and bal.size(1) == 8
-    bal.observe(0, chains=8, seconds=1.0)  # 8 chains/s
-    bal.observe(1, chains=8, seconds=4.0)  # 2 chains/s
-    assert bal.split(20) == [16, 4] and sum(bal.split(7)) == 7
-    assert (bal.size(0), bal.size(1)) == (16, 4)
-    fixed = ThroughputBalancer(2, 8, 2.0, 64, adapt=False)
-    fixed.observe(0, 8, 1.0)
-    assert fixed.split(16) == [8, 8] and fixed.size(0) == 8
 
 
 def test_unreachable_cluster_address_fails_fast_with_one_line():
