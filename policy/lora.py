@@ -11,12 +11,11 @@ from __future__ import annotations
 
 import hashlib
 import warnings
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
 from peft import LoraConfig
+from peft.tuners.tuners_utils import BaseTunerLayer
 from pydantic import BaseModel, ConfigDict, Field
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
@@ -65,34 +64,38 @@ def adapter_parameters(unet: torch.nn.Module, name: str | None) -> dict[str, tor
     return params
 
 
-@contextmanager
-def use_adapter(unet: torch.nn.Module, name: str | None) -> Iterator[None]:
-    """Run the UNet under adapter ``name`` (None = the base, adapters disabled), then restore.
+def _adapter_state(unet: torch.nn.Module) -> tuple[bool, list[str]]:
+    """(adapters disabled, active adapter names) as the first LoRA layer holds them: peft's whole-module switches
+    keep every layer in the same state, so one layer answers for all without walking the module."""
+    layer = next(m for m in unet.modules() if isinstance(m, BaseTunerLayer))
+    return layer.disable_adapters, list(layer.active_adapters)
 
-    peft's set_adapter also flips requires_grad to the active adapter; the flags are restored on exit so the
-    trained adapter stays trainable whatever was evaluated in between.
+
+def activate(unet: torch.nn.Module, name: str | None) -> None:
+    """Make the UNet run under adapter ``name`` (None = the base, adapters disabled) from now on.
+
+    Already in that state (a sampler calling the policy step after step) it touches nothing: a switch walks every
+    module and parameter, which cost a third of a 1-chain generate call. A switch stays in force until the next
+    one, since the next call most likely wants the same weights. peft's set_adapter also flips requires_grad to
+    the active adapter; the flags are put back, so the trained adapter stays trainable whatever was evaluated.
     """
     names = adapter_names(unet)
+    if name is not None and name not in names:
+        raise AdapterMismatchError(f"module has no adapter {name!r}; adapters: {names or 'none (add it first)'}")
     if not names:
-        if name is not None:
-            raise AdapterMismatchError(f"module has no adapter {name!r}; add it first")
-        yield
         return
-    flags = {id(p): p.requires_grad for p in unet.parameters()}
-    active = getattr(unet, "active_adapters", lambda: names[:1])()
-    try:
-        if name is None:
-            unet.disable_adapters()
-        else:
-            if name not in names:
-                raise AdapterMismatchError(f"module has no adapter {name!r}; adapters: {names}")
-            unet.set_adapter(name)
-        yield
-    finally:
+    layer = next(m for m in unet.modules() if isinstance(m, BaseTunerLayer))  # peft keeps all layers alike
+    running = None if layer.disable_adapters else list(layer.active_adapters)
+    if running == (None if name is None else [name]):
+        return
+    flags = [(p, p.requires_grad) for p in unet.parameters()]
+    if name is None:
+        unet.disable_adapters()
+    else:
+        unet.set_adapter(name)
         unet.enable_adapters()
-        unet.set_adapter(active[0] if isinstance(active, list) else active)
-        for p in unet.parameters():
-            p.requires_grad_(flags[id(p)])
+    for p, flag in flags:
+        p.requires_grad_(flag)
 
 
 def checksum(tensors: dict[str, torch.Tensor]) -> str:

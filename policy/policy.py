@@ -25,12 +25,12 @@ from policy.lora import (
     LoadReport,
     LoraSettings,
     WeightState,
+    activate,
     adapter_names,
     adapter_parameters,
     add_adapter,
     copy_into,
     export_state,
-    use_adapter,
 )
 from policy.schedule import (
     Reduce,
@@ -222,11 +222,11 @@ class DiffusionPolicy:
         w = self.sampler.guidance_scale if guidance_scale is None else guidance_scale
         x_in = x_t.to(self.dtype)
         unet, name = self._resolve(adapter)
-        with use_adapter(unet, name):
-            if w == 1.0:
-                return unet(x_in, t, encoder_hidden_states=embeds.cond).sample.float()
-            out = unet(torch.cat([x_in, x_in]), torch.cat([t, t]),
-                              encoder_hidden_states=torch.cat([embeds.uncond, embeds.cond])).sample.float()
+        activate(unet, name)
+        if w == 1.0:
+            return unet(x_in, t, encoder_hidden_states=embeds.cond).sample.float()
+        out = unet(torch.cat([x_in, x_in]), torch.cat([t, t]),
+                   encoder_hidden_states=torch.cat([embeds.uncond, embeds.cond])).sample.float()
         eps_u, eps_c = out.chunk(2)
         return eps_u + w * (eps_c - eps_u)
 

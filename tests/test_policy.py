@@ -18,7 +18,7 @@ from policy import (
     export_state,
     load_state,
 )
-from policy.lora import snapshot, use_adapter
+from policy.lora import activate, snapshot
 from policy.schedule import gaussian_logprob
 
 PROMPTS = ["a red circle on the left", "a blue square on the right", "a green triangle in the center"]
@@ -96,8 +96,25 @@ def test_new_lora_starts_at_base_and_adapters_switch(tiny_model_dir):
         torch.testing.assert_close(pol.eps(x, t, embeds), moved)
     trainable = {k for k, p in pol.c.unet.named_parameters() if p.requires_grad}
     assert trainable and all(".policy." in k for k in trainable)  # switching never made "ref" trainable
-    with pytest.raises(AdapterMismatchError, match="nope"), use_adapter(pol.c.unet, "nope"):
-        pass
+    with pytest.raises(AdapterMismatchError, match="nope"):
+        activate(pol.c.unet, "nope")
+
+
+def test_activate_switches_only_on_change_and_keeps_the_trainable_flags(tiny_model_dir, monkeypatch):
+    pol = DiffusionPolicy.from_pretrained(tiny_model_dir, sampler=SamplerConfig(num_steps=4))
+    pol.add_lora(settings=LoraSettings(rank=2))
+    pol.add_lora(REF, LoraSettings(rank=2), trainable=False)
+    unet = pol.c.unet
+    flags = {k: p.requires_grad for k, p in unet.named_parameters()}
+    for name in ("policy", None, REF, "policy"):
+        activate(unet, name)
+        assert {k: p.requires_grad for k, p in unet.named_parameters()} == flags
+    calls = []
+    monkeypatch.setattr(unet, "set_adapter", lambda name: calls.append(name))
+    activate(unet, "policy")  # the sampler's case: the same weights again walk nothing
+    assert calls == []
+    activate(unet, REF)
+    assert calls == [REF]
 
 
 def test_lora_state_round_trip_is_bitwise(tiny_model_dir):
