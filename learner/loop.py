@@ -269,7 +269,9 @@ class Driver:
                 "ref_recomputed": c.ref_recomputed, "staleness": self.buffer.histogram,
                 "trained_age": self.buffer.trained_age, "trained_age_mean": mean_age(self.buffer.trained_age),
                 "actor_chains_per_s": {str(a): r for a, r in self.balancer.rates.items()},
-                "actor_batch": [self.balancer.size(a) for a in range(len(self.rollouts))]}
+                "actor_batch": [self.balancer.size(a) for a in range(len(self.rollouts))],
+                "actor_call_cost_s": {str(a): {"fixed": c.fixed, "per_chain": c.per_chain}
+                                      for a in range(len(self.rollouts)) if (c := self.balancer.cost(a))}}
 
 
 def _ready(refs: list[Any]) -> set[Any]:

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import dataclasses
+import math
 import random
 from dataclasses import dataclass, field
+from typing import Any
 
 
 @dataclass
@@ -38,13 +41,69 @@ class PromptStream:
         return ids, texts, seeds
 
 
+@dataclass(frozen=True)
+class CallCost:
+    """seconds ≈ fixed + per_chain · chains: what one actor's generate call costs."""
+
+    fixed: float
+    per_chain: float
+
+    def chains_for(self, seconds: float) -> float:
+        return (seconds - self.fixed) / self.per_chain
+
+    def floor(self, fixed_share: float) -> int:
+        """The fewest chains at which the fixed part is at most ``fixed_share`` of a call."""
+        return math.ceil(self.fixed * (1 - fixed_share) / (fixed_share * self.per_chain) - 1e-9)
+
+
+@dataclass
+class CostFit:
+    """Least squares of one actor's call seconds on its chains, each older call weighing ``forget`` times less
+    (a slower or faster machine is followed); kept as running weighted sums, so it is one small state."""
+
+    forget: float = 0.95
+    calls: int = 0
+    last: tuple[float, float] = (0.0, 0.0)  # (chains, seconds) of the latest call
+    sums: tuple[float, ...] = (0.0,) * 5  # Σw, Σw·n, Σw·n², Σw·s, Σw·n·s
+    steady: int = 0  # calls in a row within 20 % of the size before them: they teach the fit nothing new
+
+    def observe(self, chains: float, seconds: float) -> None:
+        terms = (1.0, chains, chains * chains, seconds, chains * seconds)
+        self.sums = tuple(self.forget * old + new for old, new in zip(self.sums, terms, strict=True))
+        self.steady = self.steady + 1 if self.calls and abs(chains - self.last[0]) <= 0.2 * self.last[0] else 0
+        self.calls += 1
+        self.last = (chains, seconds)
+
+    def cost(self, min_calls: int = 4) -> CallCost | None:
+        """The fitted cost; None before ``min_calls`` calls, with a single size, or when noise hides the per-chain
+        part. A negative fixed part (noise) is taken as 0, with the slope through the origin."""
+        w, n, nn, s, ns = self.sums
+        spread = nn / w - (n / w) ** 2 if w else 0.0
+        if self.calls < min_calls or spread <= 1e-9 * (n / w) ** 2:
+            return None
+        slope = (ns / w - n * s / w**2) / spread
+        fixed = s / w - slope * n / w
+        if fixed < 0:
+            fixed, slope = 0.0, ns / nn
+        return CallCost(fixed, slope) if slope > 0 else None
+
+
 @dataclass
 class ThroughputBalancer:
-    """Per-actor batch sizes proportional to measured speed, so a round never waits on the slowest actor.
+    """Per-actor batch sizes from each actor's measured cost of a call, so a round never waits on the slowest
+    actor and no call is mostly overhead.
 
-    Each actor's rate (chains per second) is an exponential moving average of what its calls report. In async
-    mode an actor gets ``rate × target_seconds`` chains per call; in sync mode a round's work is split in
-    proportion to the rates. Actors not measured yet count as the mean of the others (or get ``initial``).
+    A call costs a fixed part (text encoding, per-step overheads, reward round trips) plus a part per chain.
+    Sizing by the mean rate alone (chains/s × target) spirals down when the fixed part is large: each smaller call
+    has a lower rate, so the next is smaller still, down to 1 chain at a tenth of the throughput. So each actor's
+    calls are fitted (``CostFit``) and, in async mode, an actor gets the chains that fill ``target_seconds``, but
+    never fewer than the floor at which the fixed part is ``fixed_share`` of a call. The floor aims at 20 %, so
+    that timing noise rarely takes a call below the 25 % it guarantees (tests/test_scheduling.py), and a call
+    shrinks to at most ``max_shrink`` of the last one, so one noisy fit cannot halve it.
+    Until the fit holds (a few calls of different sizes) an actor only grows: in proportion when its call was
+    short, by half when it was long. After ``explore_every`` calls of one size it gets one call half as large
+    again, since a fit fed a single size cannot correct itself (it probes upwards: never below the floor).
+    In sync mode a round's work is split in proportion to the actors' rates. Unmeasured actors get ``initial``.
     """
 
     num_actors: int
@@ -52,31 +111,49 @@ class ThroughputBalancer:
     target_seconds: float
     max_size: int
     adapt: bool = True
-    smoothing: float = 0.5
-    rates: dict[int, float] = field(default_factory=dict)
+    fixed_share: float = 0.2
+    max_shrink: float = 0.75
+    explore_every: int = 6
+    fits: dict[int, CostFit] = field(default_factory=dict)
 
     def observe(self, actor: int, chains: float, seconds: float) -> None:
-        if seconds <= 0 or chains <= 0:
-            return
-        rate = chains / seconds
-        old = self.rates.get(actor)
-        self.rates[actor] = rate if old is None else self.smoothing * rate + (1 - self.smoothing) * old
+        if seconds > 0 and chains > 0:
+            self.fits.setdefault(actor, CostFit()).observe(float(chains), float(seconds))
 
-    def _rate(self, actor: int) -> float | None:
-        if actor in self.rates:
-            return self.rates[actor]
-        return sum(self.rates.values()) / len(self.rates) if self.rates else None
+    @property
+    def rates(self) -> dict[int, float]:
+        """Each measured actor's throughput (chains per second), weighted to its recent calls."""
+        return {a: fit.sums[1] / fit.sums[3] for a, fit in self.fits.items()}
+
+    def cost(self, actor: int) -> CallCost | None:
+        return self.fits[actor].cost() if actor in self.fits else None
 
     def size(self, actor: int) -> int:
         """Chains for ``actor``'s next call (async mode)."""
-        rate = self._rate(actor)
-        if not self.adapt or rate is None:
+        if not self.adapt or actor not in self.fits:
             return self.initial
-        return max(1, min(self.max_size, round(rate * self.target_seconds)))
+        fit = self.fits[actor]
+        last, seconds = fit.last
+        cost = fit.cost()
+        if cost is None:
+            want = last * max(self.target_seconds / seconds, 1.5)
+        else:
+            want = max(cost.chains_for(self.target_seconds), cost.floor(self.fixed_share), self.max_shrink * last)
+            want *= 1.5 if fit.steady >= self.explore_every else 1.0
+        return max(1, min(self.max_size, round(want)))
+
+    def state_dict(self) -> dict[str, Any]:
+        return {str(a): {**dataclasses.asdict(fit), "last": list(fit.last), "sums": list(fit.sums)}
+                for a, fit in self.fits.items()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.fits = {int(a): CostFit(f["forget"], f["calls"], tuple(f["last"]), tuple(f["sums"]), f["steady"])
+                     for a, f in state.items()}
 
     def split(self, total: int) -> list[int]:
         """Split ``total`` chains over the actors in proportion to their rates (sync mode); sums to ``total``."""
-        rates = [self._rate(a) for a in range(self.num_actors)]
+        measured = self.rates
+        rates = [measured.get(a) for a in range(self.num_actors)]
         if not self.adapt or any(r is None for r in rates):
             rates = [1.0] * self.num_actors
         norm = sum(rates)
