@@ -21,11 +21,11 @@ from pathlib import Path
 from typing import Any
 
 import psutil
-import yaml
 from pydantic import BaseModel
 from pydantic.fields import FieldInfo
+from ruamel.yaml.error import YAMLError
 
-from learner.config import Config, ConfigError, bounds, build_config, constraints, load_yaml
+from learner.config import Config, ConfigError, bounds, build_config, constraints, load_yaml, parse_yaml
 
 if typing.TYPE_CHECKING:
     from learner.group import LearnerGroup
@@ -37,7 +37,7 @@ LOG = logging.getLogger("dpr")
 WORKER_ENV = {"OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1",
               "TRANSFORMERS_OFFLINE": "1"}
 # Ray's own switch for single-machine use: the node address is 127.0.0.1, so a local Ray's servers listen on the
-# loopback interface only (read when ``ray`` is first imported; see docs/operations.md).
+# loopback interface only (read when ``ray`` is first imported; see docs/operations.md, "Security").
 LOCAL_ONLY_ENV = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
 
 
@@ -63,7 +63,7 @@ def parse_args(argv: list[str] | None = None) -> tuple[Config, argparse.Namespac
             node = base
             for p in parents:
                 node = node.setdefault(p, {})
-            node[leaf] = parse_value(raw)
+            node[leaf] = parse_value(raw, f"--{key[4:]}")
     return build_config(base), args
 
 
@@ -81,7 +81,7 @@ def config_leaves(model: type[BaseModel] = Config, prefix: str = "") -> list[tup
 def add_config_arguments(parser: argparse.ArgumentParser, shown: Config) -> None:
     """One ``--section.key`` flag per config leaf; its help shows the value ``shown`` holds."""
     values = shown.model_dump(mode="json")
-    group = parser.add_argument_group("config keys (override the YAML; values are parsed as YAML)")
+    group = parser.add_argument_group("config keys (override the YAML; values are parsed as YAML 1.2)")
     for key, info in config_leaves():
         value: Any = values
         for part in key.split("."):
@@ -93,11 +93,12 @@ def add_config_arguments(parser: argparse.ArgumentParser, shown: Config) -> None
                            help="; ".join(t for t in text if t).replace("%", "%%"))
 
 
-def parse_value(raw: str) -> Any:
-    """A command-line value as YAML (``{world: 1.0}``, ``null``, ``[0, 4]``); plain text stays text."""
+def parse_value(raw: str, flag: str) -> Any:
+    """A command-line value as YAML 1.2, as files are read (``{world: 1.0}``, ``null``, ``[0, 4]``; ``off`` is
+    text); text that is not YAML (``[::1]:6379``) stays text, and a mapping that repeats a key is refused."""
     try:
-        return yaml.safe_load(raw)
-    except yaml.YAMLError:
+        return parse_yaml(raw, flag)
+    except YAMLError:
         return raw
 
 
