@@ -152,3 +152,16 @@ def table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
 
     sep = "|" + "|".join("-" * (w + 2) for w in widths) + "|"
     return "\n".join([line(cells[0]), sep, *(line(r) for r in cells[1:])])
+
+
+def write_block(path: Path, begin: str, end: str, block: str, heading: str) -> None:
+    """Replace the text between the ``begin`` and ``end`` markers of ``path`` with ``block`` (markers included in
+    ``block``'s frame), or append ``heading`` and the block when the markers are not there yet; the hand-written
+    analysis around the block stays."""
+    text = path.read_text()
+    framed = f"{begin}\n{block}\n{end}"
+    if begin in text:
+        text = text[:text.index(begin)] + framed + text[text.index(end) + len(end):]
+    else:
+        text = text.rstrip("\n") + f"\n\n{heading}\n\n{framed}\n"
+    path.write_text(text)

@@ -18,7 +18,7 @@ import tempfile
 import time
 from typing import Any
 
-from bench.common import ROOT, bench_tree, machine_info, make_config, table
+from bench.common import ROOT, bench_tree, machine_info, make_config, table, write_block
 
 RESULTS = ROOT / "bench" / "RESULTS.md"
 JSON_OUT = ROOT / "bench" / "reference_cost.json"
@@ -93,25 +93,16 @@ def markdown(res: dict[str, Any]) -> str:
              f"{res['ref_s_in_generate'] / res['generate_s_actors']:.1%} of the call"]]
     m = res["machine"]
     return "\n".join([
-        BEGIN,
         f"`python -m bench.reference_cost` ({m['date']}, {m['cores']} cores, load {m['load_avg'][0]}): the default "
         f"config (embedded world, {res['pairs_per_update']} step pairs per update, guidance on), medians of "
         f"{res['repeats']} alternating A/B repeats in one process.",
         "",
-        table(["", "compute_on: learner", "compute_on: actors", "difference"], rows),
-        END])
+        table(["", "compute_on: learner", "compute_on: actors", "difference"], rows)])
 
 
 def write_results(res: dict[str, Any]) -> None:
     JSON_OUT.write_text(json.dumps(res, indent=1) + "\n")
-    text = RESULTS.read_text()
-    block = markdown(res)
-    if BEGIN in text:
-        head, rest = text.split(BEGIN, 1)
-        text = head + block + rest.split(END, 1)[1]
-    else:
-        text = text.rstrip("\n") + "\n\n## 6. Reference log-probs on the actors\n\n" + block + "\n"
-    RESULTS.write_text(text)
+    write_block(RESULTS, BEGIN, END, markdown(res), "## 6. Reference log-probs on the actors")
 
 
 def main(argv: list[str] | None = None) -> int:

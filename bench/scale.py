@@ -34,6 +34,7 @@ import pyarrow as pa
 
 from actors.stored import RowLayout, record_summary
 from bench import costs
+from bench.common import write_block
 from learner.group_lead import GroupLead
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -484,18 +485,13 @@ def table(result: dict[str, Any]) -> str:
 
 def write_results(result: dict[str, Any]) -> None:
     RESULTS_JSON.write_text(json.dumps(result, indent=1))
-    text = RESULTS_MD.read_text()
     smallest = ", ".join(f"N={n}: {k if k else '> ' + str(result['settings']['max_learners'])}"
                          for n, k in result["smallest_k"].items())
-    block = (f"{BEGIN}\n`{result['command']}` ({time.strftime('%Y-%m-%d')}): smallest K per N whose learners keep up "
+    block = (f"`{result['command']}` ({time.strftime('%Y-%m-%d')}): smallest K per N whose learners keep up "
              f"(no growing backlog, utilisation < 97 %): {smallest}.\nActor RSS: rollout "
              f"{result['rollout_actor_rss_mb']:.0f} MB, learner {result['learner_rss_mb']:.0f} MB.\n\n"
-             f"{table(result)}\n{END}")
-    if BEGIN in text:
-        text = text[:text.index(BEGIN)] + block + text[text.index(END) + len(END):]
-    else:
-        text += f"\n## 5. Scale simulation: the real driver with 1–64 simulated GPU actors\n\n{block}\n"
-    RESULTS_MD.write_text(text)
+             f"{table(result)}")
+    write_block(RESULTS_MD, BEGIN, END, block, "## 5. Scale simulation: the real driver with 1–64 simulated GPU actors")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
