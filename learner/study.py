@@ -8,13 +8,18 @@ pairs per sampled chain (a step-branch chain yields one pair per branch step, a 
 
 After each run the final checkpoint is compared with the base model on the same held-out prompts and noise seeds
 (``learner.evaluate``): paired gain ± s.e., win rate ± s.e., prompt fidelity and the shape check. Per cell the
-study reports these as mean ± s.e. OVER SEEDS, and states a verdict for each contrast the claim makes: its value
-more than 2 s.e. above zero → holds, more than 2 s.e. below → does not hold, else inconclusive at this s.e.
+study reports these as mean ± s.e. OVER SEEDS. Each contrast the claim makes is judged PAIRED BY SEED (all cells run
+the same seeds, so seed effects cancel in per-seed differences) with a Student-t 95 % interval, and only where its
+manipulation check shows the runs delivered the treatment (``learner.verdict``: holds, contradicted, no effect
+detected with the smallest detectable effect, or not tested). Each run's record keeps what it delivered (reference
+checks, updates, pairs; ``delivered``).
 
 Writes ``<out>/RESULTS.md``, ``results.json``, ``curves.png`` (held-out reward vs learner update and vs wall
 time, mean ± s.e. band over seeds) and ``samples_<cell>.png`` (base and every seed at fixed noise seeds). A
 finished cell × seed (its ``cells/<cell>/seed<k>.json``) is not rerun; the runs themselves go to ``<out>/runs/``
-(git-ignored: checkpoints are never committed).
+(git-ignored: checkpoints are never committed). ``--report-only`` rewrites results.json and RESULTS.md from those
+records without running anything (the figures are left as they are); a section of RESULTS.md headed
+``## Note added by hand`` is kept across rewrites.
 """
 
 from __future__ import annotations
@@ -23,6 +28,7 @@ import argparse
 import json
 import logging
 import math
+import re
 import shutil
 import sys
 from collections.abc import Mapping, Sequence
@@ -38,12 +44,26 @@ from PIL import Image
 
 from learner.config import Config, ConfigError, build_config, load_yaml
 from learner.main import DEFAULT_CONFIG, root_cause
+from learner.verdict import (
+    ALPHA,
+    MIN_SEEDS,
+    POWER,
+    Check,
+    compare_cells,
+    decide,
+    every_run,
+    overall,
+    paired_differences,
+    percent,
+    t_interval,
+)
 
 ROOT = Path(__file__).resolve().parent.parent
 WORLD_METRICS = ROOT / "world" / "assets" / "metrics.json"
 COMPARE_SEED = 0  # held-out sample i uses noise seed COMPARE_SEED + i in every cell
 GRID_PROMPTS = 8
-Z = 2.0  # a contrast must clear Z standard errors for a verdict
+MIN_MOVES = 4  # a stable reference tests "a moving reference" only if it was replaced at least this often
+HAND_NOTES = "## Note added by hand"  # RESULTS.md sections kept when the report is rewritten
 
 # What every study run shares: a lighter in-run evaluation (all 18 held-out prompts × 4 seeds; the final
 # measurement is the 256-sample comparison) and no TensorBoard files.
@@ -59,12 +79,14 @@ TRAJECTORY_BUDGET = {"pairs": {"kind": "trajectory"}, "guidance": {"kind": "none
 
 @dataclass(frozen=True)
 class Contrast:
-    """Σ_cell weight · (mean over seeds of ``metric``) − ``margin``; the claim says it is positive."""
+    """Per seed, Σ_cell weight · (the run's ``metric``) − ``margin``; the claim says its mean is positive. Judged
+    only where every check in ``checks`` (of the contrast's cells) says the runs delivered the treatment."""
 
     text: str
     weights: Mapping[str, float]
     metric: str = "gain"
     margin: float = 0.0
+    checks: tuple[Check, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -73,10 +95,31 @@ class Grid:
     cells: Mapping[str, Mapping[str, Any]]  # cell -> overrides on default.yaml + ``shared``
     contrasts: tuple[Contrast, ...]
     shared: Mapping[str, Any] = field(default_factory=dict)
-    seeds: int = 3
+    seeds: int = MIN_SEEDS
     match_images: bool = False  # scale updates so every cell samples as many chains as the first
     compare_n: int = 256
 
+
+# ---- manipulation checks: did the runs deliver the treatment a contrast compares? -----------------------------
+def reference_moved(*cells: str) -> Check:
+    """A stable reference that froze at its first check is the frozen reference under another name."""
+    return every_run(f"the stable reference was replaced ≥ {MIN_MOVES} times in every run of {' and '.join(cells)}",
+                     cells, ("ref_replacements",), lambda d: d["ref_replacements"] >= MIN_MOVES)
+
+
+def trained_earlier(cell: str, than: str) -> Check:
+    """γ < 1 (discount_as=sample) must draw earlier denoising steps than γ = 1, or γ changed nothing."""
+    return compare_cells(f"{cell} trained earlier denoising steps on average than {than}", "trained_step_mean",
+                         (cell, than), lambda a, b: a < b)
+
+
+SAME_IMAGES = compare_cells("both cells sampled the same number of images (cell means within 10 %)", "chains",
+                            ("step_branch", "trajectory"), lambda a, b: abs(a - b) <= 0.1 * max(a, b))
+GUIDED = every_run("guidance accepted some steps in every tailorpo_g run", ("tailorpo_g",),
+                   ("guidance_accept_rate",), lambda d: d["guidance_accept_rate"] > 0)
+TRAINED = every_run("every run made all its learner updates, none skipped as non-finite", ("default",),
+                    ("updates_planned", "nonfinite_skipped"),
+                    lambda d: d["optimizer_updates"] == d["updates_planned"] and d["nonfinite_skipped"] == 0)
 
 # The grids: data, in one place. β per loss: dpo_logprob on summed log-probs follows the default (β = 0.1);
 # diffusion_dpo's ε-MSE surrogate is a per-element MEAN, orders of magnitude smaller than a summed log-ratio, so it
@@ -92,13 +135,14 @@ GRIDS: dict[str, Grid] = {
         # guidance off in both cells: it needs step pairs, and the claim is about the pairs alone
         shared={"loss": {"kind": "dpo_logprob"}, "guidance": {"kind": "none"}},
         cells={"step_branch": {"pairs": {"kind": "step_branch"}}, "trajectory": {"pairs": {"kind": "trajectory"}}},
-        contrasts=(Contrast("step-branch pairs beat trajectory pairs", {"step_branch": 1, "trajectory": -1}),),
+        contrasts=(Contrast("step-branch pairs beat trajectory pairs", {"step_branch": 1, "trajectory": -1},
+                            checks=(SAME_IMAGES,)),),
         match_images=True),
     "tailorpo_g": Grid(
         claim="TailorPO-G: a reward-gradient step on each step pair's winner adds reward over TailorPO.",
         shared={"pairs": {"kind": "step_branch"}, "loss": {"kind": "dpo_logprob"}},
         cells={"tailorpo": {"guidance": {"kind": "none"}}, "tailorpo_g": {"guidance": {"kind": "reward_gradient"}}},
-        contrasts=(Contrast("guidance adds reward", {"tailorpo_g": 1, "tailorpo": -1}),)),
+        contrasts=(Contrast("guidance adds reward", {"tailorpo_g": 1, "tailorpo": -1}, checks=(GUIDED,)),)),
     "dense": Grid(
         claim="Dense-reward DPO: discounting later denoising steps (γ < 1) beats the undiscounted objective (γ = 1).",
         shared={**TRAJECTORY_BUDGET, "sampler": {"logprob_reduce": "mean"},
@@ -106,8 +150,10 @@ GRIDS: dict[str, Grid] = {
                 "time_weight": {"mode": "discount", "discount_as": "sample"}},
         cells={"gamma1": {"time_weight": {"gamma": 1.0}}, "gamma0.9": {"time_weight": {"gamma": 0.9}},
                "gamma0.7": {"time_weight": {"gamma": 0.7}}},
-        contrasts=(Contrast("γ = 0.9 beats γ = 1", {"gamma0.9": 1, "gamma1": -1}),
-                   Contrast("γ = 0.7 beats γ = 1", {"gamma0.7": 1, "gamma1": -1}))),
+        contrasts=(Contrast("γ = 0.9 beats γ = 1", {"gamma0.9": 1, "gamma1": -1},
+                            checks=(trained_earlier("gamma0.9", "gamma1"),)),
+                   Contrast("γ = 0.7 beats γ = 1", {"gamma0.7": 1, "gamma1": -1},
+                            checks=(trained_earlier("gamma0.7", "gamma1"),)))),
     "rethinking": Grid(
         claim="Rethinking-DPO (ablation 2×2 on Diffusion-DPO): the stable reference update alone gives the largest "
               "gain; timestep-aware training helps mainly combined with it.",
@@ -119,21 +165,23 @@ GRIDS: dict[str, Grid] = {
                "stable_timestep": {"reference": {"strategy": "stable_update"},
                                    "time_weight": {"mode": "timestep_aware"}}},
         contrasts=(
-            Contrast("the stable reference alone raises the reward", {"stable_uniform": 1, "frozen_uniform": -1}),
+            Contrast("the stable reference alone raises the reward", {"stable_uniform": 1, "frozen_uniform": -1},
+                     checks=(reference_moved("stable_uniform"),)),
             Contrast("the stable reference alone gains more than timestep-aware training alone",
-                     {"stable_uniform": 1, "frozen_timestep": -1}),
+                     {"stable_uniform": 1, "frozen_timestep": -1}, checks=(reference_moved("stable_uniform"),)),
             Contrast("timestep-aware training helps combined with the stable reference",
-                     {"stable_timestep": 1, "stable_uniform": -1}),
+                     {"stable_timestep": 1, "stable_uniform": -1},
+                     checks=(reference_moved("stable_timestep", "stable_uniform"),)),
             Contrast("timestep-aware training helps more with the stable reference than without (interaction)",
-                     {"stable_timestep": 1, "stable_uniform": -1, "frozen_timestep": -1, "frozen_uniform": 1}))),
+                     {"stable_timestep": 1, "stable_uniform": -1, "frozen_timestep": -1, "frozen_uniform": 1},
+                     checks=(reference_moved("stable_timestep", "stable_uniform"),)))),
     "default": Grid(
         claim="The shipped default (configs/default.yaml) raises the held-out reward and closes at least half of "
               "the headroom between the base model and the ideal renders.",
         cells={"default": {}},
-        contrasts=(Contrast("the default raises the held-out reward", {"default": 1}),
+        contrasts=(Contrast("the default raises the held-out reward", {"default": 1}, checks=(TRAINED,)),
                    Contrast("the default closes at least half of the headroom", {"default": 1},
-                            metric="headroom_closed", margin=0.5)),
-        seeds=5),
+                            metric="headroom_closed", margin=0.5, checks=(TRAINED,)))),
 }
 
 
@@ -234,6 +282,7 @@ def run_cell(cfg: Config, cell: str, seed: int, baseline: Baseline, out: Path) -
         "base_fidelity": stats["rewards"]["world_fidelity"]["A"],
         "base_shape": stats["rewards"].get("world_shape", {}).get("A"),
         "curve": eval_curve(Path(cfg.output.dir) / "metrics.jsonl"), "grid_prompts": baseline.prompts[:GRID_PROMPTS],
+        "delivered": delivered_by_run(Path(cfg.output.dir), summary, cfg),
     }
     path = record_path(out, cell, seed)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -244,13 +293,47 @@ def run_cell(cfg: Config, cell: str, seed: int, baseline: Baseline, out: Path) -
     return record
 
 
+def metric_rows(metrics: Path) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()]
+
+
 def eval_curve(metrics: Path) -> list[list[float]]:
     """[update, seconds since the first evaluation, held-out mean, s.e.] of every ``eval`` row of a run."""
-    rows = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()]
-    rows = [r for r in rows if r["metrics"].get("eval/heldout_reward_mean") is not None]
+    rows = [r for r in metric_rows(metrics) if r["metrics"].get("eval/heldout_reward_mean") is not None]
     t0 = rows[0]["time"] if rows else 0.0
     return [[r["step"], r["time"] - t0, r["metrics"]["eval/heldout_reward_mean"],
              r["metrics"].get("eval/heldout_reward_sem") or math.nan] for r in rows]
+
+
+# What a run delivered of its treatment, as far as its outputs expose it; None marks what they do not expose yet:
+# the guidance accept rate (rollout records have ``guided``, nothing logs it), the denoising steps the loss trained
+# on (``trained_step_mean``) and the UNet calls.
+DELIVERED = ("updates_planned", "nonfinite_skipped", "pairs_trained", "ref_checks", "guidance_accept_rate",
+             "trained_step_mean", "unet_calls")
+
+
+def delivered_by_run(run: Path, summary: Mapping[str, Any], cfg: Config) -> dict[str, Any]:
+    """The record's ``delivered`` fields, from the run's summary.json counts and metrics.jsonl: every reference
+    check as [update, D, "replaced" | "frozen"] (none for a frozen reference) and the pairs of applied updates."""
+    train = [(r["step"], r["metrics"]) for r in metric_rows(run / "metrics.jsonl")
+             if r["metrics"].get("train/pairs") is not None]
+    applied = [(step, m) for step, m in train if not m.get("train/skipped_nonfinite")]
+    return {**dict.fromkeys(DELIVERED), "updates_planned": cfg.train.steps,
+            "nonfinite_skipped": summary["nonfinite_skipped"],
+            "pairs_trained": int(sum(m["train/pairs"] for _, m in applied)),
+            "ref_checks": [[step, m["train/ref_divergence"], "replaced" if m.get("train/ref_replaced") else "frozen"]
+                           for step, m in applied if "train/ref_divergence" in m]}
+
+
+def delivered(record: Mapping[str, Any]) -> dict[str, Any]:
+    """What the manipulation checks and the report read of a run: its ``delivered`` fields (all None in records
+    from before they were kept), its counts, and the reference replacements and freeze update from its checks."""
+    d = {**dict.fromkeys(DELIVERED), **record.get("delivered", {}),
+         "optimizer_updates": record["steps"], "chains": record["chains"], "wall_seconds": record["seconds"]}
+    checks = d["ref_checks"]
+    d["ref_replacements"] = None if checks is None else sum(action == "replaced" for _, _, action in checks)
+    d["ref_frozen_at"] = None if checks is None else next((u for u, _, a in checks if a == "frozen"), None)
+    return d
 
 
 def save_strip(images: torch.Tensor, path: Path) -> None:
@@ -272,30 +355,25 @@ def over_seeds(values: Sequence[float]) -> dict[str, float]:
     return {"mean": float(v.mean()), "se": se, "n": len(v)}
 
 
-def verdict(diff: float, se: float, z: float = Z) -> str:
-    """'holds' if the contrast is more than z s.e. above 0, 'does not hold' if more than z s.e. below, else
-    'inconclusive' (always so without a finite s.e.)."""
-    if not math.isfinite(se) or not math.isfinite(diff):
-        return "inconclusive"
-    if diff > z * se:
-        return "holds"
-    return "does not hold" if diff < -z * se else "inconclusive"
+def run_value(record: Mapping[str, Any], metric: str) -> float | None:
+    """A run's value of ``metric``: its mean for the paired comparisons with the base model, else the number."""
+    v = record.get(metric)
+    return v["mean"] if isinstance(v, Mapping) else v
 
 
-def evaluate_contrast(c: Contrast, cells: Mapping[str, Mapping[str, Mapping[str, float]]]) -> dict[str, Any]:
-    """The contrast's value and s.e. from per-cell means over seeds (independent seeds: variances add)."""
-    stats = [(w, cells[name][c.metric]) for name, w in c.weights.items()]
-    diff = sum(w * s["mean"] for w, s in stats) - c.margin
-    se = math.sqrt(sum(w * w * s["se"] ** 2 for w, s in stats))
-    return {"text": c.text, "metric": c.metric, "weights": dict(c.weights), "margin": c.margin, "value": diff,
-            "se": se, "verdict": verdict(diff, se)}
-
-
-def overall(verdicts: Sequence[str]) -> str:
-    """Holds if every contrast holds; does not hold if any does not; else inconclusive."""
-    if verdicts and all(v == "holds" for v in verdicts):
-        return "holds"
-    return "does not hold" if "does not hold" in verdicts else "inconclusive"
+def evaluate_contrast(c: Contrast, by_cell: Mapping[str, Sequence[Mapping[str, Any]]]) -> dict[str, Any]:
+    """The contrast over the seeds its cells share (per-seed differences, so shared seed effects cancel), its
+    Student-t interval and MDE, its manipulation checks on those seeds' runs, and the verdict."""
+    values = {cell: {r["seed"]: v for r in by_cell[cell] if (v := run_value(r, c.metric)) is not None}
+              for cell in c.weights}
+    diffs = paired_differences(values, c.weights, c.margin)
+    interval = t_interval(list(diffs.values()))
+    runs = {cell: [delivered(r) for r in rs if r["seed"] in diffs] for cell, rs in by_cell.items()}
+    checks = [(k.text, None if (ok := k.test(runs)) is None else bool(ok)) for k in c.checks]
+    verdict, reason = decide(interval, checks)
+    return {"text": c.text, "metric": c.metric, "weights": dict(c.weights), "margin": c.margin,
+            "seeds": list(diffs), "differences": list(diffs.values()), **interval,
+            "checks": [{"text": text, "passed": ok} for text, ok in checks], "verdict": verdict, "reason": reason}
 
 
 METRICS = ("reward", "gain", "headroom_closed", "win_rate", "fidelity", "shape", "seconds", "chains", "steps")
@@ -305,7 +383,7 @@ def cell_stats(records: Sequence[Mapping[str, Any]]) -> dict[str, dict[str, floa
     """Per metric, mean ± s.e. over the cell's seeds of each run's value (a run's mean for the comparisons)."""
     out = {}
     for m in METRICS:
-        values = [r[m]["mean"] if isinstance(r[m], Mapping) else r[m] for r in records if r.get(m) is not None]
+        values = [v for r in records if (v := run_value(r, m)) is not None]
         if values:
             out[m] = over_seeds(values)
     return out
@@ -346,46 +424,117 @@ def fmt(s: Mapping[str, float] | None, digits: int = 4) -> str:
     return f"{s['mean']:.{digits}f}{se}"
 
 
-def write_report(name: str, grid: Grid, out: Path, records: Sequence[Mapping[str, Any]], command: str,
-                 trees: Mapping[str, Mapping[str, Any]]) -> dict[str, Any]:
-    from learner.plots import save_comparison_grid
+def num(x: float | None, spec: str = ".4f") -> str:
+    return "–" if x is None else f"{x:{spec}}"
 
-    by_cell = {c: [r for r in records if r["cell"] == c] for c in trees}
+
+STATISTICS = {"contrasts": "paired by seed", "interval": f"Student-t, {percent(1 - ALPHA)}", "alpha": ALPHA,
+              "power": POWER, "min_seeds": MIN_SEEDS, "source": "learner/verdict.py"}
+
+
+def write_report(name: str, grid: Grid, out: Path, records: Sequence[Mapping[str, Any]], command: str,
+                 figures: bool = True) -> dict[str, Any]:
+    """results.json and RESULTS.md (its hand-written notes kept) from the records; with ``figures`` also the
+    curves and the sample grids."""
+    by_cell = {c: sorted((r for r in records if r["cell"] == c), key=lambda r: r["seed"]) for c in grid.cells}
     by_cell = {c: rs for c, rs in by_cell.items() if rs}
     cells = {c: cell_stats(rs) for c, rs in by_cell.items()}
-    contrasts = [evaluate_contrast(c, cells) for c in grid.contrasts if all(n in cells for n in c.weights)]
+    contrasts = [evaluate_contrast(c, by_cell) for c in grid.contrasts if all(n in by_cell for n in c.weights)]
     result = overall([c["verdict"] for c in contrasts]) if len(contrasts) == len(grid.contrasts) else "incomplete"
     base, ceiling = headroom()
     first = records[0]
     summary = {"grid": name, "claim": grid.claim, "command": command, "verdict": result, "contrasts": contrasts,
-               "z": Z, "headroom": {"base": base, "ceiling": ceiling, "source": str(WORLD_METRICS.relative_to(ROOT))},
+               "statistics": STATISTICS,
+               "headroom": {"base": base, "ceiling": ceiling, "source": str(WORLD_METRICS.relative_to(ROOT))},
                "base_model": {k: first[k] for k in ("base_reward", "base_fidelity", "base_shape")},
                "cells": {c: {"overrides": grid.cells[c], **cells[c]} for c in cells}, "shared": grid.shared,
                "runs": list(records)}
     (out / "results.json").write_text(json.dumps(summary, indent=1))
+    if figures:
+        save_figures(out, by_cell, first["grid_prompts"])
+    report = out / "RESULTS.md"
+    notes = hand_notes(report.read_text()) if report.exists() else ""
+    report.write_text(markdown(name, grid, summary, sorted(by_cell)) + notes)
+    return summary
+
+
+def save_figures(out: Path, by_cell: Mapping[str, Sequence[Mapping[str, Any]]], captions: Sequence[str]) -> None:
+    """curves.png (cells whose every run has a curve) and each cell's samples_<cell>.png."""
+    from learner.plots import save_comparison_grid
+
     curves = {c: mean_curve([r["curve"] for r in rs]) for c, rs in by_cell.items() if all(r["curve"] for r in rs)}
     if curves:
         save_curves(curves, out / "curves.png")
-    captions = first["grid_prompts"]
     strips = out / "cells"
     for c, rs in by_cell.items():
         rows = {"base": load_strip(strips / "base_samples.png", GRID_PROMPTS)}
         rows.update({f"seed {r['seed']}": load_strip(strips / c / f"seed{r['seed']}_samples.png", GRID_PROMPTS)
                      for r in rs})
-        save_comparison_grid(rows, captions, out / f"samples_{c}.png")
-    (out / "RESULTS.md").write_text(markdown(name, grid, summary, trees, sorted(by_cell)))
-    return summary
+        save_comparison_grid(rows, list(captions), out / f"samples_{c}.png")
 
 
-def markdown(name: str, grid: Grid, s: Mapping[str, Any], trees: Mapping[str, Mapping[str, Any]],
-             cells: Sequence[str]) -> str:
+def hand_notes(text: str) -> str:
+    """The hand-written end of a RESULTS.md (from its first ``## Note added by hand`` on), or nothing."""
+    i = text.find(HAND_NOTES)
+    return "" if i < 0 else "\n" + text[i:]
+
+
+def contrast_rows(contrasts: Sequence[Mapping[str, Any]]) -> list[str]:
+    """The verdict table: one row per contrast (per-seed differences, interval, MDE, checks, verdict)."""
+    rows = [f"| contrast | paired seeds | mean | {percent(1 - ALPHA)} CI | MDE ({percent(POWER)} power) "
+            "| manipulation check | verdict |", "|" + "---|" * 7]
+    for c in contrasts:
+        margin = f" − {c['margin']:g}" if c["margin"] else ""
+        terms = " ".join(f"{'+' if w > 0 else '−'}{abs(w):g}·{n}" for n, w in c["weights"].items()).lstrip("+")
+        ci = "–" if c["ci"] is None else f"[{c['ci'][0]:+.4f}, {c['ci'][1]:+.4f}]"
+        checks = "; ".join(f"{k['text']}: {({True: 'passed', False: 'FAILED'}).get(k['passed'], 'no data')}"
+                           for k in c["checks"]) or "–"
+        verdict = f"**{c['verdict']}**" + (f" ({c['reason']})" if c["verdict"] == "not tested" else "")
+        rows.append(f"| {c['text']} (`{c['metric']}` {terms}{margin}) | {c['n']} | {num(c['mean'], '+.4f')} | {ci} "
+                    f"| {num(c['mde'])} | {checks} | {verdict} |")
+    return rows
+
+
+def delivered_rows(runs: Sequence[Mapping[str, Any]], cells: Sequence[str]) -> list[str]:
+    """Per cell, what each seed's run delivered (values in seed order; – where the run did not record it)."""
+
+    def reference(d: Mapping[str, Any]) -> str:
+        if d["ref_replacements"] is None:
+            return "–"
+        return f"{d['ref_replacements']}" + (f" (froze at {d['ref_frozen_at']})" if d["ref_frozen_at"] else "")
+
+    columns = {"updates (of planned)": lambda d: f"{d['optimizer_updates']} ({num(d['updates_planned'], 'd')})",
+               "non-finite skipped": lambda d: num(d["nonfinite_skipped"], "d"),
+               "pairs trained": lambda d: num(d["pairs_trained"], "d"),
+               "reference replacements": reference,
+               "guidance accept rate": lambda d: num(d["guidance_accept_rate"], ".2f"),
+               "mean trained step": lambda d: num(d["trained_step_mean"], ".1f"),
+               "UNet calls": lambda d: num(d["unet_calls"], "d")}
+    rows = ["| cell | " + " | ".join(columns) + " |", "|" + "---|" * (len(columns) + 1)]
+    for c in cells:
+        ds = [delivered(r) for r in sorted((r for r in runs if r["cell"] == c), key=lambda r: r["seed"])]
+        rows.append(f"| {c} | " + " | ".join(" / ".join(f(d) for d in ds) for f in columns.values()) + " |")
+    return rows
+
+
+def reproduce(command: str, name: str) -> str:
+    """The command without an ``--out`` that names the grid's default folder (an absolute path of one machine)."""
+    return re.sub(rf" --out \S*docs/study/{re.escape(name)}/?(?=\s|$)", "", command)
+
+
+def markdown(name: str, grid: Grid, s: Mapping[str, Any], cells: Sequence[str]) -> str:
     b, hr = s["base_model"], s["headroom"]
     budget = ("updates scaled so that every cell samples as many images as the first (pairs per chain: one per "
               "branch step, ½ for trajectory pairs)") if grid.match_images else \
         "the same learner updates of the same number of pairs"
-    lines = [f"# Study `{name}`", "", f"**Claim.** {grid.claim}", "", f"**Verdict: {s['verdict']}** "
-             f"(a contrast holds when it is more than {Z:g} s.e. above zero, does not hold when more than {Z:g} s.e. "
-             "below, else inconclusive at this s.e.).", "", f"Reproduce: `{s['command']}`", "",
+    lines = [f"# Study `{name}`", "", f"**Claim.** {grid.claim}", "", f"**Verdict: {s['verdict']}**. Each contrast "
+             "is paired by seed (every cell runs the same seeds, so a seed's luck cancels in the per-seed "
+             f"difference) and judged on its {percent(1 - ALPHA)} Student-t interval: **holds** when the interval "
+             "excludes 0 in the claimed direction, **contradicted** when it excludes 0 in the other, **no effect "
+             f"detected** when it includes 0 (MDE: the smallest effect the design detects with {percent(POWER)} "
+             f"power), **not tested** with fewer than {MIN_SEEDS} paired seeds or when a manipulation check says the "
+             "runs did not deliver the treatment, or cannot say (`learner/verdict.py`).", "",
+             f"Reproduce: `{reproduce(s['command'], name)}`", "",
              "## Budget and measurement", "",
              f"Each cell: {budget}; cells are overrides on `configs/default.yaml` (listed below). After each run "
              "its final checkpoint "
@@ -399,18 +548,18 @@ def markdown(name: str, grid: Grid, s: Mapping[str, Any], trees: Mapping[str, Ma
              "| win rate vs base | fidelity | shape |", "|" + "---|" * 11]
     for c in cells:
         st = s["cells"][c]
-        batch = trees[c]["train"]["batch_size"]
+        batch = next(r["batch_size"] for r in s["runs"] if r["cell"] == c)
         lines.append(f"| {c} | {st['reward']['n']} | {st['steps']['mean']:.0f} × {batch} | {st['chains']['mean']:.0f} "
                      f"| {st['seconds']['mean']:.0f} | {fmt(st['reward'])} | {fmt(st['gain'])} "
                      f"| {fmt(st.get('headroom_closed'), 3)} | {fmt(st['win_rate'], 3)} | {fmt(st['fidelity'])} "
                      f"| {fmt(st.get('shape'), 3)} |")
-    lines += ["", "## Verdict per contrast", ""]
-    for c in s["contrasts"]:
-        margin = f" − {c['margin']:g}" if c["margin"] else ""
-        terms = " ".join(f"{'+' if w > 0 else '−'}{abs(w):g}·{n}" for n, w in c["weights"].items()).lstrip("+")
-        lines.append(f"- {c['text']}: {c['metric']} contrast {terms}{margin} = {c['value']:+.4f} ± {c['se']:.4f} "
-                     f"→ **{c['verdict']}**")
-    lines += ["", "## Curves", "", "![held-out reward vs update and wall time](curves.png)", "",
+    lines += ["", "## Verdict per contrast", "", *contrast_rows(s["contrasts"]), "",
+              "## What the runs delivered", "",
+              "Per seed, in seed order; – where the run did not record it (records from before these fields were "
+              "kept, or what runs do not log yet: the guidance accept rate, the denoising steps trained on, UNet "
+              "calls). Each reference check's D is in results.json (`runs[].delivered.ref_checks`).", "",
+              *delivered_rows(s["runs"], cells), "",
+              "## Curves", "", "![held-out reward vs update and wall time](curves.png)", "",
               "## Samples (rows: base and each seed's final policy; same prompts and noise seeds)", ""]
     lines += [f"`{c}`:\n\n![{c}](samples_{c}.png)\n" for c in cells]
     lines += ["## Cells", "", f"Shared overrides: `{json.dumps(grid.shared)}`", ""]
@@ -443,7 +592,21 @@ def run_study(name: str, out: Path, seeds: int | None = None, quick: bool = Fals
             if owns_ray:
                 ray.shutdown()
     records = [json.loads(record_path(out, c, k).read_text()) for c, k in jobs]
-    return write_report(name, grid, out, records, command, trees)
+    return write_report(name, grid, out, records, command)
+
+
+def report_only(name: str, out: Path) -> dict[str, Any]:
+    """Rewrite results.json and RESULTS.md from every finished record under ``out/cells`` with today's statistics,
+    running nothing and leaving the figures as they are; the reproduce command stays the one that ran them."""
+    grid = GRIDS[name]
+    paths = [p for c in grid.cells for p in sorted((out / "cells" / c).glob("seed*.json"),
+                                                     key=lambda p: int(p.stem.removeprefix("seed")))]
+    if not paths:
+        raise ConfigError(f"--report-only: no finished run of grid {name!r} under {out / 'cells'}")
+    previous = out / "results.json"
+    command = json.loads(previous.read_text())["command"] if previous.exists() else \
+        f"python -m learner.study --grid {name}"
+    return write_report(name, grid, out, [json.loads(p.read_text()) for p in paths], command, figures=False)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -451,10 +614,12 @@ def main(argv: list[str] | None = None) -> int:
                         datefmt="%H:%M:%S")
     parser = argparse.ArgumentParser(prog="python -m learner.study", description=__doc__.split("\n\n")[0])
     parser.add_argument("--grid", required=True, choices=sorted(GRIDS), help="the claim to test")
-    parser.add_argument("--seeds", type=int, default=None, help="seeds per cell (default: the grid's, 3 or 5)")
+    parser.add_argument("--seeds", type=int, default=None, help=f"seeds per cell (default: {MIN_SEEDS})")
     parser.add_argument("--quick", action="store_true", help="the grid's first two cells, 1 seed, 2 updates")
     parser.add_argument("--updates", type=int, default=None, help="learner updates (of the first cell)")
     parser.add_argument("--out", default=None, help="default: docs/study/<grid> (runs/study_quick/<grid> with --quick)")
+    parser.add_argument("--report-only", action="store_true",
+                        help="rewrite results.json and RESULTS.md from the finished runs' records; runs nothing")
     args = parser.parse_args(argv)
     from learner.checkpoint import CheckpointError
     from learner.loop import LearnerDiedError
@@ -466,7 +631,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if (args.seeds is not None and args.seeds < 1) or (args.updates is not None and args.updates < 1):
             raise ConfigError(f"--seeds and --updates must be >= 1, got {args.seeds} and {args.updates}")
-        summary = run_study(args.grid, out, args.seeds, args.quick, args.updates, command)
+        summary = report_only(args.grid, out) if args.report_only else \
+            run_study(args.grid, out, args.seeds, args.quick, args.updates, command)
     except (ConfigError, ModelPathError, RewardConfigError, CheckpointError, LearnerDiedError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -1,5 +1,5 @@
-"""``python -m learner.study``: the quick grid end to end through the real system, resumability, and the
-statistics the verdicts rest on (checked against hand-computed float64 values)."""
+"""``python -m learner.study``: the quick grid end to end through the real system, resumability, contrasts paired
+by seed (the statistics themselves: tests/test_verdict.py), what each run delivered, and ``--report-only``."""
 
 from __future__ import annotations
 
@@ -10,7 +10,16 @@ import pytest
 
 from learner import study
 from learner.config import build_config
-from learner.study import GRIDS, Contrast, cell_trees, evaluate_contrast, over_seeds, overall, verdict
+from learner.metrics import RunLogger
+from learner.study import (
+    GRIDS,
+    Contrast,
+    cell_trees,
+    delivered,
+    delivered_by_run,
+    evaluate_contrast,
+    over_seeds,
+)
 
 
 def test_every_grid_builds_and_its_contrasts_name_its_cells():
@@ -20,6 +29,10 @@ def test_every_grid_builds_and_its_contrasts_name_its_cells():
             build_config(tree)  # every override key exists and every value is allowed
         for c in grid.contrasts:
             assert set(c.weights) <= set(grid.cells), name
+            assert c.checks, f"{name}: {c.text} declares no manipulation check"
+            for check in c.checks:
+                assert set(check.cells) <= set(c.weights), (name, check.text)
+        assert grid.seeds >= 6, name
 
 
 def test_tailorpo_cells_sample_the_same_number_of_images():
@@ -41,28 +54,103 @@ def test_over_seeds_is_mean_and_standard_error():
     assert math.isnan(over_seeds([1.0])["se"])
 
 
-def test_verdict_needs_two_standard_errors_in_the_claimed_direction():
-    assert verdict(0.05, 0.02) == "holds"
-    assert verdict(-0.05, 0.02) == "does not hold"
-    assert verdict(0.03, 0.02) == "inconclusive"
-    assert verdict(-0.03, 0.02) == "inconclusive"
-    assert verdict(0.5, math.nan) == "inconclusive"  # one seed: no spread, no verdict
-    assert overall(["holds", "holds"]) == "holds"
-    assert overall(["holds", "inconclusive"]) == "inconclusive"
-    assert overall(["holds", "does not hold"]) == "does not hold"
+def record(cell: str, seed: int, gain: float, chains: int = 500, **fields) -> dict:
+    """A finished run's record as ``run_cell`` writes it (what the report reads); ``fields``: its delivered ones."""
+
+    def stat(m: float) -> dict:
+        return {"mean": m, "se": 0.01}
+
+    return {"cell": cell, "seed": seed, "steps": 10, "batch_size": 32, "chains": chains, "seconds": 60.0, "n": 256,
+            "reward": stat(1.25 + gain), "base_reward": stat(1.25), "gain": stat(gain), "win_rate": stat(0.9),
+            "headroom_closed": gain / 0.2, "fidelity": stat(0.99), "shape": stat(0.8), "base_fidelity": stat(0.99),
+            "base_shape": stat(0.8), "curve": [], "grid_prompts": ["a red square"] * 8,
+            **({"delivered": fields} if fields else {})}
 
 
-def test_contrast_adds_variances_of_independent_cells():
-    cells = {"a": {"gain": {"mean": 0.10, "se": 0.01}}, "b": {"gain": {"mean": 0.02, "se": 0.02}},
-             "c": {"gain": {"mean": 0.01, "se": 0.02}}}
-    two = evaluate_contrast(Contrast("a beats b", {"a": 1, "b": -1}), cells)
-    assert two["value"] == pytest.approx(0.08) and two["se"] == pytest.approx(math.sqrt(0.01**2 + 0.02**2))
-    assert two["verdict"] == "holds"
-    inter = evaluate_contrast(Contrast("interaction", {"a": 1, "b": -1, "c": -1}), cells)
-    assert inter["value"] == pytest.approx(0.07) and inter["se"] == pytest.approx(0.03)
-    assert inter["verdict"] == "holds"
-    margin = evaluate_contrast(Contrast("over half", {"a": 1}, margin=0.2), cells)
-    assert margin["value"] == pytest.approx(-0.1) and margin["verdict"] == "does not hold"
+SEED_LUCK = [0.0, 0.3, -0.2, 0.5, -0.4, 0.1]  # shared by every cell of a seed
+NOISE = [0.004, -0.003, 0.002, -0.001, 0.003, -0.002]
+
+
+def test_pairing_by_seed_finds_what_independent_cells_miss():
+    """B = A + 0.03 on every seed, under seed effects ten times larger: the unpaired s.e. (variances added, as
+    before) sees nothing, the per-seed differences do."""
+    a = [record("a", k, 0.05 + luck) for k, luck in enumerate(SEED_LUCK)]
+    b = [record("b", k, 0.08 + luck + e) for k, (luck, e) in enumerate(zip(SEED_LUCK, NOISE, strict=True))]
+    unpaired = math.sqrt(sum(over_seeds([r["gain"]["mean"] for r in rs])["se"] ** 2 for rs in (a, b)))
+    assert 2 * unpaired > 0.03  # the old rule (2 s.e. of independent cells) said inconclusive
+    c = evaluate_contrast(Contrast("b beats a", {"b": 1, "a": -1}), {"a": a, "b": b})
+    d = [0.03 + e for e in NOISE]
+    assert c["seeds"] == list(range(6)) and c["differences"] == pytest.approx(d, abs=1e-12)
+    assert c["mean"] == pytest.approx(math.fsum(d) / 6) and c["ci"][0] > 0 and c["verdict"] == "holds"
+    margin = evaluate_contrast(Contrast("b beats a by 0.05", {"b": 1, "a": -1}, margin=0.05), {"a": a, "b": b})
+    assert margin["mean"] == pytest.approx(c["mean"] - 0.05) and margin["verdict"] == "contradicted"
+
+
+def test_delivered_reads_the_reference_checks_and_updates_of_a_run(tmp_path):
+    logger = RunLogger(tmp_path, tensorboard=False)
+    logger.log(0, {"heldout_reward_mean": 1.2}, "eval")
+    for step in range(1, 9):
+        if step == 3:  # a skipped update is logged at the same step and trains nothing
+            logger.log(2, {"pairs": 32.0, "loss": math.nan, "skipped_nonfinite": 1.0}, "train")
+        ref = {4: {"ref_divergence": 5e-4, "ref_replaced": 1.0, "ref_frozen": 0.0, "ref_version": 1.0},
+               8: {"ref_divergence": 2e-3, "ref_replaced": 0.0, "ref_frozen": 1.0, "ref_version": 1.0}}
+        logger.log(step, {"pairs": 32.0, "loss": 0.6, **ref.get(step, {})}, "train")
+        logger.log(step, {"staleness_mean": 0.5}, "rollout")
+    logger.close()
+    cfg = build_config(cell_trees(GRIDS["rethinking"], updates=8)["stable_uniform"])
+    fields = delivered_by_run(tmp_path, {"nonfinite_skipped": 1}, cfg)
+    json.dumps(fields, allow_nan=False)
+    d = delivered({"steps": 8, "chains": 100, "seconds": 5.0, "delivered": fields})
+    assert (d["updates_planned"], d["optimizer_updates"], d["nonfinite_skipped"], d["pairs_trained"]) == (8, 8, 1, 256)
+    assert d["ref_checks"] == [[4, 5e-4, "replaced"], [8, 2e-3, "frozen"]]
+    assert (d["ref_replacements"], d["ref_frozen_at"]) == (1, 8)
+    assert d["guidance_accept_rate"] is None and d["unet_calls"] is None  # not exposed by the runs yet
+    legacy = delivered({"steps": 30, "chains": 1900, "seconds": 90.0})  # a record from before ``delivered``
+    assert legacy["optimizer_updates"] == 30 and legacy["wall_seconds"] == 90.0
+    assert legacy["ref_replacements"] is None and legacy["updates_planned"] is None
+
+
+COMMAND = "python -m learner.study --grid tailorpo --updates 7 --out /elsewhere/docs/study/tailorpo"
+
+
+def write_study(out, seeds: int, chains: tuple[int, int] = (500, 500)) -> None:
+    """A finished tailorpo study on disk: step pairs 0.09 above chain pairs on every seed, under seed luck."""
+    for k in range(seeds):
+        for cell, gain, n in (("step_branch", 0.1 + NOISE[k], chains[0]), ("trajectory", 0.01, chains[1])):
+            path = study.record_path(out, cell, k)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(json.dumps(record(cell, k, gain + SEED_LUCK[k], n)))
+    (out / "results.json").write_text(json.dumps({"command": COMMAND}))
+    (out / "RESULTS.md").write_text("# old report\n\n## Note added by hand: kept\nWhy it looks so.\n")
+
+
+@pytest.mark.parametrize(("seeds", "chains", "verdict", "shown"), [
+    (6, (500, 500), "holds", "**holds**"),
+    (3, (500, 500), "not tested", "**not tested** (n=3 < 6 seeds)"),
+    (6, (500, 800), "not tested", "**not tested** (manipulation check failed)"),
+])
+def test_report_only_rewrites_the_verdicts_from_the_records(tmp_path, seeds, chains, verdict, shown):
+    write_study(tmp_path, seeds, chains)
+    assert study.main(["--grid", "tailorpo", "--report-only", "--out", str(tmp_path)]) == 0
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert results["verdict"] == verdict and results["contrasts"][0]["n"] == seeds
+    assert results["command"] == COMMAND  # what ran them
+    report = (tmp_path / "RESULTS.md").read_text()
+    assert "Reproduce: `python -m learner.study --grid tailorpo --updates 7`" in report  # no machine's path
+    assert shown in report and report.endswith("## Note added by hand: kept\nWhy it looks so.\n")
+    assert "# old report" not in report and not list(tmp_path.glob("*.png"))  # figures left alone
+
+
+def test_committed_verdicts_are_todays_statistics():
+    """docs/study/*/results.json hold the verdicts the records give now (rewrite: --report-only)."""
+    for path in sorted((study.ROOT / "docs" / "study").glob("*/results.json")):
+        results = json.loads(path.read_text())
+        grid = GRIDS[results["grid"]]
+        by_cell = {c: [r for r in results["runs"] if r["cell"] == c] for c in grid.cells}
+        for c, saved in zip(grid.contrasts, results["contrasts"], strict=True):
+            now = evaluate_contrast(c, by_cell)
+            assert (saved["verdict"], saved["reason"], saved["n"]) == (now["verdict"], now["reason"], now["n"]), path
+            assert saved["ci"] == pytest.approx(now["ci"]), path
 
 
 def test_quick_study_runs_end_to_end_and_resumes(tmp_path, monkeypatch):
@@ -76,7 +164,11 @@ def test_quick_study_runs_end_to_end_and_resumes(tmp_path, monkeypatch):
         assert run["chains"] > 0 and run["curve"] and run["n"] == 8
         assert 0 <= run["win_rate"]["mean"] <= 1 and run["fidelity"]["mean"] > 0.9
         assert run["gain"]["mean"] == pytest.approx(run["reward"]["mean"] - run["base_reward"]["mean"], abs=1e-6)
-    assert results["verdict"] == "inconclusive"  # one seed: no s.e. over seeds
+    assert results["verdict"] == "not tested"  # one seed
+    for run in results["runs"]:
+        d = run["delivered"]
+        assert d["ref_checks"] == [] and d["nonfinite_skipped"] == 0  # a frozen reference is never checked
+        assert d["pairs_trained"] == d["updates_planned"] * run["batch_size"] and d["updates_planned"] == run["steps"]
     assert "**Claim.**" in (out / "RESULTS.md").read_text()
 
     def must_not_run(*args, **kwargs):
@@ -88,4 +180,6 @@ def test_quick_study_runs_end_to_end_and_resumes(tmp_path, monkeypatch):
 
 def test_bad_flag_is_one_line(capsys, tmp_path):
     assert study.main(["--grid", "default", "--seeds", "0", "--out", str(tmp_path)]) == 2
+    assert capsys.readouterr().err.count("\n") == 1
+    assert study.main(["--grid", "default", "--report-only", "--out", str(tmp_path)]) == 2  # nothing ran there
     assert capsys.readouterr().err.count("\n") == 1
