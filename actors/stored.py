@@ -70,6 +70,7 @@ def shard_bounds(n: int, k: int) -> list[int]:
 
 def record_summary(batch: pa.RecordBatch) -> dict[str, np.ndarray]:
     """What the driver logs of a call's records (learner.report.RolloutStats): copies of the chosen samples'
-    rewards and, for step pairs, their step indices; a few bytes a pair against the pair's latents."""
-    names = [n for n in ("reward_w", "step_index") if n in batch.schema.names]
-    return {n: batch.column(n).to_numpy().copy() for n in names}
+    rewards and, for step pairs, their step indices and whether guidance moved the winner; a few bytes a pair
+    against the pair's latents."""
+    names = [n for n in ("reward_w", "step_index", "guided") if n in batch.schema.names]
+    return {n: batch.column(n).to_numpy(zero_copy_only=False).copy() for n in names}

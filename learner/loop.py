@@ -268,6 +268,8 @@ class Driver:
                 "dropped_stale_pairs": self.buffer.dropped, "nonfinite_skipped": c.nonfinite_skipped,
                 "ref_recomputed": c.ref_recomputed, "staleness": self.buffer.histogram,
                 "trained_age": self.buffer.trained_age, "trained_age_mean": mean_age(self.buffer.trained_age),
+                "guidance_accept_rate": (self.rollout_stats.guidance_accept_rate
+                                         if self.cfg.guidance.kind == "reward_gradient" else None),
                 "actor_chains_per_s": {str(a): r for a, r in self.balancer.rates.items()},
                 "actor_batch": [self.balancer.size(a) for a in range(len(self.rollouts))],
                 "actor_call_cost_s": {str(a): {"fixed": c.fixed, "per_chain": c.per_chain}

@@ -85,19 +85,27 @@ class RolloutStats:
 
     def __init__(self, logger: RunLogger, num_steps: int):
         self.logger, self.num_steps = logger, num_steps
-        self.parts: list[tuple[np.ndarray, np.ndarray, np.ndarray | None]] = []  # (staleness, reward_w, step_index)
+        self.parts: list[tuple[np.ndarray, np.ndarray, np.ndarray | None, np.ndarray | None]] = []
+        self.guided = self.guidable = 0  # winners guidance moved, of the step pairs of a guided run, all run long
 
     def add(self, staleness: int, summary: dict[str, np.ndarray]) -> None:
         """One call's ``actors.stored.record_summary``, all of its records ``staleness`` versions old."""
         rewards = summary["reward_w"]
-        self.parts.append((np.full(len(rewards), staleness), rewards, summary.get("step_index")))
+        self.parts.append((np.full(len(rewards), staleness), rewards, summary.get("step_index"),
+                           summary.get("guided")))
+
+    @property
+    def guidance_accept_rate(self) -> float | None:
+        """The share of step pairs whose winner guidance moved (TailorPO-G's manipulation check); None without
+        guidance records."""
+        return self.guided / self.guidable if self.guidable else None
 
     def log(self, step: int, dropped: int) -> None:
         """Log what was added since the last call (nothing when nothing was)."""
         if not self.parts:
             return
-        staleness, rewards, steps = (None if col[0] is None else np.concatenate(col)
-                                     for col in zip(*self.parts, strict=True))
+        staleness, rewards, steps, guided = (None if col[0] is None else np.concatenate(col)
+                                             for col in zip(*self.parts, strict=True))
         self.parts = []
         r = torch.from_numpy(rewards.astype(np.float64))
         metrics = {"staleness_mean": float(staleness.mean()), "dropped_stale_total": float(dropped),
@@ -105,6 +113,9 @@ class RolloutStats:
         if steps is not None:
             metrics.update(bucket_stats(r, torch.from_numpy(steps.astype(np.int64)), min(4, self.num_steps),
                                         self.num_steps, name="reward_w"))
+        if guided is not None:
+            self.guided, self.guidable = self.guided + int(guided.sum()), self.guidable + len(guided)
+            metrics["guided_rate"] = float(guided.mean())
         self.logger.log(step, metrics, "rollout")
 
 

@@ -58,7 +58,8 @@ class RunCheckpoints:
 def driver_state(d: Any) -> dict[str, Any]:
     return {"counters": dataclasses.asdict(d.counters), "buffer": d.buffer.state_dict(),
             "actor_failures": d.weights.failures, "ref_version": d.weights.ref_version, "cursor": d.stream.cursor,
-            "balancer": d.balancer.state_dict(), **d.evaluator.state_dict(),
+            "balancer": d.balancer.state_dict(), "guided": [d.rollout_stats.guided, d.rollout_stats.guidable],
+            **d.evaluator.state_dict(),
             "trajectory_rounds": d.traj_log.position() if d.traj_log else 0,
             "elapsed": time.perf_counter() - d.started}
 
@@ -69,6 +70,7 @@ def load_driver_state(d: Any, state: dict[str, Any]) -> None:
     d.weights.failures = int(state["actor_failures"])
     d.weights.ref_version = int(state.get("ref_version", 0))  # absent in checkpoints from before it was broadcast
     d.stream.cursor = int(state["cursor"])
+    d.rollout_stats.guided, d.rollout_stats.guidable = state.get("guided", (0, 0))  # absent: older checkpoints
     if "balancer" in state:  # absent in checkpoints from before calls were sized from their cost
         d.balancer.load_state_dict(state["balancer"])
     if d.traj_log is not None:

@@ -306,8 +306,7 @@ def eval_curve(metrics: Path) -> list[list[float]]:
 
 
 # What a run delivered of its treatment, as far as its outputs expose it; None marks what they do not expose yet:
-# the guidance accept rate (rollout records have ``guided``, nothing logs it), the denoising steps the loss trained
-# on (``trained_step_mean``) and the UNet calls.
+# the denoising steps the loss trained on (``trained_step_mean``) and the UNet calls.
 DELIVERED = ("updates_planned", "nonfinite_skipped", "pairs_trained", "ref_checks", "guidance_accept_rate",
              "trained_step_mean", "unet_calls")
 
@@ -320,6 +319,7 @@ def delivered_by_run(run: Path, summary: Mapping[str, Any], cfg: Config) -> dict
     applied = [(step, m) for step, m in train if not m.get("train/skipped_nonfinite")]
     return {**dict.fromkeys(DELIVERED), "updates_planned": cfg.train.steps,
             "nonfinite_skipped": summary["nonfinite_skipped"],
+            "guidance_accept_rate": summary.get("guidance_accept_rate"),
             "pairs_trained": int(sum(m["train/pairs"] for _, m in applied)),
             "ref_checks": [[step, m["train/ref_divergence"], "replaced" if m.get("train/ref_replaced") else "frozen"]
                            for step, m in applied if "train/ref_divergence" in m]}

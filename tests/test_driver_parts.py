@@ -112,7 +112,8 @@ def test_rollout_stats_are_logged_once_per_update_over_every_call_since_the_last
     rng = np.random.default_rng(0)
     calls = [record_summary(pa.RecordBatch.from_pydict({
         "reward_w": rng.random(len(k)).astype(np.float32), "step_index": np.array(k, np.int16),
-        "policy_version": [0] * len(k)})) for k in ([0, 1, 2, 3, 4], [5, 6, 7, 0, 1, 2, 3])]
+        "policy_version": [0] * len(k), "guided": [i % 3 == 0 for i in k]}))
+        for k in ([0, 1, 2, 3, 4], [5, 6, 7, 0, 1, 2, 3])]
     with RunLogger(tmp_path, tensorboard=False) as logger:
         stats = RolloutStats(logger, num_steps=8)
         stats.add(1, calls[0])
@@ -128,3 +129,4 @@ def test_rollout_stats_are_logged_once_per_update_over_every_call_since_the_last
     assert m["rollout/train_reward_w_sem"] == pytest.approx(r.std(ddof=1) / math.sqrt(12), abs=1e-12)
     assert m["rollout/reward_w_mean/bucket2-3"] == pytest.approx(r[(k >= 2) & (k < 4)].mean(), abs=1e-12)
     assert m["rollout/reward_w_count/bucket6-7"] == ((k >= 6) & (k < 8)).sum()
+    assert m["rollout/guided_rate"] == stats.guidance_accept_rate == 5 / 12  # steps 0, 3, 6, 0, 3
