@@ -51,7 +51,8 @@ _TENSOR = pa.FixedShapeTensorType
 
 # (name, Arrow value type, role). Roles give a tensor column's row shape from the latent shape
 # L = (C, h, w) and the sampler's step count N: "latent" -> L, "chain" -> (N + 1, *L) (x_T..x_0),
-# "steps" -> (N,).
+# "steps" -> (N,). Timesteps are float32, whatever the noise process's t is (policy/process.py): DDIM's integer
+# index (exact below 2**24; Arrow refuses larger integers) or a flow's continuous t.
 _STRING, _F32, _I16, _I32, _I64 = pa.string(), pa.float32(), pa.int16(), pa.int32(), pa.int64()
 _COLUMNS: dict[str, tuple[tuple[str, pa.DataType, str], ...]] = {
     "step": (
@@ -59,7 +60,7 @@ _COLUMNS: dict[str, tuple[tuple[str, pa.DataType, str], ...]] = {
         ("prompt_id", _I64, "scalar"),
         ("seed", _I64, "scalar"),
         ("step_index", _I16, "scalar"),
-        ("timestep", _I32, "scalar"),
+        ("timestep", _F32, "scalar"),
         ("x_t", _F32, "latent"),
         ("x_w", _F32, "latent"),
         ("x_l", _F32, "latent"),
@@ -83,7 +84,7 @@ _COLUMNS: dict[str, tuple[tuple[str, pa.DataType, str], ...]] = {
         ("latents_l", _F32, "chain"),
         ("logps_w", _F32, "steps"),
         ("logps_l", _F32, "steps"),
-        ("timesteps", _I32, "steps"),
+        ("timesteps", _F32, "steps"),
         ("reward_w", _F32, "scalar"),
         ("reward_l", _F32, "scalar"),
         ("policy_version", _I64, "scalar"),

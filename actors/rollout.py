@@ -199,7 +199,7 @@ class RolloutWorker:
                                        strict=True):
                     rows[name].append(value)
             rows["step_index"].append(torch.full((len(prompts),), k))
-            rows["timestep"].append(torch.full((len(prompts),), int(t)))
+            rows["timestep"].append(torch.full((len(prompts),), float(t)))
             x = x_w
         columns: dict[str, Any] = {k: torch.cat(v) for k, v in rows.items()}
         nb = len(rows["x_t"])
@@ -228,5 +228,5 @@ class RolloutWorker:
         return {**columns, "prompt": prompts, "seed_w": seed_pair[w, idx], "seed_l": seed_pair[1 - w, idx],
                 "latents_w": lat[w, idx].float(), "latents_l": lat[1 - w, idx].float(),
                 "logps_w": lps[w, idx].float(), "logps_l": lps[1 - w, idx].float(),
-                "timesteps": roll.timesteps.int().expand(b, -1), "reward_w": rewards[w, idx],
+                "timesteps": roll.timesteps.float().expand(b, -1), "reward_w": rewards[w, idx],
                 "reward_l": rewards[1 - w, idx]}

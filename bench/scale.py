@@ -222,7 +222,7 @@ def record_template(max_prompts: int, branches: int, seed: int = 0) -> pa.Record
     return to_record_batch("step", {
         "prompt": ["p"] * rows, "prompt_id": np.zeros(rows, np.int64), "seed": np.zeros(rows, np.int64),
         "step_index": np.repeat(np.arange(branches), max_prompts).astype(np.int16),
-        "timestep": np.zeros(rows, np.int32), **latent,
+        "timestep": np.zeros(rows, np.float32), **latent,
         "reward_w": rng.random(rows, np.float32), "reward_l": rng.random(rows, np.float32),
         "logp_w": np.zeros(rows, np.float32), "logp_l": np.zeros(rows, np.float32), "guided": np.zeros(rows, bool),
         "policy_version": np.zeros(rows, np.int64), "actor_id": np.zeros(rows, np.int32),

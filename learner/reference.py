@@ -10,7 +10,8 @@ keeping the last one within δ ("freeze near the δ-boundary": the paper leaves 
 The cap exists to stop the reference from drifting away from the initial model, so D must grow with drift in
 ANY direction. The default is therefore ``kernel_kl`` (≥ 0, zero iff the models agree); the paper's Eq. 7
 estimate ``divergence_estimate`` is one-sided (negative when the candidate fits the winners worse than the
-initial model) and stays available as ``divergence: log_ratio``.
+initial model) and stays available as ``divergence: log_ratio``. Both take the denoiser's outputs in the noise
+process's parametrisation (ε̂ for DDIM-ε) and, for Eq. 7, the process's training target (policy/process.py).
 """
 
 from __future__ import annotations
@@ -32,15 +33,16 @@ Divergence = Callable[[LoraState], float]
 def _widen(*tensors: Tensor) -> list[Tensor]:
     shape = tensors[0].shape
     if tensors[0].ndim < 1 or any(t.shape != shape for t in tensors):
-        raise ValueError(f"eps tensors must share one batched shape, got {[tuple(t.shape) for t in tensors]}")
+        raise ValueError(f"model outputs must share one batched shape, got {[tuple(t.shape) for t in tensors]}")
     dtype = torch.float32
     for t in tensors:
         dtype = torch.promote_types(dtype, t.dtype)
     return [t.to(dtype) for t in tensors]
 
 
-def divergence_estimate(noise: Tensor, eps_candidate: Tensor, eps_init: Tensor, reduce: Reduce = "mean") -> Tensor:
-    """D(candidate ‖ init) ≈ mean_batch reduce(‖ε − ε_init‖² − ‖ε − ε_cand‖²) on forward-noised winners.
+def divergence_estimate(target: Tensor, out_candidate: Tensor, out_init: Tensor, reduce: Reduce = "mean") -> Tensor:
+    """D(candidate ‖ init) ≈ mean_batch reduce(‖ε − ε_init‖² − ‖ε − ε_cand‖²) on forward-noised winners, ε the
+    noise process's ``target`` and ε_· the models' outputs ``out_·`` (for DDIM-ε the noise and the ε̂).
 
     Rethinking-DPO Eq. 7 is E[log p_cand − log p_init]; with the Diffusion-DPO derivation each step's term is
     ∝ ‖ε − ε_init‖² − ‖ε − ε_cand‖², positive when the candidate explains the (preferred) samples better than
@@ -49,16 +51,16 @@ def divergence_estimate(noise: Tensor, eps_candidate: Tensor, eps_init: Tensor, 
     a cap D ≤ δ never fires; use ``kernel_kl`` to cap drift. Scale: the per-element mean over non-batch dims
     (``"mean"``, the scale δ = 0.005 suggests) or the sum; no factor T, no 0.5.
     """
-    noise, cand, init = _widen(noise, eps_candidate, eps_init)
-    return reduce_per_sample((noise - init).square() - (noise - cand).square(), reduce).mean()
+    target, cand, init = _widen(target, out_candidate, out_init)
+    return reduce_per_sample((target - init).square() - (target - cand).square(), reduce).mean()
 
 
-def kernel_kl(eps_candidate: Tensor, eps_init: Tensor, reduce: Reduce = "mean") -> Tensor:
-    """mean_batch reduce(‖ε_cand − ε_init‖²): the KL between the two Gaussian reverse kernels (same σ_t),
-    up to their shared 1/(2σ²)·(coefficient)² factor. Unlike ``divergence_estimate`` it is ≥ 0 and zero iff
-    the models agree, so it caps any drift, not only drift towards the preferred data (the default,
-    ``divergence: kernel_kl``)."""
-    cand, init = _widen(eps_candidate, eps_init)
+def kernel_kl(out_candidate: Tensor, out_init: Tensor, reduce: Reduce = "mean") -> Tensor:
+    """mean_batch reduce(‖ε_cand − ε_init‖²) of the two models' outputs: the KL between the two Gaussian reverse
+    kernels (same σ_t, means linear in the output as in DDIM and the flow SDE), up to their shared
+    1/(2σ²)·(coefficient)² factor. Unlike ``divergence_estimate`` it is ≥ 0 and zero iff the models agree, so it
+    caps any drift, not only drift towards the preferred data (the default, ``divergence: kernel_kl``)."""
+    cand, init = _widen(out_candidate, out_init)
     return reduce_per_sample((cand - init).square(), reduce).mean()
 
 

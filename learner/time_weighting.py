@@ -1,8 +1,9 @@
 """Which denoising steps to train on and how to weigh them: uniform, discounted, timestep-aware.
 
 Conventions: k counts generation order, k = 0 is the FIRST denoising step (from x_T, largest t). A "grid" is
-a 1-D LongTensor of training timesteps in generation order: the sampler's inference grid (SD1.5 with 50 DDIM
-steps: 981, 961, …, 1) or all T training steps (T−1, …, 0, i.e. k = T−1−t).
+a 1-D tensor of timesteps in generation order, both kinds given by the policy's noise process (policy/process.py):
+the sampler's inference grid (SD1.5 with 50 DDIM steps: 981, 961, …, 1) or every training timestep (DDIM's
+T−1, …, 0, i.e. k = T−1−t).
 
 * ``discount`` (Dense-reward DPO, Yang, Chen, Zhou ICML-24; code Shentao-YANG/Dense_Reward_T2I
   ``train_t2i.py``/``preference_based_policy_learner.py``): the public code draws k ~ Cat(γ^k) — importance
@@ -25,6 +26,8 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 from torch import Tensor
 
+from policy.process import DDIMEpsilon, NoiseProcess
+
 Mode = Literal["uniform", "discount", "timestep_aware"]
 DiscountAs = Literal["sample", "weight"]
 Grid = Literal["inference", "train"]
@@ -45,22 +48,24 @@ def discount_probs(num: int, gamma: float) -> Tensor:
     return w / w.sum()
 
 
-def snr_lambda(alphas_cumprod: Tensor, timesteps: Tensor, norm: LambdaNorm = "minmax") -> Tensor:
-    """Rethinking-DPO λ(t) = 1 + norm(1/√SNR(t)), SNR = ᾱ/(1−ᾱ), in [1, 2] and growing with t (float64).
+def _as_process(process: NoiseProcess | Tensor, inference_timesteps: Tensor | None = None) -> NoiseProcess:
+    """The noise process; an ᾱ schedule (``alphas_cumprod``) is shorthand for the DDIM process on it."""
+    return process if isinstance(process, NoiseProcess) else DDIMEpsilon(process, inference_timesteps)
+
+
+def snr_lambda(process: NoiseProcess | Tensor, timesteps: Tensor, norm: LambdaNorm = "minmax") -> Tensor:
+    """Rethinking-DPO λ(t) = 1 + norm(1/√SNR(t)) with the process's SNR, in [1, 2] and growing with t (float64).
 
     The paper leaves "norm" open; ``"minmax"`` maps (v − min)/(max − min) and ``"max"`` maps v/max, with min
-    and max over ALL training timesteps (they differ by ≤ 0.002 for SD1.5's schedule).
+    and max over ALL training timesteps (they differ by ≤ 0.002 for SD1.5's schedule, SNR = ᾱ/(1−ᾱ)).
     """
     if norm not in get_args(LambdaNorm):
         raise ValueError(f"norm must be one of {get_args(LambdaNorm)}, got {norm!r}")
-    abar = alphas_cumprod.to(torch.float64)
-    t = torch.as_tensor(timesteps, device=abar.device).long()
-    if t.numel() and bool(((t < 0) | (t >= abar.numel())).any()):
-        raise ValueError(f"timesteps must be in [0, {abar.numel()}), got {int(t.min())}..{int(t.max())}")
-    inv_sqrt_snr = ((1 - abar) / abar).sqrt()
+    process = _as_process(process)
+    inv_sqrt_snr = (1 / process.snr(process.train_timesteps)).sqrt()
     lo, hi = inv_sqrt_snr.min(), inv_sqrt_snr.max()
-    normed = (inv_sqrt_snr - lo) / (hi - lo) if norm == "minmax" else inv_sqrt_snr / hi
-    return 1 + normed[t]
+    v = (1 / process.snr(timesteps)).sqrt()
+    return 1 + ((v - lo) / (hi - lo) if norm == "minmax" else v / hi)
 
 
 class TimeWeightConfig(BaseModel):
@@ -92,24 +97,16 @@ class TimeWeighting:
     default ``"sample"`` is the paper's Cat(γ^k) draw); λ(t) is applied on top.
     """
 
-    def __init__(self, cfg: TimeWeightConfig, alphas_cumprod: Tensor, inference_timesteps: Tensor) -> None:
+    def __init__(self, cfg: TimeWeightConfig, process: NoiseProcess | Tensor,
+                 inference_timesteps: Tensor | None = None) -> None:
+        """``process``: the policy's noise process (its grids and SNR), or an ᾱ schedule with the sampler's
+        ``inference_timesteps``, shorthand for the DDIM process they define."""
         self.cfg = cfg
-        self.alphas_cumprod = alphas_cumprod.detach().to(torch.float64).cpu()
-        num_train = self.alphas_cumprod.numel()
-        if cfg.grid == "train":
-            grid = torch.arange(num_train - 1, -1, -1)
-        else:
-            grid = torch.as_tensor(inference_timesteps).long().cpu()
-            if grid.ndim != 1 or grid.numel() == 0:
-                raise ValueError(f"inference_timesteps must be non-empty and 1-D, got {tuple(grid.shape)}")
-            if grid.numel() > 1 and not bool((grid[1:] < grid[:-1]).all()):
-                raise ValueError("inference_timesteps must be strictly decreasing (generation order)")
-            if int(grid.min()) < 0 or int(grid.max()) >= num_train:
-                raise ValueError(f"inference_timesteps must lie in [0, {num_train}), got {grid.tolist()}")
-        self.grid = grid
+        process = _as_process(process, inference_timesteps)
+        self.grid = grid = process.train_timesteps if cfg.grid == "train" else process.timesteps
         self.probs = discount_probs(grid.numel(), cfg.gamma)
         self._discount_weight = self.probs * grid.numel()  # γ^k normalised to mean 1 over the grid
-        self._lambda = snr_lambda(self.alphas_cumprod, grid, cfg.lambda_norm)
+        self._lambda = snr_lambda(process, grid, cfg.lambda_norm)
 
     def sample(self, n: int, generator: torch.Generator | None = None) -> StepSample:
         """Draw ``n`` steps (with replacement) according to the config."""

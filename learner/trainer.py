@@ -8,7 +8,8 @@ loss, reference strategy and checkpoint works unchanged.
 Loss × time weighting × reference strategy are independent config choices; every combination runs except
 dense_dpo with timestep_aware (λ(t) scales β, which dense_dpo does not have).
 Each loss is a method registered per pair kind in learner/methods/ (one module per loss); this class gives
-them the shared pieces: log-ratios of step and trajectory pairs, the ε-MSE, the time weighting and the reference.
+them the shared pieces: log-ratios of step and trajectory pairs, the denoising MSE, the time weighting and the
+reference; noising, training targets and timestep grids come from the policy's noise process (``policy.process``).
 With ``reference.compute_on: actors`` the records carry log π_ref from the rollout actors; an update uses them
 (skipping its reference forward) only when every row's came from the reference held now, else it recomputes the
 whole batch's and counts the rows (``ref_recomputed``), so stored and recomputed values are never mixed.
@@ -80,7 +81,7 @@ class Learner(GroupLead):
         self.params = self.policy.trainable_parameters()
         self.weight_dtype = getattr(torch, cfg.train.weight_dtype) if cfg.train.weight_dtype else None
         self.optimizer = torch.optim.AdamW(self.params, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
-        self.time_weighting = TimeWeighting(cfg.time_weight, self.policy.alphas_cumprod, self.policy.timesteps)
+        self.time_weighting = TimeWeighting(cfg.time_weight, self.policy.process)
         self.generator = torch.Generator().manual_seed(cfg.train.seed)
         self.rank, self.world = 0, 1  # position in a data-parallel learner group (learner/group.py)
         self._store: dist.TCPStore | None = None  # rank 0 of a group: the rendezvous it serves
@@ -286,13 +287,14 @@ class Learner(GroupLead):
         return t["latents_w"][:, -1], t["latents_l"][:, -1]
 
     def _noised(self, x0: torch.Tensor, timesteps: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
-        a = self.policy.alphas_cumprod[timesteps.cpu()].float().view(-1, *([1] * (x0.ndim - 1))).to(x0.device)
-        return a.sqrt() * x0 + (1 - a).sqrt() * noise
+        """The noise process's x_t of ``x0`` (kept for tests/test_method_behaviour.py, which noises through it)."""
+        return self.policy.process.add_noise(x0, timesteps, noise)
 
-    def eps_mse(self, x_t, t, emb, noise, adapter) -> torch.Tensor:
-        """Per-sample ‖ε̂ − ε‖² (mean over elements) of the plain conditional ε̂ under ``adapter``."""
-        eps = self.policy.eps(x_t, t, emb, adapter=adapter, guidance_scale=1.0)
-        return (eps - noise).square().flatten(1).mean(1)
+    def denoising_mse(self, x_t, t, emb, target, adapter) -> torch.Tensor:
+        """Per-sample ‖f̂ − target‖² (mean over elements) of the plain conditional model output f̂ under
+        ``adapter``; ``target`` is the noise process's (ε for DDIM-ε)."""
+        out = self.policy.eps(x_t, t, emb, adapter=adapter, guidance_scale=1.0)
+        return (out - target).square().flatten(1).mean(1)
 
     # ---- reference ----------------------------------------------------------------------------------------------
     def _remember_winners(self, batch: PairBatch) -> None:
@@ -321,15 +323,16 @@ class Learner(GroupLead):
         x0 = x0_w.repeat(k, *([1] * (x0_w.ndim - 1))).to(self.device)  # every winner at every timestep
         ts = grid[where].repeat_interleave(n)
         noise = torch.randn(x0.shape, generator=torch.Generator().manual_seed(self.cfg.train.seed)).to(self.device)
-        x_t, ts = self._noised(x0, ts, noise), ts.to(self.device)
+        process = self.policy.process
+        x_t, target, ts = process.add_noise(x0, ts, noise), process.target(x0, noise, ts), ts.to(self.device)
         emb = self.policy.encode_prompts(self._last_prompts * k)
         with torch.no_grad():
-            eps_c = self.policy.eps(x_t, ts, emb, adapter=CANDIDATE, guidance_scale=1.0)
-            eps_i = self.policy.eps(x_t, ts, emb, adapter=None, guidance_scale=1.0)
+            out_c = self.policy.eps(x_t, ts, emb, adapter=CANDIDATE, guidance_scale=1.0)
+            out_i = self.policy.eps(x_t, ts, emb, adapter=None, guidance_scale=1.0)
         if self.cfg.reference.divergence == "kernel_kl":
-            d = kernel_kl(eps_c, eps_i)
+            d = kernel_kl(out_c, out_i)
         else:
-            d = divergence_estimate(noise, eps_c, eps_i)
+            d = divergence_estimate(target, out_c, out_i)
         if self.world > 1:  # every rank decides on the same D (the mean of the ranks' estimates), so all move or freeze
             d = d.detach().clone().reshape(1)
             dist.all_reduce(d)

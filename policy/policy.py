@@ -6,7 +6,8 @@ It owns one frozen base model (optionally with LoRA adapters) and exposes the sa
 Classifier-free guidance is part of the policy: ε̂ = ε_u + w (ε_c − ε_u) at sampling and at recomputation
 alike, so a record's stored log-prob is reproducible under the weights that made it (docs/math.md §1).
 Noise comes from one generator per sample, seeded by the record's seed: a sample's chain does not depend on
-what else shares its batch.
+what else shares its batch. What the model output means (ε for SD1.5), how it gives the Gaussian step, and the
+timestep grids belong to the noise process ``process`` (policy/process.py).
 """
 
 from __future__ import annotations
@@ -32,15 +33,8 @@ from policy.lora import (
     copy_into,
     export_state,
 )
-from policy.schedule import (
-    Reduce,
-    StepCoefficients,
-    ddim_mean,
-    gaussian_logprob,
-    logprob_ratio,
-    predict_x0,
-    step_coefficients,
-)
+from policy.process import DDIMEpsilon, Kernel, NoiseProcess
+from policy.schedule import Reduce, gaussian_logprob, logprob_ratio
 
 _DEFAULT = object()  # "the policy adapter if there is one, else the base"
 
@@ -104,13 +98,8 @@ class DiffusionPolicy:
         self.sampler = sampler or SamplerConfig()
         self.device = components.unet.device
         self.dtype = components.unet.dtype
-        sched = components.scheduler
-        sched.set_timesteps(self.sampler.num_steps)
-        self.timesteps = sched.timesteps.to(torch.long)
-        self.num_train_timesteps = int(sched.config.num_train_timesteps)
-        self.alphas_cumprod = sched.alphas_cumprod.to(torch.float64)
-        self.final_alpha_cumprod = float(sched.final_alpha_cumprod)
-        self.stride = self.num_train_timesteps // self.sampler.num_steps
+        self.process: NoiseProcess = DDIMEpsilon.from_scheduler(components.scheduler, self.sampler.num_steps)
+        self.timesteps = self.process.timesteps  # the sampler's, in generation order
         self._uncond: torch.Tensor | None = None
         self._copies: dict[str | None, torch.nn.Module] = {}  # full training: whole UNets by name (see train_full)
 
@@ -119,6 +108,19 @@ class DiffusionPolicy:
                         dtype: torch.dtype | str = torch.float32, sampler: SamplerConfig | None = None
                         ) -> DiffusionPolicy:
         return cls(load_components(model_dir, device, dtype), sampler)
+
+    # DDIMEpsilon's schedule under the names tests/test_reference_on_actors.py's float64 density reads
+    @property
+    def alphas_cumprod(self) -> torch.Tensor:
+        return self.process.alphas_cumprod
+
+    @property
+    def final_alpha_cumprod(self) -> float:
+        return self.process.final_alpha_cumprod
+
+    @property
+    def stride(self) -> int:
+        return self.process.stride
 
     # ---- adapters -------------------------------------------------------------------------------------------
     def add_lora(self, name: str = POLICY, settings: LoraSettings | None = None, trainable: bool = True) -> None:
@@ -214,11 +216,12 @@ class DiffusionPolicy:
     # ---- the model ------------------------------------------------------------------------------------------
     def eps(self, x_t: torch.Tensor, timestep: torch.Tensor, embeds: PromptEmbeds, adapter: object = _DEFAULT,
             guidance_scale: float | None = None) -> torch.Tensor:
-        """Guided noise prediction ε̂ = ε_u + w (ε_c − ε_u) (one UNet call on the doubled batch).
+        """Guided model output ε̂ = ε_u + w (ε_c − ε_u) (one UNet call on the doubled batch), in the noise
+        process's parametrisation (the noise ε for DDIMEpsilon).
 
-        ``guidance_scale=1`` gives the plain conditional ε (what Diffusion-DPO's ε-MSE surrogate trains).
+        ``guidance_scale=1`` gives the plain conditional output (what Diffusion-DPO's denoising surrogate trains).
         """
-        t = torch.as_tensor(timestep, device=self.device).reshape(-1).expand(x_t.shape[0])
+        t = self.process.model_time(torch.as_tensor(timestep, device=self.device)).reshape(-1).expand(x_t.shape[0])
         w = self.sampler.guidance_scale if guidance_scale is None else guidance_scale
         x_in = x_t.to(self.dtype)
         unet, name = self._resolve(adapter)
@@ -230,26 +233,21 @@ class DiffusionPolicy:
         eps_u, eps_c = out.chunk(2)
         return eps_u + w * (eps_c - eps_u)
 
-    def coefficients(self, timestep: torch.Tensor) -> StepCoefficients:
-        t = torch.as_tensor(timestep).long().reshape(-1).cpu()
-        c = step_coefficients(self.alphas_cumprod, self.final_alpha_cumprod, t, t - self.stride, self.sampler.eta)
-        return StepCoefficients(*(v.float().to(self.device) for v in (c.alpha_t, c.alpha_prev, c.sigma)))
-
     def mean(self, x_t: torch.Tensor, timestep: torch.Tensor, embeds: PromptEmbeds, adapter: object = _DEFAULT,
-             eps: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(μ, σ, x̂_0) of π(x_{t−1} | x_t, c); differentiable w.r.t. the adapter when grad is enabled.
+             eps: torch.Tensor | None = None) -> Kernel:
+        """(μ, σ, x̂_0) of π(x_{t−1} | x_t, c), the noise process's reverse kernel at the sampler's eta;
+        differentiable w.r.t. the adapter when grad is enabled.
 
-        ``eps``: a guided ε̂ already computed for this x_t (e.g. while ranking it), to skip the UNet call.
+        ``eps``: a guided model output already computed for this x_t (e.g. while ranking it), to skip the UNet call.
         """
-        c = self.coefficients(timestep)
-        mu, x0 = ddim_mean(x_t, self.eps(x_t, timestep, embeds, adapter) if eps is None else eps, c)
-        return mu, c.sigma, x0
+        eps = self.eps(x_t, timestep, embeds, adapter) if eps is None else eps
+        return self.process.kernel(x_t, timestep, eps, self.sampler.eta)
 
     def predict_x0(self, x: torch.Tensor, timestep: torch.Tensor, embeds: PromptEmbeds,
                    adapter: object = _DEFAULT) -> tuple[torch.Tensor, torch.Tensor]:
         """(x̂_0, ε̂) of a latent at ``timestep`` (scores intermediate samples: TailorPO Eq. 12)."""
         eps = self.eps(x, timestep, embeds, adapter)
-        return predict_x0(x.float(), eps, self.coefficients(timestep).alpha_t), eps
+        return self.process.predict_x0(x.float(), timestep, eps), eps
 
     # ---- sampling -------------------------------------------------------------------------------------------
     def noise_like(self, x: torch.Tensor, generators: Sequence[torch.Generator]) -> torch.Tensor:

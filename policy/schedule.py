@@ -1,6 +1,9 @@
 """DDIM (eta > 0) step with its Gaussian log-probability: the building block of every method here.
 
-Formulas (Song et al., DDIM, Eq. 12 and 16; docs/math.md §1-2), with ᾱ the scheduler's ``alphas_cumprod``:
+The DDIM and ε formulas are the math of the ``DDIMEpsilon`` noise process (policy/process.py), their one caller
+outside the tests; the Gaussian log-probabilities serve any process. Song et al., DDIM, Eq. 12 and 16;
+docs/math.md §1-2, with ᾱ the scheduler's ``alphas_cumprod``:
+    x_t  = √ᾱ_t x_0 + √(1−ᾱ_t) ε ,   SNR(t) = ᾱ_t / (1−ᾱ_t)
     x̂_0  = (x_t − √(1−ᾱ_t) ε̂) / √ᾱ_t
     σ_t² = η² (1−ᾱ_prev)/(1−ᾱ_t) · (1 − ᾱ_t/ᾱ_prev)
     μ    = √ᾱ_prev x̂_0 + √(1−ᾱ_prev−σ_t²) ε̂ ,   x_{t−1} = μ + σ_t z
@@ -63,6 +66,16 @@ def step_coefficients(
     sigma = eta * var.clamp(min=0).sqrt()
     shape = (-1,) + (1,) * (ndim - 1)
     return StepCoefficients(alpha_t.view(shape), alpha_prev.view(shape), sigma.view(shape))
+
+
+def forward_noise(x0: torch.Tensor, noise: torch.Tensor, alpha_t: torch.Tensor) -> torch.Tensor:
+    """A sample of q(x_t | x_0) for given noise: x_t = √ᾱ_t x_0 + √(1−ᾱ_t) ε (what ``predict_x0`` inverts)."""
+    return alpha_t.sqrt() * x0 + (1 - alpha_t).sqrt() * noise
+
+
+def signal_to_noise(alpha_t: torch.Tensor) -> torch.Tensor:
+    """SNR(t) = ᾱ_t / (1−ᾱ_t) of the variance-preserving forward process."""
+    return alpha_t / (1 - alpha_t)
 
 
 def predict_x0(x_t: torch.Tensor, eps: torch.Tensor, alpha_t: torch.Tensor) -> torch.Tensor:

@@ -35,7 +35,7 @@ STEP_SPEC = {
     "prompt_id": (torch.int64, ()),
     "seed": (torch.int64, ()),
     "step_index": (torch.int16, ()),
-    "timestep": (torch.int32, ()),
+    "timestep": (torch.float32, ()),
     "x_t": (torch.float32, LATENT),
     "x_w": (torch.float32, LATENT),
     "x_l": (torch.float32, LATENT),
@@ -59,7 +59,7 @@ TRAJ_SPEC = {
     "latents_l": (torch.float32, (STEPS + 1, *LATENT)),
     "logps_w": (torch.float32, (STEPS,)),
     "logps_l": (torch.float32, (STEPS,)),
-    "timesteps": (torch.int32, (STEPS,)),
+    "timesteps": (torch.float32, (STEPS,)),
     "reward_w": (torch.float32, ()),
     "reward_l": (torch.float32, ()),
     "policy_version": (torch.int64, ()),
@@ -229,7 +229,7 @@ STEP_ERRORS = [
     (lambda c: dict(c, reward_w=c["reward_w"][:3]), r"column 'reward_w' has 3 rows"),
     (lambda c: dict(c, reward_l=c["reward_l"][:, None]), r"column 'reward_l' has rows of shape \[1\]"),
     (lambda c: dict(c, step_index=torch.full((4,), 70000)), r"column 'step_index'"),
-    (lambda c: dict(c, timestep=torch.full((4,), 1.5)), r"column 'timestep'"),
+    (lambda c: dict(c, timestep=torch.full((4,), 2**24 + 1)), r"column 'timestep'"),  # not exact in float32
     (lambda c: dict(c, seed=["a", "b", "c", "d"]), r"column 'seed'"),
     (lambda c: dict(c, seed=[1, None, 3, 4]), r"column 'seed'"),
     (lambda c: dict(c, prompt=["a", None, "c", "d"]), r"column 'prompt'"),
@@ -238,7 +238,7 @@ TRAJ_ERRORS = [
     (lambda c: dict(c, logps_w=torch.zeros(4, STEPS + 1)), r"column 'logps_w' has rows of shape \[4\]"),
     (lambda c: dict(c, latents_l=torch.zeros(4, STEPS, *LATENT)), r"column 'latents_l'"),
     (lambda c: dict(c, latents_w=torch.zeros(4, 1, *LATENT)), r"column 'latents_w'.*num_steps"),
-    (lambda c: dict(c, timesteps=torch.full((4, STEPS), 2.0**40)), r"column 'timesteps'"),
+    (lambda c: dict(c, timesteps=torch.full((4, STEPS), 2**40)), r"column 'timesteps'"),
 ]
 
 
@@ -260,8 +260,8 @@ def test_from_table_rejects_foreign_tables():
         from_table(batch.replace_schema_metadata({"kind": "step", "format_version": "2"}))
     with pytest.raises(ValueError, match=r"missing columns \['logp_l'\]"):
         from_table(batch.drop_columns(["logp_l"]))
-    with pytest.raises(ValueError, match="column 'timestep' has type int64"):
-        from_table(batch.set_column(4, pa.field("timestep", pa.int64()), batch.column(4).cast(pa.int64())))
+    with pytest.raises(ValueError, match="column 'timestep' has type int32"):  # a log from before float32 timesteps
+        from_table(batch.set_column(4, pa.field("timestep", pa.int32()), batch.column(4).cast(pa.int32(), safe=False)))
 
 
 def test_select_and_concat():

@@ -1,6 +1,7 @@
 """Diffusion-DPO (Wallace et al.): the clean latents of a pair (a dataset's VAE-encoded images, final latents,
-or a step pair's children's x̂_0) are noised with the same t and ε, and the loss compares the ε-MSE of policy
-and reference on winner and loser; t is drawn by the time weighting (Rethinking-DPO: Cat(γ^k) and λ(t))."""
+or a step pair's children's x̂_0) are noised with the same t and ε, and the loss compares the denoising MSE (the
+ε-MSE for DDIM-ε: the model output against the noise process's target) of policy and reference on winner and loser;
+t is drawn by the time weighting (Rethinking-DPO: Cat(γ^k) and λ(t))."""
 
 from __future__ import annotations
 
@@ -15,17 +16,17 @@ from policy import POLICY
 @register_method("diffusion_dpo", "step")
 @register_method("diffusion_dpo", "trajectory")
 def on_clean_pairs(learner, batch):
-    dev = learner.device
-    x0_w, x0_l = (x.to(dev).float() for x in learner._clean_pairs(batch))
+    dev, process = learner.device, learner.policy.process
+    x0 = torch.cat([x.to(dev).float() for x in learner._clean_pairs(batch)])  # winners, then losers
     b = len(batch)
     steps = learner.time_weighting.sample(b, learner.generator)
-    noise = torch.randn(x0_w.shape, generator=learner.generator).to(dev)
-    x_t = torch.cat([learner._noised(x0_w, steps.timestep, noise), learner._noised(x0_l, steps.timestep, noise)])
-    ts, eps = steps.timestep.to(dev).repeat(2), noise.repeat(2, 1, 1, 1)
+    noise = torch.randn(x0[:b].shape, generator=learner.generator).to(dev).repeat(2, 1, 1, 1)  # shared by the pair
+    ts = steps.timestep.repeat(2)
+    x_t, target, ts = process.add_noise(x0, ts, noise), process.target(x0, noise, ts), ts.to(dev)
     emb = learner.policy.encode_prompts(batch.prompts * 2)
     with torch.no_grad():
-        mse_ref = learner.eps_mse(x_t, ts, emb, eps, learner.ref_adapter)
-    mse = learner.eps_mse(x_t, ts, emb, eps, POLICY)
+        mse_ref = learner.denoising_mse(x_t, ts, emb, target, learner.ref_adapter)
+    mse = learner.denoising_mse(x_t, ts, emb, target, POLICY)
     loss = diffusion_dpo_loss(mse[:b], mse_ref[:b], mse[b:], mse_ref[b:], learner.cfg.loss.beta,
                               beta_scale=steps.beta_scale.to(dev), weights=steps.weight.to(dev))
     return loss, {"kl_ref": float((mse_ref - mse).detach().mean())}
