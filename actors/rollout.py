@@ -108,7 +108,7 @@ class RolloutWorker:
         if expected_version != self.version:
             raise StaleWeightsError(
                 f"actor {self.actor_id} holds weights v{self.version}, asked for v{expected_version}")
-        t0, self.ref_seconds = time.perf_counter(), 0.0
+        t0, cpu0, self.ref_seconds = time.perf_counter(), time.process_time(), 0.0
         with torch.no_grad():
             kind = self.cfg.pairs.record_kind
             make = self._step_branch if kind == "step" else self._trajectories
@@ -127,6 +127,8 @@ class RolloutWorker:
         seconds = time.perf_counter() - t0
         stats: dict[str, Any] = {"chains": float(chains), "seconds": seconds, "ref_seconds": self.ref_seconds,
                                  "pairs": float(len(columns["prompt"])), "steps": float(n * self.cfg.sampler.num_steps)}
+        if self.policy.device.type == "cpu":  # the work itself, which other processes' load does not stretch
+            stats["cpu_seconds"] = time.process_time() - cpu0
         if load is not None:
             stats["load"] = load
         batch = to_record_batch(kind, columns)

@@ -111,9 +111,8 @@ def default_run(out: Path, adapt: bool, loaded: bool, updates: int) -> dict[str,
     wall = time.perf_counter() - t0
     metrics = _records(out / "metrics.jsonl")
     updates_at = [r["time"] for r in metrics if "train/loss" in r["metrics"]]
-    calls = [(r["metrics"]["rollout/actor0/batch"],
-              r["metrics"]["rollout/actor0/batch"] / r["metrics"]["rollout/actor0/chains_per_s"])
-             for r in metrics if "rollout/actor0/batch" in r["metrics"]]
+    calls = [(m["rollout/actor0/batch"], m["rollout/actor0/batch"] / m["rollout/actor0/chains_per_s"],
+              m.get("rollout/actor0/cpu_s")) for r in metrics if "rollout/actor0/batch" in (m := r["metrics"])]
     summary = json.loads((out / "summary.json").read_text())
     return {"adapt": adapt, "loaded": loaded, "wall_s": wall, "updates": len(updates_at),
             "s_per_update": (updates_at[-1] - updates_at[0]) / (len(updates_at) - 1),
@@ -121,11 +120,12 @@ def default_run(out: Path, adapt: bool, loaded: bool, updates: int) -> dict[str,
             "dropped_stale_pairs": summary["dropped_stale_pairs"]}
 
 
-def call_floor(calls: list[tuple[float, float]]) -> tuple[float, float, int] | None:
-    """(fixed s, per-chain s, the 25 % floor) fitted by plain least squares over a run's calls."""
+def call_floor(calls: list[tuple[float, float, float | None]]) -> tuple[float, float, int] | None:
+    """(fixed s, per-chain s, the 25 % floor) fitted by plain least squares over a run's calls (their CPU
+    seconds, the balancer's own measure on a CPU actor)."""
     fit = CostFit(forget=1.0)
-    for chains, seconds in calls:
-        fit.observe(chains, seconds)
+    for chains, seconds, cpu_seconds in calls:
+        fit.observe(chains, seconds, cpu_seconds)
     cost = fit.cost()
     return None if cost is None else (cost.fixed, cost.per_chain, cost.floor(FLOOR_SHARE))
 
@@ -144,7 +144,7 @@ def default_runs(updates: int) -> list[dict[str, Any]]:
         adaptive["fit"] = fitted
         adaptive["ratio_to_fixed"] = adaptive["s_per_update"] / fixed["s_per_update"]
         if fitted is not None:
-            adaptive["calls_below_floor"] = sum(n < fitted[2] for n, _ in adaptive["calls"])
+            adaptive["calls_below_floor"] = sum(n < fitted[2] for n, _, _ in adaptive["calls"])
     return runs
 
 
@@ -160,7 +160,7 @@ def markdown(res: dict[str, Any]) -> str:
     if res.get("runs"):
         rows = []
         for r in res["runs"]:
-            sizes = [int(n) for n, _ in r["calls"]]
+            sizes = [int(n) for n, _, _ in r["calls"]]
             fit = r.get("fit")
             rows.append(["loaded" if r["loaded"] else "quiet", "adaptive" if r["adapt"] else "fixed 16",
                          r["s_per_update"], f"{r['ratio_to_fixed']:.2f}x" if "ratio_to_fixed" in r else "1",
@@ -170,7 +170,7 @@ def markdown(res: dict[str, Any]) -> str:
                          r["wall_s"]])
         parts += ["", f"The default run ({res['updates']} updates), side by side; 'loaded': one core kept busy by "
                   "another process. s/update is the training loop's (first to last update, the evaluations at "
-                  "25 and 50 included); the fit is seconds = fixed + per-chain · n over the adaptive run's calls, "
+                  "25 and 50 included); the fit is CPU seconds = fixed + per-chain · n over the adaptive run's calls, "
                   "and its floor the fewest chains at which the fixed part is 25 % of a call.", "",
                   table(["machine", "sizing", "s/update", "vs fixed", "chains per call", "calls",
                          "fitted call cost → floor", "calls below floor", "dropped pairs", "reward after",

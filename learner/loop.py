@@ -209,12 +209,14 @@ class Driver:
             self.weights.recover(task.actor, e)
             return False
         self.weights.landed(task.actor, stats.get("load"))
-        self.balancer.observe(task.actor, stats["chains"], stats["seconds"])
+        self.balancer.observe(task.actor, stats["chains"], stats["seconds"], stats.get("cpu_seconds"))
         self.counters.chains += int(stats["chains"])
         a, step = task.actor, self.counters.steps
         self.logger.log(step, {f"actor{a}/chains_per_s": stats["chains"] / stats["seconds"],
                                f"actor{a}/steps_per_s": stats["steps"] / stats["seconds"],
-                               f"actor{a}/batch": float(len(task.prompts))}, "rollout")
+                               f"actor{a}/batch": float(len(task.prompts)),
+                               **({f"actor{a}/cpu_s": stats["cpu_seconds"]} if "cpu_seconds" in stats else {})},
+                        "rollout")
         if self.traj_log is not None:
             self.traj_log.write(ray.get(task.records), round=task.round, actor_id=a)
         staleness = self.buffer.accept(task.records, int(stats["pairs"]), stats["policy_version"], self.weights.version)

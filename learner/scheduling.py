@@ -58,18 +58,26 @@ class CallCost:
 
 @dataclass
 class CostFit:
-    """Least squares of one actor's call seconds on its chains, each older call weighing ``forget`` times less
-    (a slower or faster machine is followed); kept as running weighted sums, so it is one small state."""
+    """Least squares of one actor's call cost on its chains, each older call weighing ``forget`` times less (a
+    changed machine is followed); kept as running weighted sums, so it is one small state.
+
+    The cost is the call's own work: its CPU seconds where the actor runs on the CPU, since another process's
+    load stretches wall time by a factor that has nothing to do with the call's size and turned the fitted fixed
+    part to 0 on a loaded 2-core machine; else its wall seconds (a GPU's kernels do not show in CPU time).
+    ``stretch`` is the recent wall seconds per second of that work, to aim calls at a duration in wall time."""
 
     forget: float = 0.95
     calls: int = 0
-    last: tuple[float, float] = (0.0, 0.0)  # (chains, seconds) of the latest call
-    sums: tuple[float, ...] = (0.0,) * 5  # Σw, Σw·n, Σw·n², Σw·s, Σw·n·s
+    last: tuple[float, float] = (0.0, 0.0)  # (chains, wall seconds) of the latest call
+    sums: tuple[float, ...] = (0.0,) * 5  # Σw, Σw·n, Σw·n², Σw·s, Σw·n·s over the work seconds s
+    stretch: float = 1.0
     steady: int = 0  # calls in a row within 20 % of the size before them: they teach the fit nothing new
 
-    def observe(self, chains: float, seconds: float) -> None:
-        terms = (1.0, chains, chains * chains, seconds, chains * seconds)
+    def observe(self, chains: float, seconds: float, work: float | None = None) -> None:
+        work = seconds if work is None else work
+        terms = (1.0, chains, chains * chains, work, chains * work)
         self.sums = tuple(self.forget * old + new for old, new in zip(self.sums, terms, strict=True))
+        self.stretch = seconds / work if not self.calls else 0.5 * (self.stretch + seconds / work)
         self.steady = self.steady + 1 if self.calls and abs(chains - self.last[0]) <= 0.2 * self.last[0] else 0
         self.calls += 1
         self.last = (chains, seconds)
@@ -86,8 +94,6 @@ class CostFit:
         if fixed < 0:
             fixed, slope = 0.0, ns / nn
         return CallCost(fixed, slope) if slope > 0 else None
-
-
 @dataclass
 class ThroughputBalancer:
     """Per-actor batch sizes from each actor's measured cost of a call, so a round never waits on the slowest
@@ -116,14 +122,15 @@ class ThroughputBalancer:
     explore_every: int = 6
     fits: dict[int, CostFit] = field(default_factory=dict)
 
-    def observe(self, actor: int, chains: float, seconds: float) -> None:
-        if seconds > 0 and chains > 0:
-            self.fits.setdefault(actor, CostFit()).observe(float(chains), float(seconds))
+    def observe(self, actor: int, chains: float, seconds: float, cpu_seconds: float | None = None) -> None:
+        """One finished call; ``cpu_seconds``, the actor's own CPU time where it runs on the CPU (see ``CostFit``)."""
+        if seconds > 0 and chains > 0 and (cpu_seconds is None or cpu_seconds > 0):
+            self.fits.setdefault(actor, CostFit()).observe(float(chains), float(seconds), cpu_seconds)
 
     @property
     def rates(self) -> dict[int, float]:
         """Each measured actor's throughput (chains per second), weighted to its recent calls."""
-        return {a: fit.sums[1] / fit.sums[3] for a, fit in self.fits.items()}
+        return {a: fit.sums[1] / (fit.sums[3] * fit.stretch) for a, fit in self.fits.items()}
 
     def cost(self, actor: int) -> CallCost | None:
         return self.fits[actor].cost() if actor in self.fits else None
@@ -138,7 +145,8 @@ class ThroughputBalancer:
         if cost is None:
             want = last * max(self.target_seconds / seconds, 1.5)
         else:
-            want = max(cost.chains_for(self.target_seconds), cost.floor(self.fixed_share), self.max_shrink * last)
+            want = max(cost.chains_for(self.target_seconds / fit.stretch), cost.floor(self.fixed_share),
+                       self.max_shrink * last)
             want *= 1.5 if fit.steady >= self.explore_every else 1.0
         return max(1, min(self.max_size, round(want)))
 
@@ -147,8 +155,8 @@ class ThroughputBalancer:
                 for a, fit in self.fits.items()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.fits = {int(a): CostFit(f["forget"], f["calls"], tuple(f["last"]), tuple(f["sums"]), f["steady"])
-                     for a, f in state.items()}
+        self.fits = {int(a): CostFit(f["forget"], f["calls"], tuple(f["last"]), tuple(f["sums"]), f["stretch"],
+                                     f["steady"]) for a, f in state.items()}
 
     def split(self, total: int) -> list[int]:
         """Split ``total`` chains over the actors in proportion to their rates (sync mode); sums to ``total``."""

@@ -111,3 +111,21 @@ def test_slow_actors_get_less_work_in_sync_rounds():
     fixed = ThroughputBalancer(2, 8, 2.0, 64, adapt=False)
     fixed.observe(0, 8, 1.0)
     assert fixed.split(16) == [8, 8] and fixed.size(0) == 8
+
+
+@pytest.mark.parametrize("seed", range(10))
+def test_on_a_loaded_cpu_the_fit_uses_the_calls_own_cpu_time(seed):
+    """Another process takes a random share of the cores: wall time stretches by 1-3x call to call, unrelated to
+    the call's size, while the actor's CPU seconds stay its work (±2 %). The floor (34 chains at 25 %) holds for
+    every call once fitted, and calls aim at the target in wall time (the floor dominates here)."""
+    rng = random.Random(seed)
+    bal = ThroughputBalancer(1, initial=16, target_seconds=3.0, max_size=64)
+    sizes = []
+    for _ in range(80):
+        n = bal.size(0)
+        sizes.append(n)
+        work = (SLOW_BOX.fixed + SLOW_BOX.per_chain * n) * rng.uniform(0.98, 1.02)
+        bal.observe(0, n, work * rng.uniform(1.0, 3.0), cpu_seconds=work)
+    assert min(sizes) >= 16 and min(sizes[4:]) >= SLOW_BOX.floor(0.25)
+    fitted = bal.cost(0)
+    assert fitted.fixed == pytest.approx(3.4, rel=0.25) and fitted.per_chain == pytest.approx(0.3, rel=0.1)
