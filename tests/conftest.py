@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import os
 from pathlib import Path
 
@@ -30,25 +31,8 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 
 @pytest.fixture()
 def make_config(tiny_model_dir, tmp_path):
-    """A small experiment config on the tiny random model; keyword overrides are ``section={key: value}``."""
-    from learner.config import Config, build_config
+    """A small experiment config on the tiny random model (helpers.small_config); keyword overrides are
+    ``section={key: value}``."""
+    from helpers import small_config
 
-    def make(**sections) -> Config:
-        tree = {
-            "model": {"path": str(tiny_model_dir)},
-            "sampler": {"num_steps": 6, "guidance_scale": 3.0, "logprob_reduce": "sum"},
-            "lora": {"rank": 2, "alpha": 2.0},
-            "pairs": {"kind": "step_branch", "branch_steps": [0, 2, 4]},
-            "loss": {"kind": "dpo_logprob", "beta": 1.0},
-            "reward": {"spec": {"world": 1.0}, "num_actors": 0},
-            "rollout": {"num_actors": 1, "prompts_per_task": 4},
-            "train": {"steps": 4, "batch_size": 8, "lr": 1e-2},
-            "eval": {"every": 0, "num_prompts": 4, "seeds_per_prompt": 1, "grid_prompts": 4},
-            "output": {"dir": str(tmp_path / "run"), "checkpoint_every": 2},
-            "ray": {"small_box": "off"},  # tests choose their layout; tests/test_small_box.py tests the mode
-        }
-        for name, values in sections.items():
-            tree.setdefault(name, {}).update(values)
-        return build_config(tree)
-
-    return make
+    return functools.partial(small_config, tiny_model_dir, tmp_path / "run")

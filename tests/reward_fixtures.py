@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import torch
@@ -61,6 +62,43 @@ def aesthetic_head_layout(dim: int) -> nn.Sequential:
     )
 
 
+def save_tiny_open_clip(out: Path) -> SimpleNamespace:
+    """A tiny open_clip model + an aesthetic head (.pth and .safetensors) saved in ``out``, with what the
+    references and the rewards' options need."""
+    import open_clip
+    from safetensors.torch import save_file
+
+    arch = register_tiny_open_clip(out)
+    torch.manual_seed(0)
+    model = open_clip.create_model(arch).eval()
+    torch.save(model.state_dict(), out / "open_clip_pytorch_model.bin")
+    head = aesthetic_head_layout(model.visual.output_dim).eval()
+    head_state = {f"layers.{k}": v for k, v in head.state_dict().items()}
+    torch.save(head_state, out / "head.pth")
+    save_file(head_state, str(out / "head.safetensors"))
+    return SimpleNamespace(
+        arch=arch,
+        model=model,
+        head=head,
+        dir=out,
+        tokenizer=open_clip.get_tokenizer(arch),
+        mean=open_clip.OPENAI_DATASET_MEAN,
+        std=open_clip.OPENAI_DATASET_STD,
+        options={"checkpoint": str(out / "open_clip_pytorch_model.bin"), "arch": arch, "device": "cpu"},
+    )
+
+
+def batch_and_singles(reward, images: torch.Tensor, prompts: list[str]
+                      ) -> tuple[torch.Tensor, list[torch.Tensor], torch.Tensor]:
+    """A reward's scores of the batch and of each image alone (the first through autograd: a leaf that requires
+    grad, returned too); the two differ only in float order."""
+    batch = reward(images, prompts)
+    first = images[:1].clone().requires_grad_(True)
+    singles = [reward(first, prompts[:1])]
+    singles += [reward(images[i : i + 1], prompts[i : i + 1]) for i in range(1, len(prompts))]
+    return batch, singles, first
+
+
 def save_tiny_pickscore(out: Path, seed: int = 0):
     """A tiny CLIPModel + tokenizer + image processor saved like PickScore_v1 / the laion processor."""
     from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel
@@ -93,6 +131,26 @@ def save_tiny_pickscore(out: Path, seed: int = 0):
 
 
 BLIP_VOCAB = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *WORDS]
+
+
+def build_tiny_imagereward(out: Path) -> tuple[nn.Module, dict[str, str]]:
+    """The real ImageReward class with a 1-layer text encoder (ViT-L/16 is fixed: ~310 M params) and its MLP spread
+    out, plus the reward options that load it once its state is saved as ``out/ImageReward.pt``."""
+    from rewards.imagereward_compat import import_imagereward, local_bert_tokenizer
+
+    med_config, vocab = write_tiny_imagereward_config(out)
+    module = import_imagereward()
+    torch.manual_seed(0)
+    with local_bert_tokenizer(vocab):
+        model = module.ImageReward(med_config=str(med_config), device="cpu").eval()
+    with torch.no_grad():  # the library's MLP init (std 1/769) makes all rewards ≈ -0.16: spread them out
+        for layer in model.mlp.layers:
+            if isinstance(layer, nn.Linear):
+                layer.weight.normal_(0, layer.in_features**-0.5)
+                layer.bias.normal_(0, 0.1)
+    options = {"checkpoint": str(out / "ImageReward.pt"), "med_config": str(med_config), "tokenizer_dir": str(out),
+               "device": "cpu"}
+    return model, options
 
 
 def write_tiny_imagereward_config(out: Path) -> tuple[Path, Path]:

@@ -98,6 +98,9 @@ def chaos_run(make_config, seed: int, kills: int, steps: int, num_learners: int 
             "updates_lost": 0, "wall_s": round(wall, 1), "pieces": len(deaths) + 1}
 
 
+# Slow (RUN_SLOW=1, in CI): each kill restarts actors or a whole piece, ~1.5 min on 2 cores. The default suite's
+# Ray failure tests kill one actor of each role instead (test_system.py, test_failures.py, test_learner_group.py).
+@pytest.mark.slow
 def test_quick_chaos_three_kills_one_per_role(make_config):
     figures = chaos_run(make_config, seed=7, kills=3, steps=15)
     assert figures["kills"] == {"rollout": 1, "reward": 1, "learner": 1}
@@ -109,6 +112,7 @@ def test_long_chaos_twenty_kills(make_config):
     print(chaos_run(make_config, seed=2026, kills=20, steps=78))
 
 
+@pytest.mark.slow  # ~1.5 min: two K=2 runs; test_learner_group.py checks a dead rank's one line and an exact resume
 def test_a_killed_learner_rank_of_a_group_of_two_ends_in_one_line_and_the_resume_is_exact(make_config):
     """train.num_learners 2: rank 1 (seeded pick) is killed; the run ends with the one-line --resume hint ("a
     learner rank died ...") and the resumed group finishes bitwise equal to an uninterrupted K=2 run."""

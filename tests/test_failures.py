@@ -112,6 +112,7 @@ def test_sync_resume_from_a_checkpoint_due_inside_a_round_is_bitwise(make_config
     assert all(torch.equal(a["policy"][k], b["policy"][k]) for k in a["policy"])
 
 
+@pytest.mark.slow  # two runs (~25 s); test_sync_resume_from_a_checkpoint_due_inside_a_round_is_bitwise resumes
 def test_a_resumed_run_summarizes_the_whole_run(make_config):
     """Run 2 updates, resume the same directory to 4: the summary counts both pieces' chains and seconds, keeps
     the 'before' evaluation from the checkpoint (paired gain) and writes before_after.png again."""

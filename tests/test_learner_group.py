@@ -10,6 +10,7 @@ import pyarrow as pa
 import pytest
 import ray
 import torch
+from helpers import tolerance
 
 from actors.records import from_table
 from actors.rollout import RolloutWorker
@@ -65,6 +66,10 @@ def _adapter(handle) -> dict[str, torch.Tensor]:
     return ray.get(handle.policy_tensors.remote())
 
 
+def _flat(tensors: dict[str, torch.Tensor]) -> torch.Tensor:
+    return torch.cat([tensors[k].flatten() for k in sorted(tensors)])
+
+
 def _rank_generator(handle) -> torch.Tensor:
     return ray.get(handle.__ray_call__.remote(lambda learner: learner.generator.get_state()))
 
@@ -109,12 +114,14 @@ def test_two_learners_match_one_resume_exactly_and_a_dead_rank_is_one_line(ray_s
     batches = [tables[0], stored, tables[2]]  # the group's; the learner in this process gets the tables
 
     one, two = Learner(cfg), _group(cfg, 2)  # one learner: in this process, as a K = 1 group's actor runs it
+    start = _flat(one.policy_tensors())  # every rank's too (the same seed)
     m1, m2 = [one.update(tables[0])], _updates(two, batches[:1])
     # the gradient every rank steps with is the whole batch's (float32 sums in another order)
     g1, g2 = gradients(one), ray.get(two.ranks[1].__ray_call__.remote(gradients))
     assert g1.keys() == g2.keys()
     g1, g2 = torch.cat([g.flatten() for g in g1.values()]), torch.cat([g2[k].flatten() for k in g1])
-    assert float(g1.norm()) > 1e-3 and float((g2 - g1).norm() / g1.norm()) < 1e-5
+    # float-order spread: max 2.3e-06 over 24 seeds (bench/tolerances.py); bound 1e-05 = 4x
+    assert float(g1.norm()) > 1e-3 and float((g2 - g1).norm() / g1.norm()) < tolerance("learner_group.gradient")
     m1 += [one.update(b) for b in tables[1:]]
     m2 += _updates(two, batches[1:2])
     ray.get(two.ranks[1].__ray_call__.remote(lambda learner: torch.rand(3, generator=learner.generator)))
@@ -123,18 +130,25 @@ def test_two_learners_match_one_resume_exactly_and_a_dead_rank_is_one_line(ray_s
     m2 += _updates(two, batches[2:])
 
     # the same parameters as one learner on the whole batch, on both ranks (bitwise equal to each other), up to
-    # float rounding that AdamW's m/√v amplifies where a gradient element is near 0: atol 1e-4 is 1% of one step
+    # float rounding, which AdamW's m/√v amplifies to a sizeable part of a step where a gradient element is near 0:
+    # so the distance between the two is compared with the distance they moved, not element by element
     ref, lead, other = one.policy_tensors(), _adapter(two.lead), _adapter(two.ranks[1])
-    assert ref.keys() == lead.keys()
-    assert any(float(v.abs().max()) > 1e-3 for v in lead.values())  # the adapter moved
-    for k in ref:
-        torch.testing.assert_close(lead[k], ref[k], atol=1e-4, rtol=0)
-        assert torch.equal(lead[k], other[k])
-    for key in ("loss", "accuracy", "margin", "reward_w", "grad_norm"):  # metrics are the whole batch's
-        assert m2[0][key] == pytest.approx(m1[0][key], rel=1e-5), key  # same parameters: float rounding only
+    assert ref.keys() == lead.keys() and all(torch.equal(lead[k], other[k]) for k in ref)
+    moved, apart = _flat(ref) - start, _flat(lead) - _flat(ref)
+    assert float(moved.abs().max()) > 1e-3  # the adapter moved
+    # float-order spread: max 2.4e-05 over 24 seeds (bench/tolerances.py); bound 1e-04 = 4x
+    assert float(apart.norm() / moved.norm()) < tolerance("learner_group.parameters")
+    # float-order spread: max 6.0e-07 over 24 seeds (bench/tolerances.py); bound 5e-06 = 8x
+    first = tolerance("learner_group.first_update_metrics")  # same parameters: float rounding only
+    for key in ("loss", "accuracy", "margin", "grad_norm"):  # metrics are the whole batch's
+        assert m2[0][key] == pytest.approx(m1[0][key], rel=first), key
     for a, b in zip(m1, m2, strict=True):
-        assert b["pairs"] == a["pairs"] == 8 and b["reward_w"] == pytest.approx(a["reward_w"], rel=1e-6)
-        assert b["loss"] == pytest.approx(a["loss"], abs=2e-4) and b["margin"] == pytest.approx(a["margin"], abs=2e-4)
+        assert b["pairs"] == a["pairs"] == 8
+        # float-order spread: max 1.5e-07 over 24 seeds (bench/tolerances.py); bound 1e-06 = 7x
+        assert b["reward_w"] == pytest.approx(a["reward_w"], rel=tolerance("learner_group.reward_w"))
+        for key in ("loss", "margin"):
+            # float-order spread: max 1.2e-04 over 24 seeds (bench/tolerances.py); bound 5e-04 = 4x
+            assert b[key] == pytest.approx(a[key], rel=0, abs=tolerance("learner_group.loss_margin")), key
 
     # resume: a fresh group restored from the checkpoint after update 2 continues exactly
     fresh = _group(cfg, 2)

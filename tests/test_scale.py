@@ -71,6 +71,7 @@ def test_prompt_stream_shuffles_each_epoch_once_in_the_same_order():
     assert ids == expected[:24]
 
 
+@pytest.mark.slow  # a benchmark run (~45 s); test_weight_piggyback.py drives the same simulated roles briefly
 def test_quick_scale_run_drives_the_real_driver():
     out = subprocess.run([sys.executable, "-m", "bench.scale", "--quick"], capture_output=True, text=True,
                          timeout=300, env={**__import__("os").environ, "TQDM_DISABLE": "1"})

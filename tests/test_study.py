@@ -153,6 +153,7 @@ def test_committed_verdicts_are_todays_statistics():
             assert saved["ci"] == pytest.approx(now["ci"]), path
 
 
+@pytest.mark.slow  # a study run (~30 s on 2 cores); the grid, verdict and report tests above are quick
 def test_quick_study_runs_end_to_end_and_resumes(tmp_path, monkeypatch):
     out = tmp_path / "study"
     assert study.main(["--grid", "tailorpo", "--quick", "--out", str(out)]) == 0

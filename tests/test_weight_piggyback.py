@@ -20,7 +20,9 @@ from learner.group import LearnerGroup
 from learner.loop import Driver
 from learner.main import WORKER_ENV
 from learner.metrics import RunLogger
-from learner.weights import WeightSyncError
+from learner.weights import WeightSync, WeightSyncError
+from policy.lora import LoadReport
+from policy.transport import OBJECT_STORE
 
 pytestmark = pytest.mark.filterwarnings("ignore")
 SCALE = 0.02  # simulated seconds are 50x shorter
@@ -91,12 +93,28 @@ def test_a_version_reaches_an_actor_only_with_its_next_generate(tmp_path):
         assert carried and carried == sorted(carried) and carried[0] >= 1  # each generate brought the newest
 
 
+def test_a_load_report_must_show_what_its_generate_carried(tmp_path):
+    """In process, what the slow run below checks end to end: a wrong checksum is one WeightSyncError."""
+    with RunLogger(tmp_path, tensorboard=False) as logger:
+        sync = WeightSync(OBJECT_STORE, None, [None], ray.get, logger)
+        sync.version, sync.checksum, sync.payload = 1, "a" * 16, "ref"  # as a publish into the object store leaves it
+        assert sync.attach(0) == "ref"
+        sync.landed(0, LoadReport(1, 3, "a" * 16))
+        assert sync.held == [1] and sync.attach(0) is None  # loaded: the next generate carries nothing
+        sync.version, sync.checksum = 2, "b" * 16
+        assert sync.attach(0) == "ref"
+        with pytest.raises(WeightSyncError, match=r"rollout actor 0 loaded v2 with checksum 0{16}, sent policy v2"):
+            sync.landed(0, LoadReport(2, 3, "0" * 16))
+
+
+@pytest.mark.slow  # ~20 s; the test above checks the same verification in process
 def test_a_wrong_checksum_in_a_generates_load_report_stops_the_run(tmp_path):
     with pytest.raises(WeightSyncError,
                        match=r"rollout actor \d loaded v\d+ with checksum 0000000000000000, sent policy v"):
         _run(tmp_path, wrong_checksum=True)
 
 
+@pytest.mark.slow  # 40 updates (~20 s) for the driver to notice the death; the others here run 8
 def test_a_restarted_actor_recovers_with_an_explicit_load(tmp_path):
     driver, reports, out = _run(tmp_path, die=True, steps=40)  # time for the driver to see the death, run on
     assert driver.counters.steps == 40 and driver.weights.failures == 1
@@ -108,6 +126,7 @@ def test_a_restarted_actor_recovers_with_an_explicit_load(tmp_path):
     assert '"actor_failed"' in events and '"actor_recovered"' in events
 
 
+@pytest.mark.slow  # ~17 s; the async runs above check what a generate carries, test_system.py syncs rounds
 def test_sync_rounds_carry_the_new_version_and_stay_on_policy(tmp_path):
     driver, reports, _ = _run(tmp_path, mode="sync")
     assert driver.buffer.histogram == {"0": driver.buffer.seen} and driver.buffer.dropped == 0
