@@ -124,7 +124,7 @@ def test_stable_update_reference_replaces_then_freezes(make_config):
     assert learner.ref_adapter is None  # the initial model until the first replacement
     m = learner.update(records)
     assert m["ref_replaced"] == 1.0 and learner.ref_adapter == "ref"
-    ref_params = {k.replace(".ref.", "."): p for k, p in learner.policy.c.unet.named_parameters() if ".ref." in k}
+    ref_params = {k.replace(".ref.", "."): p for k, p in learner.policy.unet.named_parameters() if ".ref." in k}
     for k, v in learner.policy_tensors().items():
         assert torch.equal(ref_params[k], v)  # the reference equals the policy right after a replacement
     learner.reference.delta = 1e-12  # now every candidate is too far from the initial model

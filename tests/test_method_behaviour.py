@@ -153,7 +153,7 @@ def test_stable_reference_moves_every_tau_steps_until_the_cap_then_freezes_for_g
     moves = [(i + 1, m["ref_replaced"]) for i, m in enumerate(metrics) if "ref_replaced" in m]
     assert moves == [(2, 1.0), (4, 1.0), (6, 0.0)]  # replaced at τ, 2τ; frozen at 3τ; never checked again
     assert learner.reference.frozen and learner.reference.version == 2
-    ref_params = {k.replace(".ref.", "."): p for k, p in learner.policy.c.unet.named_parameters() if ".ref." in k}
+    ref_params = {k.replace(".ref.", "."): p for k, p in learner.policy.unet.named_parameters() if ".ref." in k}
     frozen = {k: v.clone() for k, v in ref_params.items()}
     for _ in range(4):
         learner.update(records)
