@@ -225,3 +225,22 @@ def test_gradient_accumulation_takes_the_same_step_as_the_whole_batch(make_confi
     assert metrics[0]["grad_norm"] == pytest.approx(metrics[1]["grad_norm"], rel=1e-4)
     for (name, a), b in zip(learners[0].policy_tensors().items(), learners[1].policy_tensors().values(), strict=True):
         torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-4, msg=name)
+
+
+@pytest.mark.parametrize("kind", ["sd3", "flux"])
+def test_diffusion_dpo_on_a_flow_model_regresses_the_velocity(make_config, kind, monkeypatch):
+    """Flow form of Diffusion-DPO: winner and loser noised at the same σ with the same ε, against the velocity
+    target ε − x_0, so x_σ − σ·target gives back each clean latent (an ε target would not)."""
+    cfg = make_config(kind, pairs={"kind": "trajectory"}, loss={"kind": "diffusion_dpo", "beta": 50.0})
+    batch = from_table(_records(cfg, n=3))
+    learner = Learner(cfg)
+    seen = []
+    mse = learner.denoising_mse
+    monkeypatch.setattr(learner, "denoising_mse", lambda x_t, t, emb, target, adapter: seen.append(
+        (x_t, t, target)) or mse(x_t, t, emb, target, adapter))
+    learner.update(batch)
+    x_t, t, target = seen[0]
+    x0 = torch.cat([batch.tensors["latents_w"][:, -1], batch.tensors["latents_l"][:, -1]])
+    torch.testing.assert_close(x_t - t.view(-1, 1, 1, 1) * target, x0, rtol=1e-5, atol=1e-5)
+    assert torch.equal(t[:3], t[3:])  # the same σ and the same ε for winner and loser
+    torch.testing.assert_close((target + x0)[:3], (target + x0)[3:])
