@@ -44,6 +44,8 @@ def test_cli_overrides_yaml_and_parses_values(tmp_path):
     ({"time_weight": {"gamma": 0.0}}, r"gamma must be in \(0, 1\]"),
     ({"reference": {"strategy": "stable_update", "tau": 0}}, r"reference\.tau must be >= 1"),
     ({"sampler": {"eta": 0.0}}, r"sampler\.eta must be > 0"),
+    ({"sampler": {"noise_level": 0.0}}, r"sampler\.noise_level must be > 0"),
+    ({"sampler": {"resolution": 4}}, r"sampler\.resolution must be >= 8"),
     ({"train": {"steps": 2.5}}, r"train\.steps must be an integer"),
     ({"train": {"mode": "fast"}}, r"train\.mode must be one of"),
     ({"output": {"trajectory_log": "maybe"}}, r"output\.trajectory_log must be true or false, got 'maybe'"),
