@@ -112,4 +112,4 @@ def architecture_sizes(unet_config: dict[str, Any], ranks: tuple[int, ...] = RAN
 def sd15_sizes(ranks: tuple[int, ...] = RANKS) -> list[dict[str, Any]]:
     from policy.components import ARCHITECTURES
 
-    return architecture_sizes(ARCHITECTURES["sd15"]["unet"], ranks)
+    return architecture_sizes(ARCHITECTURES["sd15"]["net"], ranks)

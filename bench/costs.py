@@ -91,7 +91,7 @@ def count_flops() -> dict[str, float]:
 
     arch = ARCHITECTURES["sd15"]
     with torch.device("meta"):
-        unet = UNet2DConditionModel(**arch["unet"])
+        unet = UNet2DConditionModel(**arch["net"])
         vae = AutoencoderKL(**arch["vae"])
         clip = CLIPVisionModel(CLIPVisionConfig(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24,
                                                 num_attention_heads=16, image_size=224, patch_size=14))

@@ -104,7 +104,7 @@ def _labels(l0: Any, l1: Any, keep_ties: bool) -> tuple[int, float, float] | str
 
 
 class Encoder:
-    """A Ray Data actor: holds the VAE once and turns a batch of source rows into latents, or reasons."""
+    """A Ray Data actor: holds the model once and turns a batch of source rows into latents, or reasons."""
 
     def __init__(self, model: str, keep_ties: bool):
         import torch
@@ -112,11 +112,10 @@ class Encoder:
         from policy.components import load_components
 
         torch.set_num_threads(1)
-        c = load_components(model, "auto")
-        self.vae, self.keep_ties = c.vae, keep_ties
-        side = c.unet.config.sample_size
-        self.latent = (c.vae.config.latent_channels, side, side)
-        self.size = side * 2 ** (len(c.vae.config.block_out_channels) - 1)  # the VAE's downsampling
+        self.c, self.keep_ties = load_components(model, "auto"), keep_ties
+        side = self.c.denoiser.sample_size
+        self.latent = (self.c.vae.config.latent_channels, side, side)
+        self.size = side * self.c.vae_scale_factor
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         import torch
@@ -142,9 +141,9 @@ class Encoder:
         ok = np.array([not r for r in reasons])
         latents = np.zeros((n, 2, *self.latent), np.float32)
         if ok.any():
-            x = torch.from_numpy(images[ok]).flatten(0, 1).to(self.vae.device, self.vae.dtype)
+            x = torch.from_numpy(images[ok]).flatten(0, 1).to(self.c.vae.device, self.c.vae.dtype)
             with torch.no_grad():
-                z = self.vae.encode(x).latent_dist.mean * self.vae.config.scaling_factor
+                z = self.c.to_latents(x)  # posterior mean, shifted (SD3, FLUX) and scaled
             latents[ok] = z.float().cpu().numpy().reshape(int(ok.sum()), 2, *z.shape[1:])
         rows = np.arange(n)
         return {"caption": np.array([c if isinstance(c, str) else "" for c in batch["caption"]], dtype=object),

@@ -11,7 +11,8 @@ The cap exists to stop the reference from drifting away from the initial model, 
 ANY direction. The default is therefore ``kernel_kl`` (≥ 0, zero iff the models agree); the paper's Eq. 7
 estimate ``divergence_estimate`` is one-sided (negative when the candidate fits the winners worse than the
 initial model) and stays available as ``divergence: log_ratio``. Both take the denoiser's outputs in the noise
-process's parametrisation (ε̂ for DDIM-ε) and, for Eq. 7, the process's training target (policy/process.py).
+process's parametrisation (ε̂ for DDIM-ε, v̂ for a flow model) and, for Eq. 7, the process's training target
+(policy/process.py).
 """
 
 from __future__ import annotations

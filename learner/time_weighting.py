@@ -2,8 +2,8 @@
 
 Conventions: k counts generation order, k = 0 is the FIRST denoising step (from x_T, largest t). A "grid" is
 a 1-D tensor of timesteps in generation order, both kinds given by the policy's noise process (policy/process.py):
-the sampler's inference grid (SD1.5 with 50 DDIM steps: 981, 961, …, 1) or every training timestep (DDIM's
-T−1, …, 0, i.e. k = T−1−t).
+the sampler's inference grid (SD1.5 with 50 DDIM steps: 981, 961, …, 1; a flow model's σ from 1 down) or every
+training timestep (DDIM's T−1, …, 0, i.e. k = T−1−t; a flow's 999 training σ below 1).
 
 * ``discount`` (Dense-reward DPO, Yang, Chen, Zhou ICML-24; code Shentao-YANG/Dense_Reward_T2I
   ``train_t2i.py``/``preference_based_policy_learner.py``): the public code draws k ~ Cat(γ^k) — importance
@@ -57,14 +57,16 @@ def snr_lambda(process: NoiseProcess | Tensor, timesteps: Tensor, norm: LambdaNo
     """Rethinking-DPO λ(t) = 1 + norm(1/√SNR(t)) with the process's SNR, in [1, 2] and growing with t (float64).
 
     The paper leaves "norm" open; ``"minmax"`` maps (v − min)/(max − min) and ``"max"`` maps v/max, with min
-    and max over ALL training timesteps (they differ by ≤ 0.002 for SD1.5's schedule, SNR = ᾱ/(1−ᾱ)).
+    and max over ALL training timesteps (they differ by ≤ 0.002 for SD1.5's schedule, SNR = ᾱ/(1−ᾱ)). A t beyond
+    the training grid's range takes λ of its end: a flow sampler's first σ = 1 (SNR 0, v infinite, not a training
+    σ) gets λ = 2. For a flow model λ ≈ 1 below σ ≈ 0.96 (docs/math.md, "Flow matching").
     """
     if norm not in get_args(LambdaNorm):
         raise ValueError(f"norm must be one of {get_args(LambdaNorm)}, got {norm!r}")
     process = _as_process(process)
     inv_sqrt_snr = (1 / process.snr(process.train_timesteps)).sqrt()
     lo, hi = inv_sqrt_snr.min(), inv_sqrt_snr.max()
-    v = (1 / process.snr(timesteps)).sqrt()
+    v = (1 / process.snr(timesteps)).sqrt().clamp(lo, hi)
     return 1 + ((v - lo) / (hi - lo) if norm == "minmax" else v / hi)
 
 

@@ -3,11 +3,13 @@
 It owns one frozen base model (optionally with LoRA adapters) and exposes the sampler as a stochastic policy:
 ``step`` draws x_{t−1} ~ π(·|x_t, c) and returns its log-probability, ``branch`` draws k children of one x_t
 (TailorPO), ``sample`` runs whole chains, ``logprob`` recomputes stored transitions under any adapter.
-Classifier-free guidance is part of the policy: ε̂ = ε_u + w (ε_c − ε_u) at sampling and at recomputation
-alike, so a record's stored log-prob is reproducible under the weights that made it (docs/math.md §1).
+Classifier-free guidance is part of the policy: f̂ = f_u + w (f_c − f_u) at sampling and at recomputation
+alike, so a record's stored log-prob is reproducible under the weights that made it (docs/math.md §1); a
+guidance-distilled model (FLUX.1-dev) takes w as a network input instead, in one conditional forward.
 Noise comes from one generator per sample, seeded by the record's seed: a sample's chain does not depend on
-what else shares its batch. What the model output means (ε for SD1.5), how it gives the Gaussian step, and the
-timestep grids belong to the noise process ``process`` (policy/process.py).
+what else shares its batch. What the model output means (ε for SD1.5, a velocity for SD3/FLUX), how it gives the
+Gaussian step, and the timestep grids belong to the noise process ``process`` (policy/process.py), chosen by the
+model directory's scheduler; the network and its text encoders sit behind one call (policy/denoisers.py).
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from policy.components import Components, load_components
+from policy.denoisers import Text
 from policy.lora import (
     POLICY,
     LoadReport,
@@ -33,20 +36,28 @@ from policy.lora import (
     copy_into,
     export_state,
 )
-from policy.process import DDIMEpsilon, Kernel, NoiseProcess
+from policy.process import Kernel, NoiseProcess, process_for
 from policy.schedule import Reduce, gaussian_logprob, logprob_ratio
 
 _DEFAULT = object()  # "the policy adapter if there is one, else the base"
 
 
 class SamplerConfig(BaseModel):
-    """Sampler settings; the paper presets use 20 (TailorPO, D3PO) or 50 (dense reward) steps with eta=1."""
+    """Sampler settings; the paper presets use 20 (TailorPO, D3PO) or 50 (dense reward) steps with eta=1.
+
+    The noise of a step is set per process: ``eta`` for DDIM, ``noise_level`` (Flow-GRPO's a) for a flow model's
+    SDE; each process reads the one it names (``NoiseProcess.noise_setting``) and ignores the other."""
 
     model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
-    num_steps: int = Field(20, ge=1, strict=True, description="DDIM steps per chain")
-    guidance_scale: float = Field(5.0, ge=0, description="classifier-free guidance w (part of the policy)")
+    num_steps: int = Field(20, ge=1, strict=True, description="sampler steps per chain")
+    guidance_scale: float = Field(5.0, ge=0, description=(
+        "guidance w (part of the policy): classifier-free, or a guidance-distilled model's input (FLUX.1-dev)"))
     eta: float = Field(1.0, description="DDIM eta; > 0 for a stochastic policy with a log-prob")
+    noise_level: float = Field(0.7, gt=0, description=(
+        "flow models (SD3, FLUX): the SDE's noise level a (Flow-GRPO's default 0.7); DDIM uses eta"))
+    resolution: int | None = Field(None, ge=8, strict=True, description=(
+        "image side in pixels (a multiple of the VAE's factor; null: the model's default size)"))
     logprob_reduce: Reduce = Field("mean", description="per-sample log-prob: mean or sum over latent elements")
 
     @field_validator("eta")
@@ -59,13 +70,13 @@ class SamplerConfig(BaseModel):
 
 @dataclass
 class PromptEmbeds:
-    """Conditional and unconditional text embeddings, [B, L, D] each."""
+    """Conditional and unconditional (empty-prompt) conditioning of a batch."""
 
-    cond: torch.Tensor
-    uncond: torch.Tensor
+    cond: Text
+    uncond: Text
 
     def repeat(self, k: int) -> PromptEmbeds:
-        return PromptEmbeds(self.cond.repeat(k, 1, 1), self.uncond.repeat(k, 1, 1))
+        return PromptEmbeds(self.cond.repeat(k), self.uncond.repeat(k))
 
 
 @dataclass
@@ -96,11 +107,21 @@ class DiffusionPolicy:
     def __init__(self, components: Components, sampler: SamplerConfig | None = None):
         self.c = components
         self.sampler = sampler or SamplerConfig()
-        self.device = components.unet.device
-        self.dtype = components.unet.dtype
-        self.process: NoiseProcess = DDIMEpsilon.from_scheduler(components.scheduler, self.sampler.num_steps)
+        denoiser, resolution = components.denoiser, self.sampler.resolution
+        self.device = denoiser.net.device
+        self.dtype = denoiser.net.dtype
+        if resolution is not None and resolution % components.vae_scale_factor:
+            raise ValueError(f"sampler.resolution must be a multiple of the VAE's factor "
+                             f"{components.vae_scale_factor}, got {resolution}")
+        self.latent_shape = denoiser.latent_shape(None if resolution is None
+                                                  else resolution // components.vae_scale_factor)
+        num_steps = self.sampler.num_steps
+        self.process: NoiseProcess = process_for(components.scheduler, num_steps,
+                                                 denoiser.image_seq_len(*self.latent_shape[1:]),
+                                                 denoiser.sampler_sigmas(num_steps))
+        self.noise = getattr(self.sampler, self.process.noise_setting)  # the kernel's noise scale (η or a)
         self.timesteps = self.process.timesteps  # the sampler's, in generation order
-        self._uncond: torch.Tensor | None = None
+        self._uncond: Text | None = None
         self._copies: dict[str | None, torch.nn.Module] = {}  # full training: whole UNets by name (see train_full)
 
     @classmethod
@@ -124,18 +145,18 @@ class DiffusionPolicy:
 
     # ---- adapters -------------------------------------------------------------------------------------------
     def add_lora(self, name: str = POLICY, settings: LoraSettings | None = None, trainable: bool = True) -> None:
-        flags = {id(p): p.requires_grad for p in self.c.unet.parameters()}  # peft renames wrapped base weights
-        add_adapter(self.c.unet, name, settings or LoraSettings())  # and makes the new adapter the trainable one
-        for p in self.c.unet.parameters():
+        flags = {id(p): p.requires_grad for p in self.unet.parameters()}  # peft renames wrapped base weights
+        add_adapter(self.unet, name, settings or LoraSettings())  # and makes the new adapter the trainable one
+        for p in self.unet.parameters():
             p.requires_grad_(flags.get(id(p), trainable))
 
     def train_full(self) -> None:
         """Full fine-tuning: the UNet itself becomes the trainable policy, and a frozen copy of it taken now is the
         initial model, which the name ``None`` means from then on (with LoRA, ``None`` is the base with adapters
         disabled). The text encoder and VAE stay frozen, as in Diffusion-DPO."""
-        self._copies[None] = self._frozen_copy(self.c.unet)
-        self._copies[POLICY] = self.c.unet
-        self.c.unet.requires_grad_(True)
+        self._copies[None] = self._frozen_copy(self.unet)
+        self._copies[POLICY] = self.unet
+        self.unet.requires_grad_(True)
 
     def add_copy(self, name: str) -> None:
         """Full training: a frozen whole-UNet copy ``name`` of the initial model (a moving reference, a candidate)."""
@@ -147,7 +168,7 @@ class DiffusionPolicy:
 
     def copies(self) -> list[torch.nn.Module]:
         """The frozen whole-UNet copies (full training only)."""
-        return [m for m in self._copies.values() if m is not self.c.unet]
+        return [m for m in self._copies.values() if m is not self.unet]
 
     @property
     def full(self) -> bool:
@@ -155,26 +176,27 @@ class DiffusionPolicy:
 
     @property
     def unet(self) -> torch.nn.Module:
-        """The denoiser that is trained and published (it carries the LoRA adapters, or is itself the policy)."""
-        return self.c.unet
+        """The denoising network that is trained and published (it carries the LoRA adapters, or is itself the
+        policy): a UNet, or SD3's or FLUX's transformer (the name is SD-1.5's)."""
+        return self.c.denoiser.net
 
     @property
     def slot(self) -> str | None:
         """Where the policy's weights sit in ``unet``: the POLICY adapter, or (full training) the UNet itself."""
-        return None if self.full or POLICY not in adapter_names(self.c.unet) else POLICY
+        return None if self.full or POLICY not in adapter_names(self.unet) else POLICY
 
     def _resolve(self, name: object) -> tuple[torch.nn.Module, str | None]:
         """(module, adapter within it) that ``name`` denotes."""
         name = self._adapter(name)
-        return (self._copies[name], None) if name in self._copies else (self.c.unet, name)
+        return (self._copies[name], None) if name in self._copies else (self.unet, name)
 
     def place(self, name: str | None) -> tuple[torch.nn.Module, str | None]:
         """(module, adapter within it) where the weights called ``name`` live: for POLICY the published ``slot``
         of ``unet``; for another name (the reference) its adapter or, with full training, its whole-UNet copy."""
-        return (self.c.unet, self.slot) if name == POLICY else self._resolve(name)
+        return (self.unet, self.slot) if name == POLICY else self._resolve(name)
 
     def trainable_parameters(self) -> list[torch.nn.Parameter]:
-        return [p for p in self.c.unet.parameters() if p.requires_grad]
+        return [p for p in self.unet.parameters() if p.requires_grad]
 
     def adapter_parameters(self, name: str | None) -> dict[str, torch.nn.Parameter]:
         """Adapter ``name``'s parameters by adapter-free name (``None``: the base weights; with full training,
@@ -193,55 +215,53 @@ class DiffusionPolicy:
 
     def train_mode(self, on: bool = True) -> None:
         """Training mode (dropout etc.) for an update; sampling and evaluation run in eval mode."""
-        self.c.unet.train(on)
+        self.unet.train(on)
 
     def _adapter(self, adapter: object) -> str | None:
         if adapter is _DEFAULT:
-            return POLICY if self.full or POLICY in adapter_names(self.c.unet) else None
+            return POLICY if self.full or POLICY in adapter_names(self.unet) else None
         return adapter  # type: ignore[return-value]
 
     # ---- text -----------------------------------------------------------------------------------------------
-    def _encode(self, prompts: Sequence[str]) -> torch.Tensor:
-        tok = self.c.tokenizer(list(prompts), padding="max_length", max_length=self.c.tokenizer.model_max_length,
-                               truncation=True, return_tensors="pt")
-        with torch.no_grad():
-            return self.c.text_encoder(tok.input_ids.to(self.device))[0]
-
+    @torch.no_grad()
     def encode_prompts(self, prompts: Sequence[str]) -> PromptEmbeds:
         if self._uncond is None:
-            self._uncond = self._encode([""])
-        cond = self._encode(prompts)
-        return PromptEmbeds(cond, self._uncond.expand(len(prompts), -1, -1))
+            self._uncond = self.c.denoiser.encode([""])
+        return PromptEmbeds(self.c.denoiser.encode(prompts), self._uncond.expand(len(prompts)))
 
     # ---- the model ------------------------------------------------------------------------------------------
     def eps(self, x_t: torch.Tensor, timestep: torch.Tensor, embeds: PromptEmbeds, adapter: object = _DEFAULT,
             guidance_scale: float | None = None) -> torch.Tensor:
-        """Guided model output ε̂ = ε_u + w (ε_c − ε_u) (one UNet call on the doubled batch), in the noise
-        process's parametrisation (the noise ε for DDIMEpsilon).
+        """Guided model output f̂ = f_u + w (f_c − f_u) (one network call on the doubled batch), in the noise
+        process's parametrisation (the noise ε for DDIMEpsilon, the velocity for FlowMatchingSDE); a
+        guidance-distilled model gets w as an input of one conditional call instead.
 
         ``guidance_scale=1`` gives the plain conditional output (what Diffusion-DPO's denoising surrogate trains).
         """
         t = self.process.model_time(torch.as_tensor(timestep, device=self.device)).reshape(-1).expand(x_t.shape[0])
         w = self.sampler.guidance_scale if guidance_scale is None else guidance_scale
         x_in = x_t.to(self.dtype)
-        unet, name = self._resolve(adapter)
-        activate(unet, name)
+        net, name = self._resolve(adapter)
+        activate(net, name)
+        denoiser = self.c.denoiser
+        if denoiser.embeds_guidance:
+            return denoiser(x_in, t, embeds.cond, net=net, guidance=w).float()
         if w == 1.0:
-            return unet(x_in, t, encoder_hidden_states=embeds.cond).sample.float()
-        out = unet(torch.cat([x_in, x_in]), torch.cat([t, t]),
-                   encoder_hidden_states=torch.cat([embeds.uncond, embeds.cond])).sample.float()
-        eps_u, eps_c = out.chunk(2)
-        return eps_u + w * (eps_c - eps_u)
+            return denoiser(x_in, t, embeds.cond, net=net).float()
+        out = denoiser(torch.cat([x_in, x_in]), torch.cat([t, t]), Text.cat([embeds.uncond, embeds.cond]),
+                       net=net).float()
+        out_u, out_c = out.chunk(2)
+        return out_u + w * (out_c - out_u)
 
     def mean(self, x_t: torch.Tensor, timestep: torch.Tensor, embeds: PromptEmbeds, adapter: object = _DEFAULT,
              eps: torch.Tensor | None = None) -> Kernel:
-        """(μ, σ, x̂_0) of π(x_{t−1} | x_t, c), the noise process's reverse kernel at the sampler's eta;
+        """(μ, σ, x̂_0) of π(x_{t−1} | x_t, c), the noise process's reverse kernel at the sampler's noise;
         differentiable w.r.t. the adapter when grad is enabled.
 
         ``eps``: a guided model output already computed for this x_t (e.g. while ranking it), to skip the UNet call.
         """
         eps = self.eps(x_t, timestep, embeds, adapter) if eps is None else eps
-        return self.process.kernel(x_t, timestep, eps, self.sampler.eta)
+        return self.process.kernel(x_t, timestep, eps, self.noise)
 
     def predict_x0(self, x: torch.Tensor, timestep: torch.Tensor, embeds: PromptEmbeds,
                    adapter: object = _DEFAULT) -> tuple[torch.Tensor, torch.Tensor]:
@@ -258,9 +278,7 @@ class DiffusionPolicy:
         return [torch.Generator().manual_seed(int(s)) for s in seeds]
 
     def initial_latents(self, generators: Sequence[torch.Generator]) -> torch.Tensor:
-        cfg = self.c.unet.config
-        shape = (len(generators), cfg.in_channels, cfg.sample_size, cfg.sample_size)
-        return self.noise_like(torch.empty(shape), generators)
+        return self.noise_like(torch.empty(len(generators), *self.latent_shape), generators)
 
     def step(self, x_t: torch.Tensor, timestep: torch.Tensor, embeds: PromptEmbeds,
              generators: Sequence[torch.Generator], adapter: object = _DEFAULT, eps: torch.Tensor | None = None
@@ -311,6 +329,5 @@ class DiffusionPolicy:
     # ---- images ---------------------------------------------------------------------------------------------
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         """Latents → images in [0, 1] (the rewards' input convention); differentiable when grad is enabled."""
-        vae = self.c.vae
-        x = vae.decode(latents.to(self.dtype) / vae.config.scaling_factor).sample.float()
+        x = self.c.to_images(latents.to(self.dtype)).float()
         return ((x + 1) / 2).clamp(0, 1)

@@ -73,7 +73,7 @@ def test_baseline_round_fills_whole_batches(tmp_path, tiny_model_dir, batch, bra
 def test_lora_sizes_match_the_architecture(tmp_path):
     from diffusers import UNet2DConditionModel
 
-    spec = ARCHITECTURES["tiny"]["unet"]
+    spec = ARCHITECTURES["tiny"]["net"]
     rows = {r["what"]: r for r in architecture_sizes(spec, ranks=(2, 8))}
     unet = UNet2DConditionModel(**spec)
     targets = [m for name, m in unet.named_modules()
@@ -99,7 +99,7 @@ def test_unet_step_flops_on_the_tiny_model(one_thread):
     from diffusers import UNet2DConditionModel
 
     torch.manual_seed(0)
-    unet = UNet2DConditionModel(**ARCHITECTURES["tiny"]["unet"]).eval()
+    unet = UNet2DConditionModel(**ARCHITECTURES["tiny"]["net"]).eval()
     one = unet_step_flops(unet, 1, text_len=16, guidance=False)
     assert one > 0
     assert unet_step_flops(unet, 3, text_len=16, guidance=False) == 3 * one  # every op is per sample

@@ -10,8 +10,10 @@ import pytest
 
 from learner.config import Config, ConfigError, build_config, load_yaml
 from learner.main import parse_args, parse_value
+from learner.preflight import preflight
 from learner.prompts import load_prompts
 from learner.scheduling import PromptStream
+from policy import DiffusionPolicy, ModelPathError
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -42,6 +44,8 @@ def test_cli_overrides_yaml_and_parses_values(tmp_path):
     ({"time_weight": {"gamma": 0.0}}, r"gamma must be in \(0, 1\]"),
     ({"reference": {"strategy": "stable_update", "tau": 0}}, r"reference\.tau must be >= 1"),
     ({"sampler": {"eta": 0.0}}, r"sampler\.eta must be > 0"),
+    ({"sampler": {"noise_level": 0.0}}, r"sampler\.noise_level must be > 0"),
+    ({"sampler": {"resolution": 4}}, r"sampler\.resolution must be >= 8"),
     ({"train": {"steps": 2.5}}, r"train\.steps must be an integer"),
     ({"train": {"mode": "fast"}}, r"train\.mode must be one of"),
     ({"output": {"trajectory_log": "maybe"}}, r"output\.trajectory_log must be true or false, got 'maybe'"),
@@ -157,6 +161,27 @@ def test_missing_model_dir_is_one_line(tmp_path):
     assert out.returncode == 2
     assert out.stderr.strip() == f"error: model directory not found: {tmp_path / 'm'} (expected a diffusers-layout " \
                                  "model saved locally)"
+
+
+FLOW_PRESETS = {"sd35m_tailorpo": "sd3", "sd35m_dense_dpo": "sd3", "sd35m_rethinking": "sd3", "flux_tailorpo": "flux"}
+
+
+@pytest.mark.parametrize(("name", "kind"), FLOW_PRESETS.items())
+def test_flow_presets_fit_their_model_class_and_name_a_missing_model_in_one_line(name, kind, request):
+    """The SD3.5/FLUX presets point at local directories: absent, the pre-flight check names the directory in one
+    line. Their sampler and LoRA settings fit the real classes (tiny sizes): every LoRA target exists there."""
+    cfg, _ = parse_args(["--config", str(ROOT / "configs" / f"{name}.yaml")])
+    if Path(cfg.model.path).exists():
+        pytest.skip(f"{cfg.model.path} exists on this machine")
+    with pytest.raises(ModelPathError) as info:
+        preflight(cfg, resume=False, local_ray=False)
+    assert str(info.value) == (f"model directory not found: {cfg.model.path} (expected a diffusers-layout model "
+                               "saved locally)")
+    sampler = cfg.sampler.model_copy(update={"resolution": 32, "num_steps": 2})
+    pol = DiffusionPolicy.from_pretrained(request.getfixturevalue(f"tiny_{kind}_dir"), sampler=sampler)
+    pol.add_lora(settings=cfg.lora)
+    adapted = {k.split(".lora_")[0].rsplit(".attn.", 1)[1] for k, p in pol.unet.named_parameters() if p.requires_grad}
+    assert {f"attn.{m}" for m in adapted} == set(cfg.lora.target_modules)
 
 
 def test_prompt_files(tmp_path):

@@ -35,7 +35,7 @@ def setup(tmp_path_factory) -> dict[str, Path]:
     policy = DiffusionPolicy.from_pretrained(MODEL_DIR, sampler=cfg.sampler)
     policy.add_lora(POLICY, cfg.lora)
     gen = torch.Generator().manual_seed(0)
-    params = adapter_parameters(policy.c.unet, POLICY)
+    params = adapter_parameters(policy.unet, POLICY)
     adapter = {k: 0.5 * torch.randn(p.shape, generator=gen) for k, p in params.items()}
     save_checkpoint(run / "checkpoints", 3, {"policy": adapter}, {"step": 3})
     return {"config": config, "run": run, "root": root}

@@ -44,10 +44,10 @@ def test_a_full_update_trains_the_unet_and_keeps_the_frozen_reference(make_confi
     assert not any("lora_" in k for k, _ in unet.named_parameters())  # no adapter: the UNet is the policy
     n_params = sum(1 for _ in unet.parameters())
     assert len(learner.params) == n_params and not any(p.requires_grad for p in initial.parameters())
-    before, text = _state(unet), _state(pol.c.text_encoder)
+    before, text = _state(unet), _state(pol.c.denoiser.encoders[0][1])
     metrics = learner.update(batch)
     assert _changed(before, unet) > n_params // 2  # the base weights moved
-    assert _changed(before, initial) == 0 and _changed(text, pol.c.text_encoder) == 0
+    assert _changed(before, initial) == 0 and _changed(text, pol.c.denoiser.encoders[0][1]) == 0
     # the frozen reference (name None) is the initial model: its ε̂ equals a fresh model's, the policy's does not
     fresh = Learner(cfg).policy
     emb = pol.encode_prompts(PROMPTS[:2])

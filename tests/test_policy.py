@@ -32,7 +32,7 @@ def policy(tiny_model_dir) -> DiffusionPolicy:
 def _perturb_adapter(pol: DiffusionPolicy, name: str, seed: int, scale: float = 0.05) -> None:
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
-        for k, p in pol.c.unet.named_parameters():
+        for k, p in pol.unet.named_parameters():
             if f".{name}." in k:
                 p.add_(scale * torch.randn(p.shape, generator=g))
 
@@ -90,17 +90,17 @@ def test_new_lora_starts_at_base_and_adapters_switch(tiny_model_dir):
         torch.testing.assert_close(pol.eps(x, t, embeds, adapter=None), base)
         torch.testing.assert_close(pol.eps(x, t, embeds, adapter=REF), base)
         torch.testing.assert_close(pol.eps(x, t, embeds), moved)
-    trainable = {k for k, p in pol.c.unet.named_parameters() if p.requires_grad}
+    trainable = {k for k, p in pol.unet.named_parameters() if p.requires_grad}
     assert trainable and all(".policy." in k for k in trainable)  # switching never made "ref" trainable
     with pytest.raises(AdapterMismatchError, match="nope"):
-        activate(pol.c.unet, "nope")
+        activate(pol.unet, "nope")
 
 
 def test_activate_switches_only_on_change_and_keeps_the_trainable_flags(tiny_model_dir, monkeypatch):
     pol = DiffusionPolicy.from_pretrained(tiny_model_dir, sampler=SamplerConfig(num_steps=4))
     pol.add_lora(settings=LoraSettings(rank=2))
     pol.add_lora(REF, LoraSettings(rank=2), trainable=False)
-    unet = pol.c.unet
+    unet = pol.unet
     flags = {k: p.requires_grad for k, p in unet.named_parameters()}
     for name in ("policy", None, REF, "policy"):
         activate(unet, name)
@@ -117,10 +117,10 @@ def test_lora_state_round_trip_is_bitwise(tiny_model_dir):
     src = DiffusionPolicy.from_pretrained(tiny_model_dir, sampler=SamplerConfig(num_steps=4))
     src.add_lora(settings=LoraSettings(rank=4))
     _perturb_adapter(src, "policy", 1)
-    state = export_state(src.c.unet, "policy", version=7)
+    state = export_state(src.unet, "policy", version=7)
     dst = DiffusionPolicy.from_pretrained(tiny_model_dir, sampler=SamplerConfig(num_steps=4))
     dst.add_lora(settings=LoraSettings(rank=4))
-    report = load_state(dst.c.unet, state)
+    report = load_state(dst.unet, state)
     assert (report.version, report.checksum) == (7, state.checksum) and report.keys_matched > 0
     embeds = src.encode_prompts(PROMPTS)
     x, t = torch.randn(3, 4, 8, 8), src.timesteps[2]
@@ -128,18 +128,18 @@ def test_lora_state_round_trip_is_bitwise(tiny_model_dir):
         assert torch.equal(src.eps(x, t, embeds), dst.eps(x, t, embeds))
     # the same state loads into another adapter name ("ref" follows the policy)
     dst.add_lora(REF, LoraSettings(rank=4), trainable=False)
-    assert load_state(dst.c.unet, state, into=REF).checksum == state.checksum
+    assert load_state(dst.unet, state, into=REF).checksum == state.checksum
 
 
 def test_weight_state_dtype_cast_and_full_unet(tiny_model_dir):
     pol = DiffusionPolicy.from_pretrained(tiny_model_dir, sampler=SamplerConfig(num_steps=4))
     pol.add_lora()
-    half = export_state(pol.c.unet, "policy", 1, dtype=torch.bfloat16)
+    half = export_state(pol.unet, "policy", 1, dtype=torch.bfloat16)
     assert all(t.dtype == torch.bfloat16 for t in half.tensors().values())
-    assert load_state(pol.c.unet, half).checksum == half.checksum
-    full = export_state(pol.c.unet, None, 2)
+    assert load_state(pol.unet, half).checksum == half.checksum
+    full = export_state(pol.unet, None, 2)
     assert not any("lora" in k for k in full.tensors())
-    assert load_state(pol.c.unet, full).keys_matched == len(full.tensors())
+    assert load_state(pol.unet, full).keys_matched == len(full.tensors())
 
 
 def test_mismatched_states_fail_clearly(tiny_model_dir):
@@ -148,13 +148,13 @@ def test_mismatched_states_fail_clearly(tiny_model_dir):
     b = DiffusionPolicy.from_pretrained(tiny_model_dir, sampler=SamplerConfig(num_steps=4))
     b.add_lora(settings=LoraSettings(rank=2))
     with pytest.raises(AdapterMismatchError, match=r"shape .* check lora.rank"):
-        load_state(b.c.unet, export_state(a.c.unet, "policy", 1))
+        load_state(b.unet, export_state(a.unet, "policy", 1))
     c = DiffusionPolicy.from_pretrained(tiny_model_dir, sampler=SamplerConfig(num_steps=4))
     c.add_lora(settings=LoraSettings(rank=4, target_modules=("to_q",)))
     with pytest.raises(AdapterMismatchError, match="unexpected"):
-        load_state(c.c.unet, export_state(a.c.unet, "policy", 1))
+        load_state(c.unet, export_state(a.unet, "policy", 1))
     with pytest.raises(AdapterMismatchError, match="no adapter 'policy'"):
-        export_state(DiffusionPolicy.from_pretrained(tiny_model_dir).c.unet, "policy", 1)
+        export_state(DiffusionPolicy.from_pretrained(tiny_model_dir).unet, "policy", 1)
 
 
 def test_missing_model_dir_and_files(tmp_path, tiny_model_dir):

@@ -1,5 +1,6 @@
-"""policy.process: the DDIM ε-process against diffusers and float64 references written here from the formulas,
-and the properties every noise process must have (checked on the one implemented)."""
+"""policy.process: the DDIM ε-process against diffusers and float64 references written here from the formulas, the
+rectified-flow SDE process against diffusers' flow scheduler and policy/flow.py, and the properties every noise
+process must have (checked on both)."""
 
 from __future__ import annotations
 
@@ -8,11 +9,14 @@ import itertools
 import numpy as np
 import pytest
 import torch
-from diffusers import DDIMScheduler
+from diffusers import DDIMScheduler, FlowMatchEulerDiscreteScheduler
+from diffusers.pipelines.flux.pipeline_flux import calculate_shift
 
 from learner.time_weighting import TimeWeightConfig, TimeWeighting, snr_lambda
 from policy import DiffusionPolicy, SamplerConfig
-from policy.process import DDIMEpsilon, NoiseProcess
+from policy.components import FLUX_SCHEDULER, SD3_SCHEDULER
+from policy.flow import flow_add_noise, sde_mean, sde_std
+from policy.process import DDIMEpsilon, FlowMatchingSDE, NoiseProcess, process_for
 
 T = 1000
 F64 = torch.float64
@@ -25,6 +29,15 @@ def sd15_scheduler() -> DDIMScheduler:
 
 def ddim(num_steps: int = 20) -> DDIMEpsilon:
     return DDIMEpsilon.from_scheduler(sd15_scheduler(), num_steps)
+
+
+def sd3_flow(num_steps: int = 20) -> FlowMatchingSDE:
+    """SD3.5-medium's scheduler (static shift 3) driven as StableDiffusion3Pipeline drives it."""
+    return FlowMatchingSDE.from_scheduler(FlowMatchEulerDiscreteScheduler(**SD3_SCHEDULER), num_steps, 4096)
+
+
+PROCESSES = [ddim(20), sd3_flow(20)]
+PROCESS_IDS = ["ddim_epsilon", "flow_sde"]
 
 
 def reference_kernel(abar: np.ndarray, final: float, t: int, t_prev: int, eta: float, x: np.ndarray,
@@ -109,12 +122,14 @@ def test_snr_and_lambda():
     assert torch.equal(tw.weigh(torch.arange(50))[0].float(), before[proc.timesteps].float())
 
 
-@pytest.mark.parametrize("proc", [ddim(20)], ids=["ddim_epsilon"])
+@pytest.mark.parametrize("proc", PROCESSES, ids=PROCESS_IDS)
 def test_noising_at_larger_t_leaves_less_signal(proc: NoiseProcess):
-    """Empirical SNR of add_noise's output: regress x_t on x_0 (signal) and measure the residual (noise)."""
+    """Empirical SNR of add_noise's output: regress x_t on x_0 (signal) and measure the residual (noise), where
+    the SNR is large enough to measure from 10⁶ elements (a flow's last training σ has SNR ~1e-7)."""
     g = torch.Generator().manual_seed(3)
     x0 = torch.randn(256, 4, 32, 32, generator=g)
     t = proc.train_timesteps.flip(0)[torch.linspace(0, len(proc.train_timesteps) - 1, 8).long()]  # increasing
+    t = t[proc.snr(t) > 1e-3]
     empirical = []
     for ti in t:
         x_t = proc.add_noise(x0, ti.expand(len(x0)), torch.randn(x0.shape, generator=g)).double()
@@ -124,7 +139,7 @@ def test_noising_at_larger_t_leaves_less_signal(proc: NoiseProcess):
     torch.testing.assert_close(torch.tensor(empirical, dtype=F64), proc.snr(t), rtol=0.1, atol=0)
 
 
-@pytest.mark.parametrize("proc", [ddim(20)], ids=["ddim_epsilon"])
+@pytest.mark.parametrize("proc", PROCESSES, ids=PROCESS_IDS)
 def test_the_target_is_what_recovers_x0(proc: NoiseProcess):
     """A model that outputs the training target exactly denoises exactly: x̂_0 from it is x_0, at every kernel."""
     g = torch.Generator().manual_seed(4)
@@ -155,3 +170,139 @@ def test_bad_timesteps_raise():
         DDIMEpsilon(proc.alphas_cumprod, torch.tensor([1, 501]))
     with pytest.raises(ValueError, match="non-empty and 1-D"):
         DDIMEpsilon(proc.alphas_cumprod, torch.tensor([], dtype=torch.long))
+
+
+# ---------------------------------------------------------------- the rectified-flow SDE process
+
+
+def test_flow_grids_are_the_schedulers_static_shift():
+    """SD3: the sampler's σ are set_timesteps(N)'s (with its terminal 0), the model time is its timesteps bitwise,
+    and training draws from the scheduler's 1000 shifted σ without σ = 1."""
+    for n in (1, 10, 40):
+        proc, sched = sd3_flow(n), FlowMatchEulerDiscreteScheduler(**SD3_SCHEDULER)
+        train = sched.sigmas.clone()
+        sched.set_timesteps(n)
+        assert torch.equal(proc.sigmas, sched.sigmas.double()) and float(proc.sigmas[-1]) == 0
+        assert torch.equal(proc.timesteps, sched.sigmas[:-1]) and proc.timesteps.dtype == torch.float32
+        assert torch.equal(proc.model_time(proc.timesteps), sched.timesteps)
+        assert float(proc.timesteps[0]) == 1.0 and torch.equal(proc.train_timesteps, train[1:])
+        assert proc.sigma_cap == float(sched.sigmas[1])  # Flow-GRPO's stand-in for σ = 1 in 1 − σ
+
+
+def test_flow_grids_follow_a_dynamic_shift():
+    """FLUX.1-dev's scheduler shifts by the image size: FluxPipeline's grid linspace(1, 1/N, N) under
+    μ = calculate_shift(image tokens), and the training σ shifted by the same μ (more noise for larger images)."""
+    n, seq = 10, 1024  # 512 px: 64 × 64 latents in 2 × 2 patches
+    sigmas = np.linspace(1.0, 1 / n, n)
+    proc = FlowMatchingSDE.from_scheduler(FlowMatchEulerDiscreteScheduler(**FLUX_SCHEDULER), n, seq, sigmas)
+    sched = FlowMatchEulerDiscreteScheduler(**FLUX_SCHEDULER)
+    mu = calculate_shift(seq, 256, 4096, 0.5, 1.15)
+    train = sched.time_shift(mu, 1.0, sched.sigmas)
+    sched.set_timesteps(n, sigmas=sigmas, mu=mu)
+    assert torch.equal(proc.sigmas, sched.sigmas.double())
+    assert torch.equal(proc.train_timesteps, train[1:].float())
+    bigger = FlowMatchingSDE.from_scheduler(FlowMatchEulerDiscreteScheduler(**FLUX_SCHEDULER), n, 4096, sigmas)
+    assert bool((bigger.timesteps[1:] > proc.timesteps[1:]).all())
+
+
+@pytest.mark.parametrize("a", [0.7, 1.2])
+def test_flow_kernel_is_the_sde_step_between_neighbouring_grid_points(a):
+    """Every step k of the grid: μ and σ are policy/flow.py's SDE step from σ_k to σ_{k+1} with the cap σ_1, and
+    x̂_0 = x − σ v̂; float32 timesteps as records hold them find their grid point."""
+    proc = sd3_flow(10)
+    g = torch.Generator().manual_seed(5)
+    x, v = torch.randn(10, 16, 4, 4, generator=g), torch.randn(10, 16, 4, 4, generator=g)
+    mean, std, x0 = proc.kernel(x, proc.timesteps, v, a)
+    for k in range(10):
+        s, sn = proc.sigmas[k], proc.sigmas[k + 1]
+        gk, want_std = sde_std(s, sn, a, sigma_cap=proc.sigmas[1])
+        want_mean = sde_mean(x[k].double(), v[k].double(), s, sn, gk)
+        torch.testing.assert_close(mean[k].double(), want_mean, rtol=1e-5, atol=1e-5)
+        assert float(std[k]) == pytest.approx(float(want_std), rel=1e-6)
+        torch.testing.assert_close(x0[k], x[k] - float(s) * v[k])
+    stored = torch.tensor([float(t) for t in proc.timesteps], dtype=torch.float32)
+    assert all(torch.equal(a_, b_) for a_, b_ in zip(proc.kernel(x, stored, v, a), (mean, std, x0), strict=True))
+
+
+def test_every_flow_step_has_a_finite_positive_std_and_no_noise_is_diffusers_euler():
+    """The σ = 1 step (capped) and the last step to σ = 0 (std g √σ_{N−1}) both have 0 < std < ∞, so each step has
+    a log-prob; with a → 0 the kernel's mean is FlowMatchEulerDiscreteScheduler.step (the ODE)."""
+    for proc in (sd3_flow(10), sd3_flow(40)):
+        _, std, _ = proc.kernel(torch.zeros(len(proc.timesteps), 1), proc.timesteps, torch.zeros(len(proc.timesteps),
+                                1), 0.7)
+        assert bool(torch.isfinite(std).all()) and bool((std > 0).all())
+        s = proc.sigmas[-2]
+        assert float(std[-1]) == pytest.approx(float(0.7 * (s / (1 - s)).sqrt() * s.sqrt()), rel=1e-6)
+    sched = FlowMatchEulerDiscreteScheduler(**SD3_SCHEDULER)
+    sched.set_timesteps(10)
+    proc = sd3_flow(10)
+    g = torch.Generator().manual_seed(6)
+    x = torch.randn(2, 16, 4, 4, generator=g)
+    for t, t_model in zip(proc.timesteps, sched.timesteps, strict=True):
+        v = torch.randn(x.shape, generator=g)
+        euler = sched.step(v, t_model, x).prev_sample
+        torch.testing.assert_close(proc.kernel(x, t.expand(2), v, 1e-9).mean, euler, rtol=1e-5, atol=1e-5)
+        x = euler
+
+
+def test_flow_noising_target_and_snr():
+    """add_noise is the scheduler's scale_noise, the target the velocity ε − x_0, SNR ((1−σ)/σ)² in float64."""
+    proc, sched = sd3_flow(10), FlowMatchEulerDiscreteScheduler(**SD3_SCHEDULER)
+    g = torch.Generator().manual_seed(7)
+    x0, noise = torch.randn(4, 16, 4, 4, generator=g), torch.randn(4, 16, 4, 4, generator=g)
+    t = proc.train_timesteps[[0, 100, 500, 998]]
+    torch.testing.assert_close(proc.add_noise(x0, t, noise), sched.scale_noise(x0, proc.model_time(t), noise))
+    assert torch.equal(proc.add_noise(x0, t, noise), flow_add_noise(x0, t.view(-1, 1, 1, 1), noise))
+    assert torch.equal(proc.target(x0, noise, t), noise - x0)
+    snr = proc.snr(t)
+    assert snr.dtype == F64
+    torch.testing.assert_close(snr, ((1 - t.double()) / t.double()) ** 2, rtol=1e-15, atol=0)
+    assert float(proc.snr(torch.tensor([1.0]))) == 0.0
+
+
+def test_flow_lambda_is_finite_and_grows_with_sigma():
+    """λ(t) = 1 + norm(1/√SNR) = 1 + norm(σ/(1−σ)): normalised over the training σ (without 1); the sampler's
+    σ = 1 has SNR 0 and takes λ's top, 2. With shift 3 the training grid's last σ (1/√SNR ≈ 3000) sets the scale,
+    so λ stays within 1 % of 1 below σ = 0.96: timestep-aware training barely reweighs a flow model's steps."""
+    proc = sd3_flow(10)
+    for grid in (proc.timesteps, proc.train_timesteps):
+        lam = snr_lambda(proc, grid)
+        assert bool(torch.isfinite(lam).all()) and bool(((lam >= 1) & (lam <= 2)).all())
+        assert bool((lam[1:] <= lam[:-1]).all())  # generation order: σ falls, so does λ
+    assert float(snr_lambda(proc, proc.timesteps[:1])) == 2.0
+    lam_train = snr_lambda(proc, proc.train_timesteps)
+    assert float(lam_train.max()) == 2.0 and float(lam_train.min()) == 1.0
+    assert float(snr_lambda(proc, torch.tensor([0.96]))) < 1.01
+    tw = TimeWeighting(TimeWeightConfig(mode="timestep_aware"), proc)
+    assert torch.equal(tw.weigh(torch.arange(10))[0], snr_lambda(proc, proc.timesteps))
+
+
+def test_flow_timesteps_off_the_grid_are_refused():
+    proc = sd3_flow(10)
+    with pytest.raises(ValueError, match="points of the sampler grid"):
+        proc.kernel(torch.zeros(1, 4), torch.tensor([0.5]), torch.zeros(1, 4), 0.7)
+    with pytest.raises(ValueError, match=r"σ in \[0, 1\]"):
+        proc.add_noise(torch.zeros(1, 4), torch.tensor([1.5]), torch.zeros(1, 4))
+    with pytest.raises(ValueError, match="terminal 0"):
+        FlowMatchingSDE(torch.tensor([1.0, 0.5]), torch.tensor([0.5]))
+    with pytest.raises(ValueError, match="decrease from at most 1"):
+        FlowMatchingSDE(torch.tensor([0.5, 0.8, 0.0]), torch.tensor([0.5]))
+    with pytest.raises(TypeError, match="no noise process for"):
+        process_for(object(), 10, 16)
+
+
+@pytest.mark.parametrize("kind", ["sd3", "flux"])
+def test_policy_picks_the_flow_process_from_the_scheduler(kind, request):
+    """A FlowMatchEulerDiscreteScheduler in the model directory gives the flow process, on the grid its pipeline
+    uses for the sampler's resolution; the kernel's noise is sampler.noise_level, not eta."""
+    root = request.getfixturevalue(f"tiny_{kind}_dir")
+    pol = DiffusionPolicy.from_pretrained(root, sampler=SamplerConfig(num_steps=8, resolution=64, noise_level=0.5,
+                                                                      eta=0.1))
+    assert isinstance(pol.process, FlowMatchingSDE) and pol.noise == 0.5
+    assert pol.latent_shape == (16, 16, 16)  # 64 px through the tiny VAE's factor 4
+    sched = FlowMatchEulerDiscreteScheduler.from_config(pol.c.scheduler.config)
+    if kind == "flux":
+        sched.set_timesteps(8, sigmas=np.linspace(1.0, 1 / 8, 8), mu=calculate_shift(64, 256, 4096, 0.5, 1.15))
+    else:
+        sched.set_timesteps(8)
+    assert torch.equal(pol.timesteps, sched.sigmas[:-1])

@@ -1,6 +1,7 @@
 """Diffusion-DPO (Wallace et al.): the clean latents of a pair (a dataset's VAE-encoded images, final latents,
 or a step pair's children's x̂_0) are noised with the same t and ε, and the loss compares the denoising MSE (the
-ε-MSE for DDIM-ε: the model output against the noise process's target) of policy and reference on winner and loser;
+model output against the noise process's target: ε for DDIM-ε, the velocity ε − x_0 for a flow model, as in
+Flow-GRPO's DPO) of policy and reference on winner and loser;
 t is drawn by the time weighting (Rethinking-DPO: Cat(γ^k) and λ(t))."""
 
 from __future__ import annotations
