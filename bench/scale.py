@@ -6,7 +6,9 @@ the record schema (``actors.records``, step pairs with SD-1.5's 4×64×64 float3
 is simulated: every ``generate`` and ``update`` sleeps for the seconds bench/costs.py gives its GPU, with ±10 %
 lognormal jitter, times ``--time-scale`` (results are reported in simulated seconds). K learners are K simulated
 ranks under the real learner.group.LearnerGroup (each sleeps for its shard; the all-reduce of a 3 MB LoRA
-gradient, ~20 µs over NVLink, is left out).
+gradient, ~20 µs over NVLink, is left out). ``--model sd35m|flux`` swaps in SD3.5-Medium's or FLUX.1-dev's costs,
+preset, 16×64×64 latents and rank-32 LoRA state (bench/costs.py MODELS) and writes bench/scale_results_<model>.json
+only; the default, SD-1.5, writes the committed results.
 
 Simulated rollout actors do not import torch: torch and peft cost 450 MB and 4 s of CPU per process, which 64
 actors on this machine could not afford. The two wire classes they receive and return (``WeightState``,
@@ -38,14 +40,15 @@ from bench.common import write_block
 from learner.group_lead import GroupLead
 
 ROOT = Path(__file__).resolve().parent.parent
-PRESET = ROOT / "configs/tailorpo_sd15.yaml"
-RESULTS_JSON = ROOT / "bench/scale_results.json"
+RESULTS_JSON = ROOT / "bench/scale_results.json"  # the default model's; another's: scale_results_<model>.json
 RESULTS_MD = ROOT / "bench/RESULTS.md"
 BEGIN, END = "<!-- scale:begin (python -m bench.scale writes this block) -->", "<!-- scale:end -->"
 MAX_PROMPTS = 16  # rollout.max_prompts_per_task in the simulation: the record template holds this many chains
-# the 128 attention projections of SD-1.5's UNet by width (rank-4 A and B each): 798,720 parameters, within 0.2 % of
-# costs.LORA_PARAMS (cross-attention keys and values read 768-wide text, not the block width)
-LORA_WIDTHS = [320] * 40 + [640] * 40 + [1280] * 48
+
+
+def lora_widths(model: str) -> list[int]:
+    """The width of each simulated LoRA module (A: rank × width, B: width × rank), costs.MODELS[model]'s."""
+    return [width for count, width in costs.MODELS[model].lora_widths for _ in range(count)]
 
 
 def _wire_stand_ins() -> None:
@@ -95,10 +98,11 @@ class StaleWeightsError(RuntimeError):
 class SimRollout:
     """A rollout actor with the methods the driver calls; ``generate`` sleeps for its GPU's chain seconds."""
 
-    def __init__(self, template: pa.RecordBatch, actor_id: int, gpu: str, branches: int, seed: int):
+    def __init__(self, template: pa.RecordBatch, actor_id: int, gpu: str, branches: int, seed: int,
+                 model: str = "sd15"):
         _wire_stand_ins()
         self.template, self.actor_id, self.branches = template, actor_id, branches
-        self.chain_s = costs.Costs.of(gpu).chain_s
+        self.chain_s, self.num_steps = costs.Costs.of(gpu, model=model).chain_s, costs.MODELS[model].num_steps
         self.rng = np.random.default_rng(seed)
         self.scale, self.version = 1.0, 0
         self.busy: list[tuple[float, float]] = []  # wall-clock (start, end) of every generate
@@ -137,7 +141,7 @@ class SimRollout:
                    for i, f in enumerate(batch.schema)]
         self.busy.append((start, time.time()))
         stats: dict[str, Any] = {"chains": float(n), "seconds": seconds, "pairs": float(rows),
-                                 "steps": float(n * costs.NUM_STEPS)}
+                                 "steps": float(n * self.num_steps)}
         if load is not None:
             stats["load"] = load
         batch = pa.RecordBatch.from_arrays(columns, schema=batch.schema)
@@ -152,11 +156,12 @@ class SimLearner(GroupLead):
 
     Torch is imported only by the calls rank 0 alone receives (publish, evaluate, checkpoint)."""
 
-    def __init__(self, gpu: str, trainable: str, seed: int):
-        self.costs = costs.Costs.of(gpu, trainable)
+    def __init__(self, gpu: str, trainable: str, seed: int, model: str = "sd15"):
+        self.costs = costs.Costs.of(gpu, trainable, model)
         self.rng = np.random.default_rng(seed)
+        r = costs.MODELS[model].lora_rank
         self.tensors = {f"lora.{i:03d}.{ab}": self.rng.standard_normal(shape, np.float32) * np.float32(0.01)
-                        for i, w in enumerate(LORA_WIDTHS) for ab, shape in (("A", (4, w)), ("B", (w, 4)))}
+                        for i, w in enumerate(lora_widths(model)) for ab, shape in (("A", (r, w)), ("B", (w, r)))}
         self.reset(1.0)
 
     def reset(self, scale: float) -> None:
@@ -211,13 +216,14 @@ class SimLearner(GroupLead):
         return {"busy": self.busy, "age": self.age}
 
 
-def record_template(max_prompts: int, branches: int, seed: int = 0) -> pa.RecordBatch:
-    """A step-pair record batch of ``max_prompts`` chains in the real schema, random latents (actors slice it)."""
+def record_template(max_prompts: int, branches: int, seed: int = 0, model: str = "sd15") -> pa.RecordBatch:
+    """A step-pair record batch of ``max_prompts`` chains in the real schema, random latents of ``model``'s shape
+    (actors slice it)."""
     from actors.records import to_record_batch
 
     rng = np.random.default_rng(seed)
     rows = max_prompts * branches
-    latent = {k: rng.standard_normal((rows, *costs.LATENT_SHAPE), dtype=np.float32)
+    latent = {k: rng.standard_normal((rows, *costs.MODELS[model].latent_shape), dtype=np.float32)
               for k in ("x_t", "x_w", "x_l", "x0_w", "x0_l")}
     return to_record_batch("step", {
         "prompt": ["p"] * rows, "prompt_id": np.zeros(rows, np.int64), "seed": np.zeros(rows, np.int64),
@@ -230,13 +236,13 @@ def record_template(max_prompts: int, branches: int, seed: int = 0) -> pa.Record
 
 
 def sim_config(n: int, steps: int, batch: int, max_staleness: int | None, broadcast_every: int | None, out: Path,
-               pairs_per_s: float = 0.0) -> Any:
-    """The TailorPO SD-1.5 preset with the simulation's sizes (no model is loaded: model.path is never read).
+               pairs_per_s: float = 0.0, model: str = "sd15") -> Any:
+    """``model``'s TailorPO preset with the simulation's sizes (no model is loaded: model.path is never read).
     ``max_staleness`` None: matched to the rate (``matched_staleness``), for ``pairs_per_s`` trained;
     ``broadcast_every`` None: the preset's."""
     from learner.config import build_config, load_yaml
 
-    tree = load_yaml(PRESET)
+    tree = load_yaml(ROOT / costs.MODELS[model].preset)
     broadcast_every = broadcast_every or tree["train"]["broadcast_every"]
     tree["ray"] = {"address": None}
     tree["rollout"].update(num_actors=n, max_prompts_per_task=MAX_PROMPTS)
@@ -326,16 +332,17 @@ class Pool:
     template_bytes_per_row: float
 
 
-def start_pool(n: int, k: int, learner_gpu: str, trainable: str, seed: int) -> Pool:
+def start_pool(n: int, k: int, learner_gpu: str, trainable: str, seed: int, model: str = "sd15") -> Pool:
     import ray
 
-    template = record_template(MAX_PROMPTS, costs.BRANCHES, seed)
+    branches = costs.MODELS[model].branches
+    template = record_template(MAX_PROMPTS, branches, seed, model)
     ref = ray.put(template)
     gpus = costs.pool(n)
     rollouts = [ray.remote(SimRollout).options(num_cpus=0, max_restarts=-1, max_task_retries=0).remote(
-        ref, i, gpu, costs.BRANCHES, seed + 1 + i) for i, gpu in enumerate(gpus)]
-    learners = [ray.remote(SimLearner).options(num_cpus=0, max_restarts=0).remote(learner_gpu, trainable, seed + i)
-                for i in range(k)]
+        ref, i, gpu, branches, seed + 1 + i, model) for i, gpu in enumerate(gpus)]
+    learners = [ray.remote(SimLearner).options(num_cpus=0, max_restarts=0).remote(learner_gpu, trainable, seed + i,
+                                                                                  model) for i in range(k)]
     ray.get([a.__ray_ready__.remote() for a in [*rollouts, *learners]])
     return Pool(rollouts, gpus, learners, template.nbytes / template.num_rows)
 
@@ -358,8 +365,8 @@ def run_point(pool: Pool, n: int, k: int, args: argparse.Namespace) -> dict[str,
     from learner.metrics import RunLogger
 
     gpus, actors = pool.gpus[:n], pool.rollouts[:n]
-    rates = np.array([costs.Costs.of(g).pairs_per_s for g in gpus])
-    learner_rate = k * args.batch / (args.batch * costs.Costs.of(args.learner_gpu, args.trainable).pair_s)
+    rates = np.array([costs.Costs.of(g, model=args.model).pairs_per_s for g in gpus])
+    learner_rate = k * args.batch / (args.batch * costs.Costs.of(args.learner_gpu, args.trainable, args.model).pair_s)
     scale = args.time_scale
     steps = max(4, round(args.sim_seconds * min(rates.sum(), learner_rate) / args.batch))
     from learner.group import LearnerGroup
@@ -370,7 +377,7 @@ def run_point(pool: Pool, n: int, k: int, args: argparse.Namespace) -> dict[str,
     wall = time.time()
     with tempfile.TemporaryDirectory() as tmp:
         cfg = sim_config(n, steps, args.batch, args.max_staleness, args.broadcast_every, Path(tmp),
-                         min(rates.sum(), learner_rate))
+                         min(rates.sum(), learner_rate), args.model)
         prompts = [f"prompt {i}" for i in range(512)]
         with RunLogger(Path(tmp), tensorboard=False) as logger:
             driver = driver_class()(cfg, LearnerGroup(ranks), actors, Path(tmp), prompts, prompts[:2], logger)
@@ -391,7 +398,7 @@ def run_point(pool: Pool, n: int, k: int, args: argparse.Namespace) -> dict[str,
     lag = [(t - published_at[v]) / scale for t, v in loads if v in published_at]
     parts, rollouts = driver.at_last
     row_mb = pool.template_bytes_per_row / 2**20
-    lora_mb = costs.LORA_PARAMS * 4 / 2**20
+    lora_mb = costs.MODELS[args.model].lora_params * 4 / 2**20
     age = np.array(learned["age"] or [0])
     return {
         "n": n, "k": k, "a100": gpus.count("A100"), "l4": gpus.count("L4"), "time_scale": scale, "updates": steps,
@@ -434,15 +441,16 @@ def sweep(args: argparse.Namespace) -> dict[str, Any]:
              runtime_env={"env_vars": {"OMP_NUM_THREADS": "1"}})
     try:
         t0 = time.time()
-        pool = start_pool(max(args.actors), args.max_learners, args.learner_gpu, args.trainable, args.seed)
+        pool = start_pool(max(args.actors), args.max_learners, args.learner_gpu, args.trainable, args.seed,
+                          args.model)
         startup = time.time() - t0
         print(f"{len(pool.rollouts)} rollout actors and {len(pool.learners)} learner ranks started in {startup:.0f} s",
               flush=True)
         memory = {"rollout_actor_rss_mb": rss_mb(pool.rollouts[0]), "learner_rss_mb": rss_mb(pool.learners[0])}
         rows, smallest = [], {}
-        one = costs.Costs.of(args.learner_gpu, args.trainable)
+        one = costs.Costs.of(args.learner_gpu, args.trainable, args.model)
         for n in args.actors:
-            demand = sum(costs.Costs.of(g).pairs_per_s for g in pool.gpus[:n])
+            demand = sum(costs.Costs.of(g, model=args.model).pairs_per_s for g in pool.gpus[:n])
             k = 1
             while k * 2 <= args.max_learners and k / one.pair_s < 0.7 * demand:  # skip K that cannot keep up
                 k *= 2
@@ -459,7 +467,9 @@ def sweep(args: argparse.Namespace) -> dict[str, Any]:
                 k *= 2
     finally:
         ray.shutdown()
-    return {"command": "python -m bench.scale" + (" --quick" if args.quick else ""), "startup_s": startup,
+    command = "python -m bench.scale" + (" --quick" if args.quick else "") + (
+        f" --model {args.model}" if args.model != "sd15" else "")
+    return {"command": command, "startup_s": startup,
             **memory, "settings": {k: v for k, v in vars(args).items() if k != "quick"}, "rows": rows,
             "smallest_k": smallest}
 
@@ -484,6 +494,10 @@ def table(result: dict[str, Any]) -> str:
 
 
 def write_results(result: dict[str, Any]) -> None:
+    model = result["settings"]["model"]
+    if model != "sd15":  # the committed results (and the docs' figures) are the default model's
+        RESULTS_JSON.with_name(f"scale_results_{model}.json").write_text(json.dumps(result, indent=1))
+        return
     RESULTS_JSON.write_text(json.dumps(result, indent=1))
     smallest = ", ".join(f"N={n}: {k if k else '> ' + str(result['settings']['max_learners'])}"
                          for n, k in result["smallest_k"].items())
@@ -507,7 +521,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--broadcast-every", type=int, default=None, help="train.broadcast_every (default: the "
                    "preset's, 4)")
     p.add_argument("--learner-gpu", choices=sorted(costs.PEAK_BF16), default="A100")
-    p.add_argument("--trainable", choices=sorted(costs.PAIR_FLOPS), default="lora")
+    p.add_argument("--trainable", choices=sorted(costs.TRAINABLE), default="lora")
+    p.add_argument("--model", choices=list(costs.MODELS), default="sd15", help="the cost model's denoiser: SD-1.5, "
+                   "SD3.5-Medium or FLUX.1-dev at 512 px, each with its TailorPO preset (python -m bench.costs)")
     p.add_argument("--sim-seconds", type=float, default=15.0, help="simulated seconds per point")
     p.add_argument("--time-scale", type=float, default=1.0, help="wall seconds per simulated second (below 1 the "
                    "driver's real latencies weigh more against the shortened tasks)")
