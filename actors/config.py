@@ -73,7 +73,7 @@ class RolloutConfig(BaseModel):
         "chains per generate call (adapted to each actor's speed when adapt_batch)"))
     adapt_batch: Bool = True
     target_task_seconds: float = Field(3.0, gt=0, description=(
-        "adaptive batches aim at this duration per call, above the floor where the fixed part is 20 % of a call"))
+        "adaptive batches aim at this duration per call, above the floor where the fixed part is 30 % of a call"))
     max_prompts_per_task: int = Field(64, ge=1, strict=True)
     num_gpus: float = Field(0.0, ge=0)
     accelerator_type: str | None = None

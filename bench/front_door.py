@@ -6,7 +6,7 @@
 2. The default run (``python -m learner.main``, configs/default.yaml) as is and with ``--rollout.adapt_batch
    false`` (16 chains a call), on the quiet machine and with one core kept busy by another process: seconds per
    learner update, held-out reward after, and every generate call's size against the floor at which the fixed
-   part of a call is 25 % of it (fitted from the adaptive run's own calls).
+   part of a call is a third of it (fitted from the adaptive run's own calls).
 
 Writes bench/front_door.json and its block in bench/RESULTS.md.
 
@@ -33,7 +33,7 @@ from learner.scheduling import CostFit
 RESULTS = ROOT / "bench" / "RESULTS.md"
 JSON_OUT = ROOT / "bench" / "front_door.json"
 BEGIN, END = "<!-- front-door:begin (python -m bench.front_door writes this block) -->", "<!-- front-door:end -->"
-FLOOR_SHARE = 0.25  # the fixed part's largest share of a call that the balancer guarantees
+FLOOR_SHARE = 1 / 3  # the fixed part's largest share of a call that the balancer guarantees
 SIZES = (1, 4, 16)
 
 
@@ -121,7 +121,7 @@ def default_run(out: Path, adapt: bool, loaded: bool, updates: int) -> dict[str,
 
 
 def call_floor(calls: list[tuple[float, float, float | None]]) -> tuple[float, float, int] | None:
-    """(fixed s, per-chain s, the 25 % floor) fitted by plain least squares over a run's calls (their CPU
+    """(fixed s, per-chain s, the floor at a third) fitted by plain least squares over a run's calls (their CPU
     seconds, the balancer's own measure on a CPU actor)."""
     fit = CostFit(forget=1.0)
     for chains, seconds, cpu_seconds in calls:
@@ -171,7 +171,7 @@ def markdown(res: dict[str, Any]) -> str:
         parts += ["", f"The default run ({res['updates']} updates), side by side; 'loaded': one core kept busy by "
                   "another process. s/update is the training loop's (first to last update, the evaluations at "
                   "25 and 50 included); the fit is CPU seconds = fixed + per-chain · n over the adaptive run's calls, "
-                  "and its floor the fewest chains at which the fixed part is 25 % of a call.", "",
+                  "and its floor the fewest chains at which the fixed part is a third of a call.", "",
                   table(["machine", "sizing", "s/update", "vs fixed", "chains per call", "calls",
                          "fitted call cost → floor", "calls below floor", "dropped pairs", "reward after",
                          "wall s"], rows)]

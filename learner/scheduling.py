@@ -103,12 +103,15 @@ class ThroughputBalancer:
     Sizing by the mean rate alone (chains/s × target) spirals down when the fixed part is large: each smaller call
     has a lower rate, so the next is smaller still, down to 1 chain at a tenth of the throughput. So each actor's
     calls are fitted (``CostFit``) and, in async mode, an actor gets the chains that fill ``target_seconds``, but
-    never fewer than the floor at which the fixed part is ``fixed_share`` of a call. The floor aims at 20 %, so
-    that timing noise rarely takes a call below the 25 % it guarantees (tests/test_scheduling.py), and a call
-    shrinks to at most ``max_shrink`` of the last one, so one noisy fit cannot halve it.
-    Until the fit holds (a few calls of different sizes) an actor only grows: in proportion when its call was
-    short, by half when it was long. After ``explore_every`` calls of one size it gets one call half as large
-    again, since a fit fed a single size cannot correct itself (it probes upwards: never below the floor).
+    never fewer than the floor at which the fixed part is ``fixed_share`` of a call. The floor aims at 30 %, so
+    that timing noise rarely takes a call below the third it guarantees (tests/test_scheduling.py). Not lower:
+    larger calls bring pairs the learner cannot use before ``train.max_staleness`` drops them; at a 20 % floor the
+    default run's calls grew to 26 chains, dropped 3–4 thousand stale pairs and ran 1.6–2× slower per update
+    (bench/RESULTS.md §7). A call shrinks to at most ``max_shrink`` of the last one, so one noisy fit cannot halve
+    it. Until the fit holds (a few calls of different sizes) an actor only grows: in proportion when its call was
+    short, by ``growth`` when it was long, up to twice ``initial``. After ``explore_every`` calls of one size it
+    gets one call ``growth`` times larger, since a fit fed a single size cannot correct itself (it probes upwards:
+    never below the floor).
     In sync mode a round's work is split in proportion to the actors' rates. Unmeasured actors get ``initial``.
     """
 
@@ -117,7 +120,8 @@ class ThroughputBalancer:
     target_seconds: float
     max_size: int
     adapt: bool = True
-    fixed_share: float = 0.2
+    fixed_share: float = 0.3
+    growth: float = 1.5
     max_shrink: float = 0.75
     explore_every: int = 6
     fits: dict[int, CostFit] = field(default_factory=dict)
@@ -143,11 +147,11 @@ class ThroughputBalancer:
         last, seconds = fit.last
         cost = fit.cost()
         if cost is None:
-            want = last * max(self.target_seconds / seconds, 1.5)
+            want = min(last * max(self.target_seconds / seconds, self.growth), 2 * self.initial)
         else:
             want = max(cost.chains_for(self.target_seconds / fit.stretch), cost.floor(self.fixed_share),
                        self.max_shrink * last)
-            want *= 1.5 if fit.steady >= self.explore_every else 1.0
+            want *= self.growth if fit.steady >= self.explore_every else 1.0
         return max(1, min(self.max_size, round(want)))
 
     def state_dict(self) -> dict[str, Any]:
