@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -41,12 +42,12 @@ SIZES = (1, 4, 16)
 def _switch_every_call(unet: Any, name: str | None) -> None:
     """The walks every UNet call made before: set the adapter, re-enable and restore it, and put back every
     parameter's requires_grad, whether or not the adapter changed; then the state really asked for."""
-    from policy.lora import activate
+    from policy.lora import POLICY, activate
 
     flags = [(p, p.requires_grad) for p in unet.parameters()]
-    unet.set_adapter(name or "policy")
+    unet.set_adapter(name or POLICY)
     unet.enable_adapters()
-    unet.set_adapter(name or "policy")
+    unet.set_adapter(name or POLICY)
     for p, flag in flags:
         p.requires_grad_(flag)
     activate(unet, name)
@@ -104,8 +105,8 @@ def default_run(out: Path, adapt: bool, loaded: bool, updates: int) -> dict[str,
             "--rollout.adapt_batch", "true" if adapt else "false"]
     t0 = time.perf_counter()
     with busy_core(loaded):
-        done = subprocess.run(args, cwd=ROOT, capture_output=True, text=True, env={"TQDM_DISABLE": "1",
-                              **__import__("os").environ})
+        done = subprocess.run(args, cwd=ROOT, capture_output=True, text=True,
+                              env={"TQDM_DISABLE": "1", **os.environ})
     if done.returncode != 0:
         raise RuntimeError(f"{' '.join(args)} failed:\n{done.stderr[-3000:]}")
     wall = time.perf_counter() - t0
