@@ -36,7 +36,8 @@ def test_a_reward_actor_killed_by_pid_is_restarted_and_the_run_finishes(make_con
 
     from learner.main import WORKER_ENV, run
 
-    cfg = make_config(reward={"num_actors": 1}, rollout={"num_actors": 1, "prompts_per_task": 4},
+    # slowdown_s: each round sleeps ~1 s, so the run outlasts its first update and the kill lands inside it
+    cfg = make_config(reward={"num_actors": 1}, rollout={"num_actors": 1, "prompts_per_task": 4, "slowdown_s": [0.05]},
                       train={"mode": "sync", "steps": 6, "batch_size": 4}, output={"checkpoint_every": 3})
     out = Path(cfg.output.dir)
     ray.init(num_cpus=4, include_dashboard=False, runtime_env={"env_vars": WORKER_ENV}, logging_level="ERROR")

@@ -172,7 +172,9 @@ def test_moving_reference_reaches_every_actor_on_ray(make_config):
     from learner.main import WORKER_ENV, run
 
     def config(steps: int):
-        return make_config(rollout={"num_actors": 2, "prompts_per_task": 2}, reward={"num_actors": 0},
+        # slowdown_s: each round sleeps ~0.6 s, so the kill after update 2 lands before the run's last round
+        return make_config(rollout={"num_actors": 2, "prompts_per_task": 2, "slowdown_s": [0.05]},
+                           reward={"num_actors": 0},
                            train={"mode": "sync", "steps": steps, "batch_size": 12},
                            reference=MOVING, output={"trajectory_log": True, "checkpoint_every": 10})
 

@@ -34,9 +34,10 @@ def _kill_when(pattern: str, out: Path, after_steps: int = 1) -> threading.Threa
 
 def test_async_step_branch_survives_a_killed_rollout_actor(make_config):
     # rewards scored in the rollout actors here and below: one process fewer to start (reward actors:
-    # test_failures.py, test_reward_env.py)
+    # test_failures.py, test_reward_env.py). Each call sleeps ~1 s (slowdown_s) so that the run outlasts its first
+    # update by several calls: without it the whole run took 2 s and could end before the kill landed.
     cfg = make_config(
-        rollout={"num_actors": 2, "prompts_per_task": 4}, reward={"num_actors": 0},
+        rollout={"num_actors": 2, "prompts_per_task": 4, "slowdown_s": [0.05]}, reward={"num_actors": 0},
         train={"mode": "async", "steps": 6, "batch_size": 8, "max_staleness": 2},
         reference={"strategy": "stable_update", "tau": 2, "delta": 1e9, "divergence": "kernel_kl"},
         time_weight={"mode": "timestep_aware"}, output={"trajectory_log": True, "checkpoint_every": 3},
