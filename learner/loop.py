@@ -19,6 +19,7 @@ is not restarted (it checkpoints instead) and its death ends the run with a ``--
 from __future__ import annotations
 
 import contextlib
+import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -62,6 +63,7 @@ class Counters:
     chains: int = 0
     nonfinite_skipped: int = 0
     ref_recomputed: int = 0  # pairs whose actor-computed log π_ref was stale (or missing) and recomputed by the learner
+    rollout_waits: int = 0  # async calls held back until the learner had room for their pairs
 
 
 class Driver:
@@ -76,6 +78,7 @@ class Driver:
         self.balancer = ThroughputBalancer(len(rollouts), r.prompts_per_task, r.target_task_seconds,
                                            r.max_prompts_per_task, r.adapt_batch)
         self.buffer = PairBuffer(t.max_staleness)
+        self.pairs_per_prompt: float | None = None
         self.traj_log = TrajectoryLog(out / "trajectories") if cfg.output.trajectory_log else None
         self.rollout_stats = RolloutStats(logger, cfg.sampler.num_steps)
         transport = open_transport(t.weight_sync, t.collective_backend, learner, rollouts,
@@ -117,11 +120,22 @@ class Driver:
     # ---- the three loops --------------------------------------------------------------------------------------
     def _run_async(self, bar: tqdm) -> None:
         t = self.cfg.train
-        inflight = dict(self._submit(a, self.balancer.size(a)) for a in range(len(self.rollouts)))
+        inflight: dict[Any, Task] = {}
+        waiting = dict.fromkeys(range(len(self.rollouts)), False)  # idle actor -> whether it has been held back
         update_ref = None
         while self.counters.steps < t.steps:
             if update_ref is None and self.buffer.ready(t.batch_size, self.weights.version):
                 update_ref = self.learners.update(self.buffer.take(t.batch_size, self.counters.steps))
+            for a in list(waiting):
+                # with no update and no call running, the buffer cannot fill a batch: someone must generate
+                size = self.balancer.size(a) if update_ref is None and not inflight else self.balancer.size_within(
+                    a, self._room(inflight))
+                if size:
+                    self.counters.rollout_waits += waiting.pop(a)
+                    ref, task = self._submit(a, size)
+                    inflight[ref] = task
+                else:
+                    waiting[a] = True
             done = _ready([*inflight, *([update_ref] if update_ref is not None else [])])
             if update_ref in done:  # first, so that the rollouts re-sent below carry a version it publishes
                 self._after_update(self._learner(update_ref), bar)
@@ -135,9 +149,7 @@ class Driver:
                     inflight[self._send(task)] = task
                     continue
                 self.counters.rounds += 1
-                if self.counters.steps < t.steps:
-                    new_ref, new_task = self._submit(task.actor, self.balancer.size(task.actor))
-                    inflight[new_ref] = new_task
+                waiting[task.actor] = False
         if update_ref is not None:
             self._after_update(self._learner(update_ref), bar)
         for ref in inflight:  # let in-flight work finish so actors are idle at shutdown
@@ -180,6 +192,17 @@ class Driver:
             self.counters.rounds += 1
 
     # ---- rollouts and updates ---------------------------------------------------------------------------------
+    def _room(self, inflight: dict[Any, Task]) -> float:
+        """Prompts whose pairs the learner can still train on before they turn staler than
+        ``train.max_staleness``: a new call's records wait behind the buffered ones and those of the calls in
+        flight (the buffer serves the oldest first), and the learner uses ``batch_size`` per update."""
+        t = self.cfg.train
+        if self.pairs_per_prompt is None:  # nothing measured yet
+            return math.inf
+        window = (t.max_staleness + 1) * t.broadcast_every * t.batch_size
+        ahead = len(self.buffer) + self.pairs_per_prompt * sum(len(task.prompts) for task in inflight.values())
+        return (window - ahead) / self.pairs_per_prompt
+
     def _submit(self, actor: int, size: int) -> tuple[Any, Task]:
         ids, prompts, seeds = self.stream.take(size)
         task = Task(actor, ids, prompts, seeds, self.counters.rounds)
@@ -211,6 +234,7 @@ class Driver:
         self.weights.landed(task.actor, stats.get("load"))
         self.balancer.observe(task.actor, stats["chains"], stats["seconds"], stats.get("cpu_seconds"))
         self.counters.chains += int(stats["chains"])
+        self.pairs_per_prompt = stats["pairs"] / len(task.prompts)
         a, step = task.actor, self.counters.steps
         self.logger.log(step, {f"actor{a}/chains_per_s": stats["chains"] / stats["seconds"],
                                f"actor{a}/steps_per_s": stats["steps"] / stats["seconds"],
@@ -268,7 +292,7 @@ class Driver:
         c = self.counters
         return {"steps": c.steps, "chains": c.chains, "actor_failures": self.weights.failures,
                 "dropped_stale_pairs": self.buffer.dropped, "nonfinite_skipped": c.nonfinite_skipped,
-                "ref_recomputed": c.ref_recomputed, "staleness": self.buffer.histogram,
+                "ref_recomputed": c.ref_recomputed, "rollout_waits": c.rollout_waits, "staleness": self.buffer.histogram,
                 "trained_age": self.buffer.trained_age, "trained_age_mean": mean_age(self.buffer.trained_age),
                 "guidance_accept_rate": (self.rollout_stats.guidance_accept_rate
                                          if self.cfg.guidance.kind == "reward_gradient" else None),

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+import math
 import random
 import statistics
 
@@ -57,6 +58,22 @@ def test_sizes_aim_at_the_target_above_the_floor(cost, target, max_size, expecte
     bal = ThroughputBalancer(1, initial=16, target_seconds=target, max_size=max_size)
     sizes = _drive(bal, lambda i, n: cost.fixed + cost.per_chain * n)
     assert statistics.median(sizes[20:]) == expected
+
+
+def test_calls_are_capped_by_the_room_the_learner_has_and_wait_below_the_floor():
+    cost = CallCost(0.5, 0.1)
+    bal = ThroughputBalancer(1, initial=16, target_seconds=6.0, max_size=64)
+    _drive(bal, lambda i, n: cost.fixed + cost.per_chain * n, calls=40)
+    size, floor = bal.size(0), cost.floor(0.3)
+    assert size > floor + 5
+    assert bal.size_within(0, math.inf) == bal.size_within(0, size + 0.5) == size
+    assert bal.size_within(0, floor + 3.7) == floor + 3  # only what the learner can still use
+    assert bal.size_within(0, floor) == floor
+    assert bal.size_within(0, floor - 0.5) == 0  # below the floor: wait for the learner rather than pay the fixed part
+    unfitted = ThroughputBalancer(1, initial=16, target_seconds=3.0, max_size=64)
+    assert unfitted.size_within(0, 15.9) == 0 and unfitted.size_within(0, 16) == 16  # no floor known: the whole call
+    fixed = ThroughputBalancer(1, initial=16, target_seconds=3.0, max_size=64, adapt=False)
+    assert fixed.size_within(0, 0.0) == 16  # fixed-size calls are the comparator: never capped
 
 
 @pytest.mark.parametrize("seed", range(20))
