@@ -118,7 +118,7 @@ def default_run(out: Path, adapt: bool, loaded: bool, updates: int) -> dict[str,
     return {"adapt": adapt, "loaded": loaded, "wall_s": wall, "updates": len(updates_at),
             "s_per_update": (updates_at[-1] - updates_at[0]) / (len(updates_at) - 1),
             "calls": calls, "after": summary["after"], "before": summary["before"],
-            "dropped_stale_pairs": summary["dropped_stale_pairs"]}
+            "dropped_stale_pairs": summary["dropped_stale_pairs"], "waits": summary.get("rollout_waits", 0)}
 
 
 def call_floor(calls: list[tuple[float, float, float | None]]) -> tuple[float, float, int] | None:
@@ -167,14 +167,17 @@ def markdown(res: dict[str, Any]) -> str:
                          r["s_per_update"], f"{r['ratio_to_fixed']:.2f}x" if "ratio_to_fixed" in r else "1",
                          f"{min(sizes)}–{max(sizes)} (median {statistics.median(sizes):g})", len(sizes),
                          "–" if fit is None else f"{fit[0]:.2f} + {fit[1]:.3f}·n → {fit[2]}",
-                         r.get("calls_below_floor", "–"), r["dropped_stale_pairs"], f"{r['after']:.4f}",
+                         r.get("calls_below_floor", "–"), r.get("waits", "–"), r["dropped_stale_pairs"],
+                         f"{r['after']:.4f}",
                          r["wall_s"]])
         parts += ["", f"The default run ({res['updates']} updates), side by side; 'loaded': one core kept busy by "
                   "another process. s/update is the training loop's (first to last update, the evaluations at "
                   "25 and 50 included); the fit is CPU seconds = fixed + per-chain · n over the adaptive run's calls, "
-                  "and its floor the fewest chains at which the fixed part is a third of a call.", "",
+                  "and its floor the fewest chains at which the fixed part is a third of a call; 'waits for room': "
+                  "calls held back until the learner could use their pairs before max_staleness.", "",
                   table(["machine", "sizing", "s/update", "vs fixed", "chains per call", "calls",
-                         "fitted call cost → floor", "calls below floor", "dropped pairs", "reward after",
+                         "fitted call cost → floor", "calls below floor", "waits for room", "dropped pairs",
+                         "reward after",
                          "wall s"], rows)]
     return "\n".join(parts)
 
