@@ -292,7 +292,8 @@ class Driver:
         c = self.counters
         return {"steps": c.steps, "chains": c.chains, "actor_failures": self.weights.failures,
                 "dropped_stale_pairs": self.buffer.dropped, "nonfinite_skipped": c.nonfinite_skipped,
-                "ref_recomputed": c.ref_recomputed, "rollout_waits": c.rollout_waits, "staleness": self.buffer.histogram,
+                "ref_recomputed": c.ref_recomputed, "rollout_waits": c.rollout_waits,
+                "staleness": self.buffer.histogram,
                 "trained_age": self.buffer.trained_age, "trained_age_mean": mean_age(self.buffer.trained_age),
                 "guidance_accept_rate": (self.rollout_stats.guidance_accept_rate
                                          if self.cfg.guidance.kind == "reward_gradient" else None),
