@@ -41,6 +41,7 @@ from learner.config import Config
 from learner.group_lead import GroupLead
 from learner.losses import PairLoss
 from learner.methods import find_method
+from learner.methods.context import MethodContext
 from learner.reference import build_reference, divergence_estimate, kernel_kl
 from learner.time_weighting import TimeWeighting
 from policy import POLICY, REF, DiffusionPolicy
@@ -220,9 +221,15 @@ class Learner(GroupLead):
         return REF if self.moving_ref and self.reference.state is not None else None
 
     def _loss(self, batch: PairBatch) -> tuple[PairLoss, dict[str, float]]:
-        if batch.kind != self.cfg.pairs.record_kind:  # offline data may hold the other kind
-            return find_method(self.cfg.loss.kind, batch.kind)(self, batch)
-        return self.method(self, batch)
+        method = self.method if batch.kind == self.cfg.pairs.record_kind else find_method(
+            self.cfg.loss.kind, batch.kind)  # offline data may hold the other kind
+        return method(self.method_context(), batch)
+
+    def method_context(self) -> MethodContext:
+        """What a method may use (built per update: the reference's adapter changes when it is first replaced)."""
+        return MethodContext(self.cfg.loss, self.cfg.time_weight.discount_as, self.time_weighting, self.generator,
+                             self.device, self.policy.process, self.ref_adapter, self.step_logratios,
+                             self.trajectory_logratios, clean_pairs, self.denoising_mse, self.policy.encode_prompts)
 
     def _stored_reference(self, batch: PairBatch) -> tuple[PairBatch, int]:
         """The batch to train on, and how many of its rows need log π_ref computed here although the actors were to
@@ -280,12 +287,6 @@ class Learner(GroupLead):
         (lr,) = self._logratios(x_t, ts, emb, x_prev, ref_logps=ref)
         return lr[: b * m].view(b, m), lr[b * m :].view(b, m), {"kl_ref": float(lr.detach().mean())}
 
-    def _clean_pairs(self, batch: PairBatch) -> tuple[torch.Tensor, torch.Tensor]:
-        t = batch.tensors
-        if "x0_w" in t:  # step and clean pairs
-            return t["x0_w"], t["x0_l"]
-        return t["latents_w"][:, -1], t["latents_l"][:, -1]
-
     def _noised(self, x0: torch.Tensor, timesteps: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
         """The noise process's x_t of ``x0`` (kept for tests/test_method_behaviour.py, which noises through it)."""
         return self.policy.process.add_noise(x0, timesteps, noise)
@@ -300,7 +301,7 @@ class Learner(GroupLead):
     def _remember_winners(self, batch: PairBatch) -> None:
         if self.moving_ref:
             n = self.cfg.reference.divergence_samples
-            self._last_x0_w = self._clean_pairs(batch)[0][:n].float()
+            self._last_x0_w = clean_pairs(batch)[0][:n].float()
             self._last_prompts = batch.prompts[:n]
 
     def policy_tensors(self) -> dict[str, torch.Tensor]:
@@ -414,3 +415,11 @@ class Learner(GroupLead):
     def rng_state(self) -> RngSnapshot:
         """This rank's RNG states (a group's checkpoint holds every rank's, so its resume is exact)."""
         return capture_rng({"learner": self.generator})
+
+
+def clean_pairs(batch: PairBatch) -> tuple[torch.Tensor, torch.Tensor]:
+    """The winners' and losers' clean latents: a step pair's children's x̂_0, a trajectory's last latent."""
+    t = batch.tensors
+    if "x0_w" in t:  # step and clean pairs
+        return t["x0_w"], t["x0_l"]
+    return t["latents_w"][:, -1], t["latents_l"][:, -1]

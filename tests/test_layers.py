@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import ast
 from collections.abc import Iterator
-from graphlib import CycleError, TopologicalSorter
+from graphlib import TopologicalSorter
 from pathlib import Path
 
 import pytest
@@ -75,17 +75,7 @@ def test_the_package_graph_has_no_cycle():
     tuple(TopologicalSorter(graph).static_order())  # raises CycleError naming the cycle
 
 
-# learner/methods/registry.py types a method as taking the whole Learner (imported under TYPE_CHECKING), which
-# closes learner.trainer -> learner.methods -> .registry -> learner.trainer, and learner.config -> learner.methods
-# -> ... -> learner.trainer -> learner.config. Nothing imports in a circle at run time; narrowing what a method
-# receives removes the circle, and then this mark must go (strict).
-METHODS_TAKE_THE_LEARNER = pytest.mark.xfail(
-    strict=True, raises=CycleError,
-    reason="learner.methods.registry types methods with the whole learner.trainer.Learner, which imports config")
-
-
-@pytest.mark.parametrize("pkg", [pytest.param(p, marks=METHODS_TAKE_THE_LEARNER) if p == "learner" else p
-                                 for p in LAYER])
+@pytest.mark.parametrize("pkg", LAYER)
 def test_no_import_cycle_inside_a_package(pkg):
     graph = module_graph(pkg)
     assert sum(map(len, graph.values())), f"the import scan found no imports inside {pkg}"

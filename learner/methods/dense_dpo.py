@@ -3,24 +3,31 @@ Cat(γ^k) shared by the pair (trajectory pairs); a step pair is the one-step cas
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from learner.losses import dense_dpo_loss
 from learner.methods.registry import register_method
 
+if TYPE_CHECKING:
+    from actors.records import PairBatch
+    from learner.losses import PairLoss
+    from learner.methods.context import MethodContext
+
 
 @register_method("dense_dpo", "step")
-def on_steps(learner, batch):
-    lw, ll, extra = learner.step_logratios(batch)
-    _, weight = learner.time_weighting.weigh(batch.tensors["step_index"])  # the discount of the branching step
-    loss = learner.cfg.loss
+def on_steps(ctx: MethodContext, batch: PairBatch) -> tuple[PairLoss, dict[str, float]]:
+    lw, ll, extra = ctx.step_logratios(batch)
+    _, weight = ctx.time_weighting.weigh(batch.tensors["step_index"])  # the discount of the branching step
+    loss = ctx.loss
     return dense_dpo_loss(lw[:, None], ll[:, None], scale_c=loss.scale_c, kappa=loss.kappa,
-                          step_weights=weight[:, None].to(learner.device)), extra
+                          step_weights=weight[:, None].to(ctx.device)), extra
 
 
 @register_method("dense_dpo", "trajectory")
-def on_trajectories(learner, batch):
-    b, m = len(batch), learner.cfg.loss.num_step_samples
-    steps = learner.time_weighting.sample(m, learner.generator)
-    lw, ll, extra = learner.trajectory_logratios(batch, steps.index.expand(b, m))
-    weights = steps.weight.to(learner.device) if learner.cfg.time_weight.discount_as == "weight" else None
-    loss = learner.cfg.loss
+def on_trajectories(ctx: MethodContext, batch: PairBatch) -> tuple[PairLoss, dict[str, float]]:
+    b, m = len(batch), ctx.loss.num_step_samples
+    steps = ctx.time_weighting.sample(m, ctx.generator)
+    lw, ll, extra = ctx.trajectory_logratios(batch, steps.index.expand(b, m))
+    weights = steps.weight.to(ctx.device) if ctx.discount_as == "weight" else None
+    loss = ctx.loss
     return dense_dpo_loss(lw, ll, scale_c=loss.scale_c, kappa=loss.kappa, step_weights=weights), extra

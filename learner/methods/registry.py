@@ -1,8 +1,9 @@
 """Preference methods by name: each loss registers one function per pair kind it accepts.
 
-A method turns a batch of preference pairs into a ``PairLoss`` using the learner's policy, reference and time
-weighting. The config looks the (loss, pair kind) combination up at start-up, so an unsupported one is a
-one-line config error before any actor starts; the learner looks up the same entry at every update.
+A method turns a batch of preference pairs into a ``PairLoss`` through a ``MethodContext`` (the learner's
+log-ratio and MSE functions, noise process and time weighting; learner/methods/context.py). The config looks
+the (loss, pair kind) combination up at start-up, so an unsupported one is a one-line config error before any
+actor starts; the learner looks up the same entry at every update.
 """
 
 from __future__ import annotations
@@ -13,14 +14,14 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     from actors.records import PairBatch
     from learner.losses import PairLoss
-    from learner.trainer import Learner
+    from learner.methods.context import MethodContext
 
-MethodFn = Callable[["Learner", "PairBatch"], "tuple[PairLoss, dict[str, float]]"]
+MethodFn = Callable[["MethodContext", "PairBatch"], "tuple[PairLoss, dict[str, float]]"]
 _METHODS: dict[tuple[str, str], MethodFn] = {}
 
 
 def register_method(loss: str, record_kind: str) -> Callable[[MethodFn], MethodFn]:
-    """Decorator: ``fn(learner, batch)`` computes ``loss`` on pairs stored as ``record_kind`` ("step" or
+    """Decorator: ``fn(context, batch)`` computes ``loss`` on pairs stored as ``record_kind`` ("step" or
     "trajectory", see actors.records)."""
 
     def wrap(fn: MethodFn) -> MethodFn:
