@@ -1,0 +1,201 @@
+"""Wiring: each call site that feeds a formula, checked away from z = 0 (policy ≠ reference).
+
+At policy = reference every log-ratio is 0, and a term inside or outside the sigmoid, or winner and loser swapped,
+give the same value and gradient: a wrong wiring passes there. Here each method runs on a stub ``MethodContext``
+whose log-ratios and MSEs are large and known, and its loss is compared with a float64 formula of those inputs
+(TailorPO Eq. 10, Rethinking-DPO Eq. 6, Dense-reward DPO Eq. 11, Diffusion-DPO Eq. 14); the directions are
+checked by the sign of the gradient. Then the call sites outside the methods: which adapter the learner's
+reference uses, the direction of the guidance η schedule, and forward noising against ``scheduler.add_noise``.
+"""
+
+from __future__ import annotations
+
+import math
+from types import SimpleNamespace
+
+import pytest
+import torch
+from diffusers import DDIMScheduler
+from helpers import brightness_worker
+
+from actors.records import PairBatch
+from learner.methods import find_method
+from learner.methods.context import MethodContext
+from learner.time_weighting import TimeWeightConfig, TimeWeighting
+from policy import POLICY
+from policy.components import SD15_SCHEDULER
+from policy.process import DDIMEpsilon
+
+B, N = 6, 10  # pairs, sampler steps
+PROCESS = DDIMEpsilon.from_scheduler(DDIMScheduler(**SD15_SCHEDULER), N)
+MODES = [("uniform", "sample"), ("discount", "sample"), ("discount", "weight"), ("timestep_aware", "sample"),
+         ("timestep_aware", "weight")]
+
+
+def _logsigmoid64(z: torch.Tensor) -> torch.Tensor:
+    return -torch.log1p(torch.exp(-z.double()))
+
+
+class Stub:
+    """Known log-ratios per (pair, grid step): the winner's far above the loser's for some pairs, below for
+    others, so z = β s (Δ_w − Δ_l) is large and of both signs; they require grad, so the method's gradient
+    direction can be read."""
+
+    def __init__(self, seed: int = 0):
+        gen = torch.Generator().manual_seed(seed)
+        self.lw = (3 * torch.randn(B, N, generator=gen, dtype=torch.float64)).requires_grad_()
+        self.ll = (3 * torch.randn(B, N, generator=gen, dtype=torch.float64)).requires_grad_()
+        self.step_index = torch.randint(0, N, (B,), generator=gen)
+
+    def step_logratios(self, batch):
+        rows = torch.arange(B)
+        return self.lw[rows, batch.tensors["step_index"]], self.ll[rows, batch.tensors["step_index"]], {}
+
+    def trajectory_logratios(self, batch, k):
+        return self.lw.gather(1, k), self.ll.gather(1, k), {}
+
+
+def _context(stub: Stub, mode: str, discount_as: str, seed: int = 1, **loss) -> MethodContext:
+    tw = TimeWeighting(TimeWeightConfig(mode=mode, discount_as=discount_as, gamma=0.7), PROCESS)
+    loss = SimpleNamespace(**{"beta": 2.0, "ratio_clip": None, "scale_c": 1.5, "kappa": 4.0, "num_step_samples": 3,
+                              **loss})
+    return MethodContext(loss, discount_as, tw, torch.Generator().manual_seed(seed), torch.device("cpu"), PROCESS,
+                         None, stub.step_logratios, stub.trajectory_logratios, None, None, None)
+
+
+def _batch(kind: str, stub: Stub) -> PairBatch:
+    return PairBatch(kind, {"step_index": stub.step_index}, ["p"] * B)
+
+
+@pytest.mark.parametrize(("mode", "discount_as"), MODES)
+def test_dpo_on_step_pairs_puts_lambda_inside_the_sigmoid_and_the_discount_outside(mode, discount_as):
+    stub = Stub()
+    ctx = _context(stub, mode, discount_as)
+    loss = find_method("dpo_logprob", "step")(ctx, _batch("step", stub))[0].loss
+    s, w = ctx.time_weighting.weigh(stub.step_index)
+    rows = torch.arange(B)
+    z = 2.0 * s * (stub.lw[rows, stub.step_index] - stub.ll[rows, stub.step_index])
+    expected = -(w * _logsigmoid64(z)).mean()
+    assert float(loss.detach()) == pytest.approx(float(expected), rel=1e-6)
+    loss.backward()
+    assert (stub.lw.grad[rows, stub.step_index] < 0).all() and (stub.ll.grad[rows, stub.step_index] > 0).all()
+
+
+@pytest.mark.parametrize(("mode", "discount_as"), MODES)
+def test_dpo_on_trajectory_pairs_trains_the_step_the_time_weighting_draws(mode, discount_as):
+    stub = Stub()
+    ctx = _context(stub, mode, discount_as, seed=5)
+    loss = find_method("dpo_logprob", "trajectory")(ctx, _batch("trajectory", stub))[0].loss
+    steps = ctx.time_weighting.sample(B, torch.Generator().manual_seed(5))  # the same draw
+    rows = torch.arange(B)
+    z = 2.0 * steps.beta_scale * (stub.lw[rows, steps.index] - stub.ll[rows, steps.index])
+    assert float(loss.detach()) == pytest.approx(float(-(steps.weight * _logsigmoid64(z)).mean()), rel=1e-6)
+
+
+@pytest.mark.parametrize(("mode", "discount_as"), [("discount", "sample"), ("discount", "weight"),
+                                                   ("uniform", "sample")])
+def test_dense_dpo_clips_scales_and_discounts_the_shared_steps(mode, discount_as):
+    stub = Stub()
+    ctx = _context(stub, mode, discount_as, seed=7)
+    loss = find_method("dense_dpo", "trajectory")(ctx, _batch("trajectory", stub))[0].loss
+    steps = ctx.time_weighting.sample(3, torch.Generator().manual_seed(7))  # M = 3 steps, shared by every pair
+    w = steps.weight if discount_as == "weight" else torch.ones(3, dtype=torch.float64)
+    lw, ll = (x[:, steps.index].clamp(-4.0, 4.0) for x in (stub.lw, stub.ll))
+    z = 1.5 * ((w * lw).mean(1) - (w * ll).mean(1))
+    assert float(loss.detach()) == pytest.approx(float(-_logsigmoid64(z).mean()), rel=1e-6)
+    if mode == "discount" and discount_as == "weight":
+        assert not torch.allclose(w, torch.ones(3, dtype=torch.float64))  # the weights really entered
+
+
+def test_dense_dpo_on_step_pairs_weighs_each_pair_by_its_branching_steps_discount():
+    stub = Stub()
+    ctx = _context(stub, "discount", "weight")
+    loss = find_method("dense_dpo", "step")(ctx, _batch("step", stub))[0].loss
+    _, w = ctx.time_weighting.weigh(stub.step_index)
+    rows = torch.arange(B)
+    lw, ll = (x[rows, stub.step_index].clamp(-4.0, 4.0) for x in (stub.lw, stub.ll))
+    assert float(loss.detach()) == pytest.approx(float(-_logsigmoid64(1.5 * w * (lw - ll)).mean()), rel=1e-6)
+
+
+@pytest.mark.parametrize("ref_adapter", [None, "ref"])
+@pytest.mark.parametrize("mode", ["uniform", "timestep_aware"])
+def test_diffusion_dpo_noises_both_children_alike_and_compares_with_the_reference_it_is_given(ref_adapter, mode):
+    gen = torch.Generator().manual_seed(3)
+    x0_w, x0_l = torch.randn(B, 4, 2, 2, generator=gen), torch.randn(B, 4, 2, 2, generator=gen)
+    scale = {POLICY: 1.0, None: 1.7, "ref": 0.6}  # each adapter's model is off by its own factor
+    seen = []
+
+    def mse(x_t, t, emb, target, adapter):
+        seen.append((x_t, t, target, adapter))
+        return scale[adapter] * (x_t - target).square().flatten(1).mean(1)
+
+    stub = Stub()
+    tw = TimeWeighting(TimeWeightConfig(mode=mode), PROCESS)
+    ctx = MethodContext(SimpleNamespace(beta=50.0), "sample", tw, torch.Generator().manual_seed(9), torch.device("cpu"),
+                        PROCESS, ref_adapter, stub.step_logratios, stub.trajectory_logratios,
+                        lambda batch: (x0_w, x0_l), mse, lambda prompts: None)
+    loss = find_method("diffusion_dpo", "step")(ctx, PairBatch("step", {}, ["p"] * B))[0].loss
+    (x_t, t, target, ref_seen), (_, _, _, policy_seen) = seen
+    assert (ref_seen, policy_seen) == (ref_adapter, POLICY)
+    assert torch.equal(t[:B], t[B:]) and torch.equal(target[:B], target[B:])  # same t and ε for the pair
+    scheduler = DDIMScheduler(**SD15_SCHEDULER)
+    x0 = torch.cat([x0_w, x0_l])
+    assert torch.allclose(x_t, scheduler.add_noise(x0, target, t.long()), atol=1e-6)  # forward noising, ε target
+    steps = tw.sample(B, torch.Generator().manual_seed(9))
+    base = (x_t - target).double().square().flatten(1).mean(1)
+    d_w = (1.0 - scale[ref_adapter]) * base[:B]
+    d_l = (1.0 - scale[ref_adapter]) * base[B:]
+    z = -0.5 * 50.0 * steps.beta_scale * (d_w - d_l)
+    assert float(loss.detach()) == pytest.approx(float(-_logsigmoid64(z).mean()), rel=1e-5)
+
+
+def test_the_learners_reference_is_the_adapter_it_names(make_config):
+    """Log-ratios against the reference: the base model while the reference is the initial one; the REF adapter
+    once a stable reference was replaced (a learner that kept the base would train against the wrong model)."""
+    from learner.trainer import Learner
+    from policy import REF
+
+    learner = Learner(make_config(reference={"strategy": "stable_update", "tau": 1, "delta": 1e9}))
+    pol = learner.policy
+
+    def nudge() -> None:
+        with torch.no_grad():
+            for p in learner.params:
+                p.add_(0.05 * torch.randn_like(p))
+
+    assert learner.method_context().ref_adapter is None  # no replacement yet: the initial model
+    nudge()
+    learner.reference.state = learner.policy_tensors()
+    pol.copy_into(REF, learner.reference.state, 1)
+    nudge()  # policy, reference and base are now three different models
+    assert learner.method_context().ref_adapter == REF
+    gen = torch.Generator().manual_seed(0)
+    x, x_prev = (torch.randn(2, *pol.latent_shape, generator=gen) for _ in range(2))
+    t = pol.timesteps[:1].repeat(2)
+    emb = pol.encode_prompts(["a red circle", "a blue square"])
+    with torch.no_grad():
+        (got,) = learner._logratios(x, t, emb, x_prev)
+        mu, sigma, _ = pol.mean(x, t, emb, adapter=POLICY)
+        want, base = (pol.logratio(x_prev, mu, pol.mean(x, t, emb, adapter=a)[0], sigma) for a in (REF, None))
+    assert torch.allclose(got, want) and not torch.allclose(got, base, atol=1e-4)
+
+
+def test_guidance_eta_rises_from_lo_at_the_first_step_to_hi_at_the_last(make_config, monkeypatch):
+    """TailorPO-G: 'higher for smaller t' — the rollout passes η(k) of generation step k (k = 0: largest t)."""
+    import actors.rollout as rollout
+
+    seen = []
+    original = rollout.reward_gradient_step
+
+    def spy(x, reward_fn, eta, **kw):
+        seen.append(eta)
+        return original(x, reward_fn, eta, **kw)
+
+    monkeypatch.setattr(rollout, "reward_gradient_step", spy)
+    cfg = make_config(pairs={"kind": "step_branch", "branch_steps": [0, 2, 5]},
+                      guidance={"kind": "reward_gradient", "eta_lo": 0.1, "eta_hi": 0.9})
+    worker = brightness_worker(cfg)
+    worker.generate(["a red circle"], [0], [0], 0, 0)
+    n = cfg.sampler.num_steps
+    expected = [0.1 + 0.8 * (1 - math.cos(math.pi * k / (n - 1))) / 2 for k in (0, 2, 5)]
+    assert seen == pytest.approx(expected) and seen[0] == pytest.approx(0.1) and seen == sorted(seen)
