@@ -141,6 +141,18 @@ def check_model_dir(model_dir: str | Path) -> Path:
     return root
 
 
+def scheduler_class(root: Path, kind: type[Denoiser]) -> type:
+    """The kind's scheduler, or a flow-matching one where the directory ships it: a UNet trained for velocity
+    (the embedded flow world, world/flow_model) is sampled by the flow SDE, not by DDIM."""
+    path = root / "scheduler" / "scheduler_config.json"
+    try:
+        config = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ModelPathError(f"model directory {root}: {path.relative_to(root)} is not JSON ({e})") from None
+    flow = config.get("_class_name") == FlowMatchEulerDiscreteScheduler.__name__
+    return FlowMatchEulerDiscreteScheduler if flow else kind.scheduler_class
+
+
 def load_components(model_dir: str | Path, device: str | torch.device = "cpu",
                     dtype: torch.dtype | str = torch.float32) -> Components:
     """Load every component from ``model_dir`` (local files only, safetensors only), frozen, in eval mode."""
@@ -155,7 +167,7 @@ def load_components(model_dir: str | Path, device: str | torch.device = "cpu",
         encoder_dir, tokenizer_dir = text_folders(i)
         encoders.append((tokenizer_class.from_pretrained(root, subfolder=tokenizer_dir, local_files_only=True),
                          encoder_class.from_pretrained(root, subfolder=encoder_dir, dtype=dtype, **kw)))
-    scheduler = kind.scheduler_class.from_pretrained(root, subfolder="scheduler", local_files_only=True)
+    scheduler = scheduler_class(root, kind).from_pretrained(root, subfolder="scheduler", local_files_only=True)
     denoiser = kind(net, encoders)
     for module in (*denoiser.modules, vae):
         module.requires_grad_(False).eval().to(device)

@@ -6,7 +6,9 @@ held-out combinations, seeds 0..n-1): random-init weights of the same architectu
 the base model on training prompts (generalisation gap), renders of the training distribution ("data", random
 sizes) and ideal renders at the preferred (largest) size — the ceiling. Sampling goes through the project's
 policy (``DiffusionPolicy.sample``), the same code the rollout actors run.
-Writes world/assets/metrics.json, world/assets/samples_heldout.png and the table into world/TRAINING.md.
+Writes world/assets/metrics.json, world/assets/samples_heldout.png and the table into world/TRAINING.md; for the
+flow world (``--model world/flow_model``: the random-init row then uses its flow scheduler too)
+world/assets/flow_metrics.json, flow_samples_heldout.png and world/FLOW_TRAINING.md.
 """
 
 from __future__ import annotations
@@ -20,9 +22,18 @@ from pathlib import Path
 import torch
 
 from policy import DiffusionPolicy, SamplerConfig
+from policy.process import FlowMatchingSDE
 from rewards.world import WorldFidelity, WorldPreference, WorldReward
 from world.scenes import RADIUS_RANGE, render_batch, sample_scenes, split_prompts
-from world.train import ASSETS, build_parts, save_model, update_section, write_tokenizer
+from world.train import (
+    ASSETS,
+    FLOW_TRAINING_MD,
+    TRAINING_MD,
+    build_parts,
+    save_model,
+    update_section,
+    write_tokenizer,
+)
 
 REWARDS = {"world": WorldReward(), "world_fidelity": WorldFidelity(), "world_preference": WorldPreference()}
 
@@ -41,11 +52,12 @@ def summarise(images: torch.Tensor, prompts: list[str]) -> dict[str, dict[str, f
     return out
 
 
-def random_init_model(out_dir: str | Path, seed: int = 0) -> Path:
-    """The trained architecture with random weights, saved in the same layout (loaded the same way)."""
+def random_init_model(out_dir: str | Path, seed: int = 0, scheduler=None) -> Path:
+    """The trained architecture with random weights, saved in the same layout (loaded the same way) with
+    ``scheduler`` (default: DDIM)."""
     out = Path(out_dir)
     tokenizer = write_tokenizer(out / "_tokenizer")
-    save_model(out, *build_parts(tokenizer, seed), tokenizer)
+    save_model(out, *build_parts(tokenizer, seed), tokenizer, scheduler)
     return out
 
 
@@ -91,19 +103,23 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--split-seed", type=int, default=0, help="the seed the model was trained with")
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--guidance", type=float, default=5.0)
-    parser.add_argument("--eta", type=float, default=1.0)
+    parser.add_argument("--eta", type=float, default=1.0, help="DDIM's eta")
+    parser.add_argument("--noise-level", type=float, default=0.7, help="a flow model's SDE noise level a")
     parser.add_argument("--batch", type=int, default=64)
     parser.add_argument("--out", default=str(ASSETS), help="folder for metrics.json and samples_heldout.png")
     args = parser.parse_args(argv)
-    sampler = SamplerConfig(num_steps=args.steps, guidance_scale=args.guidance, eta=args.eta)
+    sampler = SamplerConfig(num_steps=args.steps, guidance_scale=args.guidance, eta=args.eta,
+                            noise_level=args.noise_level)
     train, heldout = split_prompts(args.split_seed)
     seeds = list(range(args.n))
     held_prompts = [heldout[i % len(heldout)] for i in seeds]
     train_prompts = [train[i % len(train)] for i in seeds]
 
     base = DiffusionPolicy.from_pretrained(args.model, device="cpu", sampler=sampler)
+    flow = isinstance(base.process, FlowMatchingSDE)
     with tempfile.TemporaryDirectory() as tmp:
-        random_policy = DiffusionPolicy.from_pretrained(random_init_model(tmp), device="cpu", sampler=sampler)
+        random_dir = random_init_model(tmp, scheduler=base.c.scheduler if flow else None)
+        random_policy = DiffusionPolicy.from_pretrained(random_dir, device="cpu", sampler=sampler)
     images = {
         "random init": sample_images(random_policy, held_prompts, seeds, args.batch),
         "base model": sample_images(base, held_prompts, seeds, args.batch),
@@ -118,18 +134,23 @@ def main(argv: list[str] | None = None) -> None:
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    settings = {"n": args.n, "steps": args.steps, "guidance_scale": args.guidance, "eta": args.eta,
+    noise = f"noise level a {args.noise_level}" if flow else f"eta {args.eta}"
+    settings = {"n": args.n, "steps": args.steps, "guidance_scale": args.guidance,
+                **({"noise_level": args.noise_level} if flow else {"eta": args.eta}),
                 "split_seed": args.split_seed, "heldout_prompts": heldout}
-    (out / "metrics.json").write_text(json.dumps({"settings": settings, "rows": rows}, indent=2))
+    prefix = "flow_" if flow else ""
+    (out / f"{prefix}metrics.json").write_text(json.dumps({"settings": settings, "rows": rows}, indent=2))
     k = len(heldout)  # seeds i, i+k, i+2k, ... all have prompt heldout[i]
     columns = {"ideal": images["ideal (ceiling)"][:k], "random init": images["random init"][:k]}
     for j in range(min(4, args.n // k)):
         columns[f"base, seed {j}"] = images["base model"][j * k : (j + 1) * k]
-    save_grid(columns, heldout, out / "samples_heldout.png")
+    save_grid(columns, heldout, out / f"{prefix}samples_heldout.png")
     if out.resolve() == ASSETS.resolve():  # the committed model's own record
-        update_section("evaluation", f"## Held-out evaluation (`python -m rewards.world_headroom --n {args.n}`)\n\n"
-                       f"{args.steps} DDIM steps, eta {args.eta}, guidance {args.guidance}; mean ± standard error over "
-                       f"{args.n} samples.\n\n{text}\n\nSamples: assets/samples_heldout.png")
+        command = f"python -m rewards.world_headroom --n {args.n}" + (f" --model {args.model}" if flow else "")
+        sampler_text = f"{args.steps} {'flow SDE' if flow else 'DDIM'} steps, {noise}, guidance {args.guidance}"
+        update_section("evaluation", f"## Held-out evaluation (`{command}`)\n\n{sampler_text}; mean ± standard "
+                       f"error over {args.n} samples.\n\n{text}\n\nSamples: assets/{prefix}samples_heldout.png",
+                       FLOW_TRAINING_MD if flow else TRAINING_MD)
 
 
 if __name__ == "__main__":

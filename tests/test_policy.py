@@ -165,6 +165,11 @@ def test_missing_model_dir_and_files(tmp_path, tiny_model_dir):
     (broken / "unet" / "diffusion_pytorch_model.safetensors").unlink()
     with pytest.raises(ModelPathError, match=r"missing unet/diffusion_pytorch_model\.safetensors"):
         DiffusionPolicy.from_pretrained(broken)
+    garbled = tmp_path / "garbled"
+    shutil.copytree(tiny_model_dir, garbled)
+    (garbled / "scheduler" / "scheduler_config.json").write_text("{not json")
+    with pytest.raises(ModelPathError, match=r"scheduler/scheduler_config\.json is not JSON"):
+        DiffusionPolicy.from_pretrained(garbled)
 
 
 @pytest.mark.parametrize("kwargs,match", [

@@ -216,3 +216,28 @@ def test_committed_model_loads_with_diffusers_and_is_small():
     assert all(i != tokenizer.unk_token_id for word in ids for i in word)
     index = json.loads((MODEL_DIR / "model_index.json").read_text())
     assert {"unet", "vae", "text_encoder", "tokenizer", "scheduler"} <= set(index)
+
+
+def test_the_flow_world_trains_from_the_world_model_for_velocity_and_samples_with_the_flow_sde(tmp_path):
+    """``world.train --process flow --init``: the same networks, saved with a flow-matching scheduler, load as a flow
+    model (FlowMatchingSDE) and sample; two steps of training moved the UNet off its ε weights."""
+    if not (MODEL_DIR / "model_index.json").is_file():
+        pytest.skip(f"{MODEL_DIR} not trained yet")
+    from diffusers import FlowMatchEulerDiscreteScheduler, UNet2DConditionModel
+
+    from policy import DiffusionPolicy, SamplerConfig
+    from policy.process import FlowMatchingSDE
+    from world.train import main as train
+
+    out = tmp_path / "flow"
+    train(["--process", "flow", "--init", str(MODEL_DIR), "--out", str(out), "--steps", "2", "--batch", "4",
+           "--images-per-prompt", "1", "--no-report"])
+    assert FlowMatchEulerDiscreteScheduler.from_pretrained(out, subfolder="scheduler").config.shift == 1.0
+    before, after = (UNet2DConditionModel.from_pretrained(d, subfolder="unet") for d in (MODEL_DIR, out))
+    assert any(not torch.equal(a, b) for a, b in zip(before.parameters(), after.parameters(), strict=True))
+    policy = DiffusionPolicy.from_pretrained(out, sampler=SamplerConfig(num_steps=3, noise_level=0.7))
+    assert isinstance(policy.process, FlowMatchingSDE)
+    # shift 1: σ evenly spaced from 1 to the scheduler's σ_min = 1/1000, as diffusers' pipelines space them
+    assert policy.process.timesteps.tolist() == pytest.approx([1.0, 0.5005, 0.001], abs=1e-6)
+    images = policy.sample(["a red circle"], [0]).images
+    assert images.shape == (1, 3, 32, 32) and torch.isfinite(images).all()

@@ -12,6 +12,11 @@ diffusers layout. Two stages, both on CPU within the issue's budget (<= 45 min o
    An EMA of the weights is what gets saved (it samples better than the last iterate after a short run).
 
 The run writes world/assets/train_loss.png and world/TRAINING.md (command, seed, wall time, final losses).
+
+``--process flow --init world/model`` makes the flow world instead (world/flow_model): the same networks,
+started from the trained model's weights (its VAE kept as is), trained for rectified-flow velocity prediction
+(``VelocityObjective``) and saved with a ``FlowMatchEulerDiscreteScheduler``; its record goes to
+world/FLOW_TRAINING.md and world/assets/flow_*.
 """
 
 from __future__ import annotations
@@ -31,15 +36,24 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+from diffusers import (
+    AutoencoderKL,
+    DDIMScheduler,
+    FlowMatchEulerDiscreteScheduler,
+    StableDiffusionPipeline,
+    UNet2DConditionModel,
+)
 from tqdm import tqdm
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
+from policy.flow import flow_add_noise
+from policy.process import MODEL_TIME_SCALE
 from policy.tokenizer import write_word_tokenizer
 from world.scenes import IMAGE_SIZE, render_batch, sample_scenes, split_prompts, vocabulary
 
 ASSETS = Path(__file__).parent / "assets"
 TRAINING_MD = Path(__file__).parent / "TRAINING.md"
+FLOW_TRAINING_MD = Path(__file__).parent / "FLOW_TRAINING.md"
 MAX_TOKENS = 16
 
 # SD-1.5 DDIM conventions (the brief's default; 8x8 latents did not need another schedule).
@@ -55,6 +69,9 @@ UNET = dict(sample_size=IMAGE_SIZE // 4, in_channels=4, out_channels=4, layers_p
             down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
             up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), cross_attention_dim=32, attention_head_dim=4,
             norm_num_groups=8)
+# The flow world's scheduler: σ spaced evenly (shift 1). SD3's shift of 3 moves steps towards noise for 1024 px
+# images, whose many latent tokens keep more signal at a given σ (Esser et al. 2024, §5.3.2); 8x8 latents do not.
+FLOW_SCHEDULER = dict(num_train_timesteps=1000, shift=1.0)
 TEXT = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
             max_position_embeddings=MAX_TOKENS)
 
@@ -90,11 +107,13 @@ def write_tokenizer(out_dir: str | Path) -> CLIPTokenizer:
 
 
 def save_model(out: str | Path, vae: AutoencoderKL, text_encoder: CLIPTextModel, unet: UNet2DConditionModel,
-               tokenizer: CLIPTokenizer) -> None:
-    """Save in diffusers layout (model_index.json, unet/, vae/, text_encoder/, tokenizer/, scheduler/), safetensors."""
+               tokenizer: CLIPTokenizer, scheduler: DDIMScheduler | FlowMatchEulerDiscreteScheduler | None = None
+               ) -> None:
+    """Save in diffusers layout (model_index.json, unet/, vae/, text_encoder/, tokenizer/, scheduler/), safetensors;
+    the scheduler says how the UNet was trained (default: SD-1.5's DDIM)."""
     pipe = StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
-                                   scheduler=DDIMScheduler(**SCHEDULER), safety_checker=None, feature_extractor=None,
-                                   requires_safety_checker=False)
+                                   scheduler=scheduler or DDIMScheduler(**SCHEDULER), safety_checker=None,
+                                   feature_extractor=None, requires_safety_checker=False)
     pipe.save_pretrained(out, safe_serialization=True)
 
 
@@ -154,14 +173,46 @@ def min_snr_weight(timesteps: torch.Tensor, alphas_cumprod: torch.Tensor, gamma:
     return snr.clamp(max=gamma) / snr
 
 
+Noised = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]  # x_t, the net's timestep, target, weight
+
+
+class EpsilonObjective:
+    """ε-prediction under SD-1.5's DDPM schedule, t uniform over its 1000 steps, weighted by Min-SNR-γ."""
+
+    label = "ε-MSE"
+
+    def __init__(self, snr_gamma: float) -> None:
+        self.scheduler, self.snr_gamma = DDIMScheduler(**SCHEDULER), snr_gamma
+
+    def __call__(self, z0: torch.Tensor, noise: torch.Tensor, gen: torch.Generator) -> Noised:
+        t = torch.randint(0, self.scheduler.config.num_train_timesteps, (len(z0),), generator=gen)
+        weight = min_snr_weight(t, self.scheduler.alphas_cumprod, self.snr_gamma)
+        return self.scheduler.add_noise(z0, noise, t), t, noise, weight
+
+
+class VelocityObjective:
+    """Rectified flow with velocity prediction, as SD3 trains (Esser et al. 2024, §2 and §3.1): x_σ = (1−σ) x_0 +
+    σ ε, target v = ε − x_0, σ drawn logit-normal(0, 1) (their best sampler, "lognorm(0.00, 1.00)"); the net sees
+    σ · 1000, the timestep ``FlowMatchEulerDiscreteScheduler`` feeds it (policy.process.FlowMatchingSDE)."""
+
+    label = "velocity MSE"
+
+    def __init__(self) -> None:
+        self.scheduler = FlowMatchEulerDiscreteScheduler(**FLOW_SCHEDULER)
+
+    def __call__(self, z0: torch.Tensor, noise: torch.Tensor, gen: torch.Generator) -> Noised:
+        sigma = torch.sigmoid(torch.randn(len(z0), generator=gen))
+        x_t = flow_add_noise(z0, sigma.view(-1, 1, 1, 1), noise)
+        return x_t, sigma * MODEL_TIME_SCALE, noise - z0, torch.ones_like(sigma)
+
+
 def train_diffusion(latent_mean: torch.Tensor, latent_std: torch.Tensor, scaling: float, ids: torch.Tensor,
                     prompt_index: torch.Tensor, empty_ids: torch.Tensor, cfg: TrainConfig,
-                    text_encoder: CLIPTextModel, unet: UNet2DConditionModel, deadline: float
+                    text_encoder: CLIPTextModel, unet: UNet2DConditionModel, deadline: float,
+                    objective: EpsilonObjective | VelocityObjective
                     ) -> tuple[list[float], int, CLIPTextModel, UNet2DConditionModel]:
     """Stage 2. ``ids[prompt_index[i]]`` are the token ids of image i. Returns losses, steps done and the EMA nets."""
     gen = torch.Generator().manual_seed(cfg.seed + 2)
-    scheduler = DDIMScheduler(**SCHEDULER)
-    alphas_cumprod = scheduler.alphas_cumprod
     params = [*unet.parameters(), *text_encoder.parameters()]
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.01)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(cfg.warmup, cfg.steps))
@@ -178,15 +229,14 @@ def train_diffusion(latent_mean: torch.Tensor, latent_std: torch.Tensor, scaling
             break
         idx = torch.randint(len(latent_mean), (cfg.batch,), generator=gen)
         z0 = (latent_mean[idx] + latent_std[idx] * torch.randn(latent_mean[idx].shape, generator=gen)) * scaling
-        noise = torch.randn(z0.shape, generator=gen)
-        t = torch.randint(0, scheduler.config.num_train_timesteps, (cfg.batch,), generator=gen)
+        x_t, t, target, weight = objective(z0, torch.randn(z0.shape, generator=gen), gen)
         tokens = ids[prompt_index[idx]]
         drop = torch.rand(cfg.batch, generator=gen) < cfg.cfg_drop
         tokens = torch.where(drop[:, None], empty_ids[None, :], tokens)
         context = text_encoder(tokens)[0]
-        pred = unet(scheduler.add_noise(z0, noise, t), t, encoder_hidden_states=context).sample
-        per_sample = (pred - noise).pow(2).mean(dim=(1, 2, 3))
-        loss = (min_snr_weight(t, alphas_cumprod, cfg.snr_gamma) * per_sample).mean()
+        pred = unet(x_t, t, encoder_hidden_states=context).sample
+        per_sample = (pred - target).pow(2).mean(dim=(1, 2, 3))
+        loss = (weight * per_sample).mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -195,15 +245,16 @@ def train_diffusion(latent_mean: torch.Tensor, latent_std: torch.Tensor, scaling
         decay = min(cfg.ema_decay, (1 + step) / (10 + step))
         with torch.no_grad():
             torch._foreach_lerp_(ema_params, params, 1 - decay)
-        losses.append(per_sample.mean().item())  # the plain ε-MSE, comparable across weightings
+        losses.append(per_sample.mean().item())  # the plain MSE, comparable across weightings
         if step % 50 == 0:
-            bar.set_postfix(eps_mse=f"{np.mean(losses[-50:]):.4f}", refresh=False)
+            bar.set_postfix(mse=f"{np.mean(losses[-50:]):.4f}", refresh=False)
     else:
         step = cfg.steps
     return losses, step, ema_text, ema_unet
 
 
-def plot_losses(vae_losses: list[float], diff_losses: list[float], path: Path) -> None:
+def plot_losses(panels: list[tuple[list[float], str]], path: Path) -> None:
+    """One log-scale panel per (per-step losses, title)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -213,8 +264,8 @@ def plot_losses(vae_losses: list[float], diff_losses: list[float], path: Path) -
         a = np.asarray(v)
         return np.convolve(a, np.ones(k) / k, mode="valid") if len(a) > k else a
 
-    fig, axes = plt.subplots(1, 2, figsize=(10, 3.5))
-    for ax, v, title in ((axes[0], vae_losses, "VAE: MSE + KL"), (axes[1], diff_losses, "diffusion: ε-MSE")):
+    fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 3.5), squeeze=False)
+    for ax, (v, title) in zip(axes[0], panels, strict=True):
         ax.plot(v, alpha=0.25, lw=0.5, label="per step")
         ax.plot(np.arange(len(smooth(v))) + (len(v) - len(smooth(v))) // 2, smooth(v), lw=1.5, label="mean of 50")
         ax.set_yscale("log")
@@ -227,9 +278,13 @@ def plot_losses(vae_losses: list[float], diff_losses: list[float], path: Path) -
     plt.close(fig)
 
 
-def write_training_md(cfg: TrainConfig, report: dict, path: Path) -> None:
+def write_training_md(cfg: TrainConfig, report: dict, path: Path, title: str = "The embedded world model",
+                      loss_png: str = "assets/train_loss.png") -> None:
+    vae = (f"- final VAE loss (mean of the last 100 steps): {report['final_vae_loss']:.5f}; "
+           f"reconstruction MSE on [-1,1] pixels of held-aside images: {report['vae_recon_mse']:.5f}"
+           if "final_vae_loss" in report else f"- VAE, latent scaling and initial weights: those of {report['init']}")
     lines = [
-        "# The embedded world model: how it was trained",
+        f"# {title}: how it was trained",
         "",
         "Reproduce (2 CPU cores, no downloads):",
         "",
@@ -244,9 +299,8 @@ def write_training_md(cfg: TrainConfig, report: dict, path: Path) -> None:
         f"process {report['cpu_minutes']:.1f} min (= the wall time on an otherwise idle machine at {report['threads']} "
         "thread(s))",
         f"- diffusion steps done: {report['diffusion_steps']} of {cfg.steps} (batch {cfg.batch})",
-        f"- final VAE loss (mean of the last 100 steps): {report['final_vae_loss']:.5f}; "
-        f"reconstruction MSE on [-1,1] pixels of held-aside images: {report['vae_recon_mse']:.5f}",
-        f"- final diffusion ε-MSE (mean of the last 100 steps): {report['final_diffusion_loss']:.4f}",
+        vae,
+        f"- final diffusion {report['objective']} (mean of the last 100 steps): {report['final_diffusion_loss']:.4f}",
         f"- latent scaling_factor (1/std): {report['scaling_factor']:.4f}",
         f"- parameters: UNet {report['params_unet']:,}, VAE {report['params_vae']:,}, "
         f"text encoder {report['params_text']:,}; weights on disk {report['model_mb']:.2f} MB",
@@ -255,7 +309,7 @@ def write_training_md(cfg: TrainConfig, report: dict, path: Path) -> None:
         "",
         "Config: `" + json.dumps(asdict(cfg)) + "`",
         "",
-        "Loss curves: assets/train_loss.png",
+        f"Loss curves: {loss_png}",
         "",
         "<!-- evaluation -->",
         "<!-- /evaluation -->",
@@ -275,6 +329,15 @@ def update_section(name: str, text: str, path: Path = TRAINING_MD) -> None:
     path.write_text(pattern.sub(lambda _: block, old) if pattern.search(old) else old.rstrip() + "\n\n" + block + "\n")
 
 
+def load_parts(model_dir: str | Path) -> tuple[AutoencoderKL, CLIPTextModel, UNet2DConditionModel, CLIPTokenizer]:
+    """A trained world model's VAE, text encoder, UNet and tokenizer (the flow world starts from them)."""
+    kw = {"local_files_only": True, "use_safetensors": True}
+    return (AutoencoderKL.from_pretrained(model_dir, subfolder="vae", **kw),
+            CLIPTextModel.from_pretrained(model_dir, subfolder="text_encoder", **kw),
+            UNet2DConditionModel.from_pretrained(model_dir, subfolder="unet", **kw),
+            CLIPTokenizer.from_pretrained(model_dir, subfolder="tokenizer", local_files_only=True))
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default="world/model", help="output directory (diffusers layout)")
@@ -282,12 +345,18 @@ def main(argv: list[str] | None = None) -> None:
     for name in ("images_per_prompt", "vae_steps", "steps", "batch"):
         parser.add_argument(f"--{name.replace('_', '-')}", type=int, default=getattr(TrainConfig, name))
     parser.add_argument("--max-minutes", type=float, default=TrainConfig.max_minutes)
+    parser.add_argument("--lr", type=float, default=TrainConfig.lr)
+    parser.add_argument("--process", choices=("ddim", "flow"), default="ddim",
+                        help="ddim: ε-prediction (world/model); flow: rectified-flow velocity (world/flow_model)")
+    parser.add_argument("--init", default=None,
+                        help="start from this trained model directory (its VAE is kept: no VAE stage)")
     parser.add_argument("--threads", type=int, default=0,
                         help="torch threads (0: torch's default); 1 is far faster when other jobs share the CPU")
     parser.add_argument("--no-report", action="store_true", help="skip assets/ and TRAINING.md (smoke runs)")
     args = parser.parse_args(argv)
     cfg = TrainConfig(seed=args.seed, images_per_prompt=args.images_per_prompt, vae_steps=args.vae_steps,
-                      steps=args.steps, batch=args.batch, max_minutes=args.max_minutes)
+                      steps=args.steps, batch=args.batch, lr=args.lr, max_minutes=args.max_minutes)
+    objective = VelocityObjective() if args.process == "flow" else EpsilonObjective(cfg.snr_gamma)
     if args.threads:
         torch.set_num_threads(args.threads)
     t0, cpu0 = time.monotonic(), time.process_time()
@@ -301,14 +370,22 @@ def main(argv: list[str] | None = None) -> None:
     aside = render_batch(sample_scenes(train_prompts, 512, seed=cfg.seed + 100)) * 2 - 1
     t_data = time.monotonic()
 
-    with tempfile.TemporaryDirectory() as tmp:
-        tokenizer = write_tokenizer(Path(tmp) / "tokenizer")
-    vae, text_encoder, unet = build_parts(tokenizer, cfg.seed)
-    vae_losses = train_vae(images, cfg, vae)
-    with torch.no_grad():
-        recon_mse = F.mse_loss(vae(aside, sample_posterior=False).sample, aside).item()
-    latent_mean, latent_std, scaling = encode_latents(vae, images, cfg.seed)
-    vae.register_to_config(scaling_factor=scaling)
+    vae_report: dict = {"init": args.init}
+    if args.init:
+        vae, text_encoder, unet, tokenizer = load_parts(args.init)
+        with torch.no_grad():
+            latent_mean, latent_std, _ = encode_latents(vae, images, cfg.seed)
+        scaling, vae_losses = vae.config.scaling_factor, []
+    else:
+        with tempfile.TemporaryDirectory() as tmp:
+            tokenizer = write_tokenizer(Path(tmp) / "tokenizer")
+        vae, text_encoder, unet = build_parts(tokenizer, cfg.seed)
+        vae_losses = train_vae(images, cfg, vae)
+        with torch.no_grad():
+            recon_mse = F.mse_loss(vae(aside, sample_posterior=False).sample, aside).item()
+        latent_mean, latent_std, scaling = encode_latents(vae, images, cfg.seed)
+        vae.register_to_config(scaling_factor=scaling)
+        vae_report = {"final_vae_loss": float(np.mean(vae_losses[-100:])), "vae_recon_mse": recon_mse}
     t_vae = time.monotonic()
 
     def token_ids(prompts: list[str]) -> torch.Tensor:
@@ -317,18 +394,17 @@ def main(argv: list[str] | None = None) -> None:
 
     diff_losses, steps_done, text_encoder, unet = train_diffusion(
         latent_mean, latent_std, scaling, token_ids(train_prompts), prompt_index, token_ids([""])[0], cfg,
-        text_encoder, unet, deadline)
+        text_encoder, unet, deadline, objective)
     t_diff = time.monotonic()
 
-    save_model(args.out, vae, text_encoder, unet, tokenizer)
+    save_model(args.out, vae, text_encoder, unet, tokenizer, objective.scheduler)
     model_mb = sum(f.stat().st_size for f in Path(args.out).rglob("*") if f.is_file()) / 2**20
     report = dict(
         command="python -m world.train " + " ".join(sys.argv[1:] if argv is None else argv),
         threads=torch.get_num_threads(), load_start=load_start, load_end=f"{os.getloadavg()[0]:.1f}",
         minutes_total=(t_diff - t0) / 60, minutes_data=(t_data - t0) / 60, minutes_vae=(t_vae - t_data) / 60,
         minutes_diffusion=(t_diff - t_vae) / 60, cpu_minutes=(time.process_time() - cpu0) / 60,
-        diffusion_steps=steps_done,
-        final_vae_loss=float(np.mean(vae_losses[-100:])), vae_recon_mse=recon_mse,
+        diffusion_steps=steps_done, objective=objective.label, **vae_report,
         final_diffusion_loss=float(np.mean(diff_losses[-100:])), scaling_factor=scaling,
         params_unet=sum(p.numel() for p in unet.parameters()), params_vae=sum(p.numel() for p in vae.parameters()),
         params_text=sum(p.numel() for p in text_encoder.parameters()), model_mb=model_mb,
@@ -336,9 +412,15 @@ def main(argv: list[str] | None = None) -> None:
     )
     print(json.dumps(report, indent=2))
     if not args.no_report:
-        plot_losses(vae_losses, diff_losses, ASSETS / "train_loss.png")
-        (ASSETS / "train_report.json").write_text(json.dumps({"config": asdict(cfg), **report}, indent=2))
-        write_training_md(cfg, report, TRAINING_MD)
+        prefix = "flow_" if args.process == "flow" else ""
+        panels = [(vae_losses, "VAE: MSE + KL")] if vae_losses else []
+        plot_losses([*panels, (diff_losses, f"diffusion: {objective.label}")], ASSETS / f"{prefix}train_loss.png")
+        (ASSETS / f"{prefix}train_report.json").write_text(json.dumps({"config": asdict(cfg), **report}, indent=2))
+        if args.process == "flow":
+            write_training_md(cfg, report, FLOW_TRAINING_MD, "The embedded flow world model",
+                              "assets/flow_train_loss.png")
+        else:
+            write_training_md(cfg, report, TRAINING_MD)
 
 
 if __name__ == "__main__":
