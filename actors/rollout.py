@@ -109,6 +109,7 @@ class RolloutWorker:
             raise StaleWeightsError(
                 f"actor {self.actor_id} holds weights v{self.version}, asked for v{expected_version}")
         t0, cpu0, self.ref_seconds = time.perf_counter(), time.process_time(), 0.0
+        rows0 = self.policy.net_rows
         with torch.no_grad():
             kind = self.cfg.pairs.record_kind
             make = self._step_branch if kind == "step" else self._trajectories
@@ -126,6 +127,7 @@ class RolloutWorker:
                        round=torch.full((len(columns["prompt"]),), round_index))
         seconds = time.perf_counter() - t0
         stats: dict[str, Any] = {"chains": float(chains), "seconds": seconds, "ref_seconds": self.ref_seconds,
+                                 "net_rows": float(self.policy.net_rows - rows0),
                                  "pairs": float(len(columns["prompt"])), "steps": float(n * self.cfg.sampler.num_steps)}
         if self.policy.device.type == "cpu":  # the work itself, which other processes' load does not stretch
             stats["cpu_seconds"] = time.process_time() - cpu0

@@ -64,6 +64,8 @@ class Counters:
     nonfinite_skipped: int = 0
     ref_recomputed: int = 0  # pairs whose actor-computed log π_ref was stale (or missing) and recomputed by the learner
     rollout_waits: int = 0  # async calls held back until the learner had room for their pairs
+    actor_net_rows: int = 0  # latents through the rollout actors' networks (policy.DiffusionPolicy.net_rows)
+    learner_net_rows: int = 0  # and through the (lead) learner's, in its updates
 
 
 class Driver:
@@ -234,6 +236,7 @@ class Driver:
         self.weights.landed(task.actor, stats.get("load"))
         self.balancer.observe(task.actor, stats["chains"], stats["seconds"], stats.get("cpu_seconds"))
         self.counters.chains += int(stats["chains"])
+        self.counters.actor_net_rows += int(stats["net_rows"])
         self.pairs_per_prompt = stats["pairs"] / len(task.prompts)
         a, step = task.actor, self.counters.steps
         self.logger.log(step, {f"actor{a}/chains_per_s": stats["chains"] / stats["seconds"],
@@ -270,6 +273,7 @@ class Driver:
         else:
             c.steps += 1
         c.ref_recomputed += int(metrics.get("ref_recomputed", 0))
+        c.learner_net_rows += int(metrics.get("net_rows", 0))
         if metrics.get("ref_replaced") and self.rollouts and self.cfg.reference.compute_on == "actors":
             self.weights.publish_reference(int(metrics["ref_version"]))
         elapsed = time.perf_counter() - self.started
@@ -293,6 +297,7 @@ class Driver:
         return {"steps": c.steps, "chains": c.chains, "actor_failures": self.weights.failures,
                 "dropped_stale_pairs": self.buffer.dropped, "nonfinite_skipped": c.nonfinite_skipped,
                 "ref_recomputed": c.ref_recomputed, "rollout_waits": c.rollout_waits,
+                "net_rows": {"actors": c.actor_net_rows, "learner": c.learner_net_rows},
                 "staleness": self.buffer.histogram,
                 "trained_age": self.buffer.trained_age, "trained_age_mean": mean_age(self.buffer.trained_age),
                 "guidance_accept_rate": (self.rollout_stats.guidance_accept_rate

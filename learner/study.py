@@ -92,12 +92,14 @@ class Contrast:
 @dataclass(frozen=True)
 class Grid:
     claim: str
-    cells: Mapping[str, Mapping[str, Any]]  # cell -> overrides on default.yaml + ``shared``
+    cells: Mapping[str, Mapping[str, Any]]  # cell -> overrides on ``base_config`` + ``shared``
     contrasts: tuple[Contrast, ...]
     shared: Mapping[str, Any] = field(default_factory=dict)
     seeds: int = MIN_SEEDS
     match_images: bool = False  # scale updates so every cell samples as many chains as the first
     compare_n: int = 256
+    base_config: Path = DEFAULT_CONFIG  # the config every cell overrides
+    world_metrics: Path = WORLD_METRICS  # the model's headroom table (rewards.world_headroom)
 
 
 # ---- manipulation checks: did the runs deliver the treatment a contrast compares? -----------------------------
@@ -117,9 +119,10 @@ SAME_IMAGES = compare_cells("both cells sampled the same number of images (cell 
                             ("step_branch", "trajectory"), lambda a, b: abs(a - b) <= 0.1 * max(a, b))
 GUIDED = every_run("guidance accepted some steps in every tailorpo_g run", ("tailorpo_g",),
                    ("guidance_accept_rate",), lambda d: d["guidance_accept_rate"] > 0)
-TRAINED = every_run("every run made all its learner updates, none skipped as non-finite", ("default",),
-                    ("updates_planned", "nonfinite_skipped"),
-                    lambda d: d["optimizer_updates"] == d["updates_planned"] and d["nonfinite_skipped"] == 0)
+def trained(cell: str) -> Check:
+    return every_run("every run made all its learner updates, none skipped as non-finite", (cell,),
+                     ("updates_planned", "nonfinite_skipped"),
+                     lambda d: d["optimizer_updates"] == d["updates_planned"] and d["nonfinite_skipped"] == 0)
 
 # The grids: data, in one place. β per loss: dpo_logprob on summed log-probs follows the default (β = 0.1);
 # diffusion_dpo's ε-MSE surrogate is a per-element MEAN, orders of magnitude smaller than a summed log-ratio, so it
@@ -179,9 +182,19 @@ GRIDS: dict[str, Grid] = {
         claim="The shipped default (configs/default.yaml) raises the held-out reward and closes at least half of "
               "the headroom between the base model and the ideal renders.",
         cells={"default": {}},
-        contrasts=(Contrast("the default raises the held-out reward", {"default": 1}, checks=(TRAINED,)),
+        contrasts=(Contrast("the default raises the held-out reward", {"default": 1}, checks=(trained("default"),)),
                    Contrast("the default closes at least half of the headroom", {"default": 1},
-                            metric="headroom_closed", margin=0.5, checks=(TRAINED,)))),
+                            metric="headroom_closed", margin=0.5, checks=(trained("default"),)))),
+    "flow_default": Grid(
+        claim="The flow default (configs/flow_default.yaml: the embedded flow world, world/flow_model, sampled by "
+              "the flow SDE) raises the held-out reward and closes at least half of its headroom.",
+        cells={"flow_default": {}},
+        contrasts=(Contrast("the flow default raises the held-out reward", {"flow_default": 1},
+                            checks=(trained("flow_default"),)),
+                   Contrast("the flow default closes at least half of the headroom", {"flow_default": 1},
+                            metric="headroom_closed", margin=0.5, checks=(trained("flow_default"),))),
+        base_config=ROOT / "configs" / "flow_default.yaml",
+        world_metrics=ROOT / "world" / "assets" / "flow_metrics.json"),
 }
 
 
@@ -205,7 +218,7 @@ def cell_trees(grid: Grid, quick: bool = False, updates: int | None = None) -> d
     """Each cell's config tree without seed and output dir: default.yaml + study + shared + cell (+ quick), its
     updates set (``updates``, or scaled to the first cell's images with ``match_images``) and an eval every
     ~1/5 of the run so a curve exists."""
-    default = load_yaml(DEFAULT_CONFIG)
+    default = load_yaml(grid.base_config)
     cells = dict(list(grid.cells.items())[:2]) if quick else dict(grid.cells)
     trees = {c: merge(default, STUDY_RUN, grid.shared, o, QUICK if quick else {}) for c, o in cells.items()}
     if updates is not None:
@@ -243,21 +256,23 @@ class Baseline:
     policy: Any
     rewards: dict[str, Any]
     main: str
+    headroom: tuple[float, float]  # (base, ceiling) of the world reward on held-out prompts
 
     @classmethod
-    def build(cls, cfg: Config, n: int) -> Baseline:
+    def build(cls, cfg: Config, n: int, world_metrics: Path = WORLD_METRICS) -> Baseline:
         from learner.evaluate import build_rewards, load_policy
         from learner.prompts import load_prompts
 
         unique = load_prompts(cfg.data.eval_prompts)
         prompts = [unique[i % len(unique)] for i in range(n)]
         rewards, main = build_rewards(cfg, ["world_fidelity"], prompts)
-        return cls(cfg, prompts, [COMPARE_SEED + i for i in range(n)], load_policy("base", cfg)[0], rewards, main)
+        return cls(cfg, prompts, [COMPARE_SEED + i for i in range(n)], load_policy("base", cfg)[0], rewards, main,
+                   headroom(world_metrics))
 
 
-def headroom() -> tuple[float, float]:
-    """(base, ceiling) held-out ``world`` reward measured for the embedded world (world/assets/metrics.json)."""
-    rows = json.loads(WORLD_METRICS.read_text())["rows"]
+def headroom(world_metrics: Path = WORLD_METRICS) -> tuple[float, float]:
+    """(base, ceiling) held-out ``world`` reward measured for an embedded world model (rewards.world_headroom)."""
+    rows = json.loads(world_metrics.read_text())["rows"]
     return rows["base model, held-out"]["world"]["mean"], rows["ideal (ceiling), held-out"]["world"]["mean"]
 
 
@@ -272,7 +287,7 @@ def run_cell(cfg: Config, cell: str, seed: int, baseline: Baseline, out: Path) -
     result = compare(baseline.policy, policy, baseline.prompts, baseline.seeds, baseline.rewards, baseline.main)
     stats = result.summary()
     main = stats["rewards"][baseline.main]
-    base, ceiling = headroom()
+    base, ceiling = baseline.headroom
     record = {
         "cell": cell, "seed": seed, "steps": summary["steps"], "batch_size": cfg.train.batch_size,
         "chains": summary["chains"], "seconds": summary["seconds"], "n": stats["n"],
@@ -308,12 +323,14 @@ def eval_curve(metrics: Path) -> list[list[float]]:
 # What a run delivered of its treatment, as far as its outputs expose it; None marks what they do not expose yet:
 # the denoising steps the loss trained on (``trained_step_mean``) and the UNet calls.
 DELIVERED = ("updates_planned", "nonfinite_skipped", "pairs_trained", "ref_checks", "guidance_accept_rate",
-             "trained_step_mean", "unet_calls")
+             "trained_step_mean", "trained_step_terms", "net_rows_actors", "net_rows_learner")
 
 
 def delivered_by_run(run: Path, summary: Mapping[str, Any], cfg: Config) -> dict[str, Any]:
     """The record's ``delivered`` fields, from the run's summary.json counts and metrics.jsonl: every reference
-    check as [update, D, "replaced" | "frozen"] (none for a frozen reference) and the pairs of applied updates."""
+    check as [update, D, "replaced" | "frozen"] (none for a frozen reference), the pairs and step terms of applied
+    updates, the mean grid position of the trained steps, and the latents through the actors' and the learner's
+    networks (the compute the contrasts' "equal UNet calls" compares)."""
     train = [(r["step"], r["metrics"]) for r in metric_rows(run / "metrics.jsonl")
              if r["metrics"].get("train/pairs") is not None]
     applied = [(step, m) for step, m in train if not m.get("train/skipped_nonfinite")]
@@ -321,6 +338,10 @@ def delivered_by_run(run: Path, summary: Mapping[str, Any], cfg: Config) -> dict
             "nonfinite_skipped": summary["nonfinite_skipped"],
             "guidance_accept_rate": summary.get("guidance_accept_rate"),
             "pairs_trained": int(sum(m["train/pairs"] for _, m in applied)),
+            "trained_step_terms": int(sum(m["train/pairs"] * m["train/step_terms"] for _, m in applied)),
+            "trained_step_mean": (sum(m["train/pairs"] * m["train/trained_step"] for _, m in applied)
+                                  / max(1, sum(m["train/pairs"] for _, m in applied))),
+            "net_rows_actors": summary["net_rows"]["actors"], "net_rows_learner": summary["net_rows"]["learner"],
             "ref_checks": [[step, m["train/ref_divergence"], "replaced" if m.get("train/ref_replaced") else "frozen"]
                            for step, m in applied if "train/ref_divergence" in m]}
 
@@ -441,11 +462,11 @@ def write_report(name: str, grid: Grid, out: Path, records: Sequence[Mapping[str
     cells = {c: cell_stats(rs) for c, rs in by_cell.items()}
     contrasts = [evaluate_contrast(c, by_cell) for c in grid.contrasts if all(n in by_cell for n in c.weights)]
     result = overall([c["verdict"] for c in contrasts]) if len(contrasts) == len(grid.contrasts) else "incomplete"
-    base, ceiling = headroom()
+    base, ceiling = headroom(grid.world_metrics)
     first = records[0]
     summary = {"grid": name, "claim": grid.claim, "command": command, "verdict": result, "contrasts": contrasts,
                "statistics": STATISTICS,
-               "headroom": {"base": base, "ceiling": ceiling, "source": str(WORLD_METRICS.relative_to(ROOT))},
+               "headroom": {"base": base, "ceiling": ceiling, "source": str(grid.world_metrics.relative_to(ROOT))},
                "base_model": {k: first[k] for k in ("base_reward", "base_fidelity", "base_shape")},
                "cells": {c: {"overrides": grid.cells[c], **cells[c]} for c in cells}, "shared": grid.shared,
                "runs": list(records)}
@@ -509,7 +530,9 @@ def delivered_rows(runs: Sequence[Mapping[str, Any]], cells: Sequence[str]) -> l
                "reference replacements": reference,
                "guidance accept rate": lambda d: num(d["guidance_accept_rate"], ".2f"),
                "mean trained step": lambda d: num(d["trained_step_mean"], ".1f"),
-               "UNet calls": lambda d: num(d["unet_calls"], "d")}
+               "step terms trained": lambda d: num(d["trained_step_terms"], "d"),
+               "network passes, actors + learner": lambda d: (
+                   "–" if d["net_rows_actors"] is None else f"{d['net_rows_actors'] + d['net_rows_learner']:,}")}
     rows = ["| cell | " + " | ".join(columns) + " |", "|" + "---|" * (len(columns) + 1)]
     for c in cells:
         ds = [delivered(r) for r in sorted((r for r in runs if r["cell"] == c), key=lambda r: r["seed"])]
@@ -583,7 +606,8 @@ def run_study(name: str, out: Path, seeds: int | None = None, quick: bool = Fals
     configs = {(c, k): run_config(trees[c], out, c, k) for c, k in jobs}  # every config checked before any run
     todo = [j for j in jobs if not record_path(out, *j).exists()]
     if todo:
-        baseline = Baseline.build(configs[jobs[0]], 8 if quick else grid.compare_n)  # the same on every resume
+        # the same on every resume
+        baseline = Baseline.build(configs[jobs[0]], 8 if quick else grid.compare_n, grid.world_metrics)
         owns_ray = start_ray(configs[todo[0]])
         try:
             for cell, k in tqdm(todo, desc=f"study {name}", unit="run", position=0):

@@ -102,7 +102,7 @@ class Learner(GroupLead):
         """One optimizer step on a batch of pairs (or on the rows ``records`` names of ``batches``, as
         ``actors.stored.StoredPairs.send`` passes them); returns metrics. A non-finite loss or gradient skips the
         step."""
-        t0 = time.perf_counter()
+        t0, rows0 = time.perf_counter(), self.policy.net_rows
         if isinstance(records, RowLayout):
             records = records.assemble(batches)
         batch = records if isinstance(records, PairBatch) else from_table(records)
@@ -134,6 +134,7 @@ class Learner(GroupLead):
             metrics.update(self.memory())
         metrics.update(self._maybe_move_reference())
         metrics["update_seconds"] = time.perf_counter() - t0
+        metrics["net_rows"] = float(self.policy.net_rows - rows0)  # this rank's forward passes, divergence included
         return metrics
 
     def _accumulate(self, batch: PairBatch) -> dict[str, float]:

@@ -123,6 +123,7 @@ class DiffusionPolicy:
         self.timesteps = self.process.timesteps  # the sampler's, in generation order
         self._uncond: Text | None = None
         self._copies: dict[str | None, torch.nn.Module] = {}  # full training: whole UNets by name (see train_full)
+        self.net_rows = 0  # latents through the network so far (CFG's two halves count twice): a compute count
 
     @classmethod
     def from_pretrained(cls, model_dir: str | Path, device: str | torch.device = "cpu",
@@ -245,9 +246,12 @@ class DiffusionPolicy:
         activate(net, name)
         denoiser = self.c.denoiser
         if denoiser.embeds_guidance:
+            self.net_rows += len(x_in)
             return denoiser(x_in, t, embeds.cond, net=net, guidance=w).float()
         if w == 1.0:
+            self.net_rows += len(x_in)
             return denoiser(x_in, t, embeds.cond, net=net).float()
+        self.net_rows += 2 * len(x_in)
         out = denoiser(torch.cat([x_in, x_in]), torch.cat([t, t]), Text.cat([embeds.uncond, embeds.cond]),
                        net=net).float()
         out_u, out_c = out.chunk(2)

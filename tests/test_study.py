@@ -94,17 +94,20 @@ def test_delivered_reads_the_reference_checks_and_updates_of_a_run(tmp_path):
             logger.log(2, {"pairs": 32.0, "loss": math.nan, "skipped_nonfinite": 1.0}, "train")
         ref = {4: {"ref_divergence": 5e-4, "ref_replaced": 1.0, "ref_frozen": 0.0, "ref_version": 1.0},
                8: {"ref_divergence": 2e-3, "ref_replaced": 0.0, "ref_frozen": 1.0, "ref_version": 1.0}}
-        logger.log(step, {"pairs": 32.0, "loss": 0.6, **ref.get(step, {})}, "train")
+        logger.log(step, {"pairs": 32.0, "loss": 0.6, "step_terms": 3.0, "trained_step": step % 2 * 4.0,
+                          **ref.get(step, {})}, "train")
         logger.log(step, {"staleness_mean": 0.5}, "rollout")
     logger.close()
     cfg = build_config(cell_trees(GRIDS["rethinking"], updates=8)["stable_uniform"])
-    fields = delivered_by_run(tmp_path, {"nonfinite_skipped": 1}, cfg)
+    fields = delivered_by_run(tmp_path, {"nonfinite_skipped": 1, "net_rows": {"actors": 900, "learner": 300}}, cfg)
     json.dumps(fields, allow_nan=False)
     d = delivered({"steps": 8, "chains": 100, "seconds": 5.0, "delivered": fields})
     assert (d["updates_planned"], d["optimizer_updates"], d["nonfinite_skipped"], d["pairs_trained"]) == (8, 8, 1, 256)
     assert d["ref_checks"] == [[4, 5e-4, "replaced"], [8, 2e-3, "frozen"]]
     assert (d["ref_replacements"], d["ref_frozen_at"]) == (1, 8)
-    assert d["guidance_accept_rate"] is None and d["unet_calls"] is None  # not exposed by the runs yet
+    assert d["guidance_accept_rate"] is None
+    assert (d["trained_step_terms"], d["trained_step_mean"]) == (768, 2.0)  # 3 terms a pair; steps 4 and 0 alike
+    assert (d["net_rows_actors"], d["net_rows_learner"]) == (900, 300)
     legacy = delivered({"steps": 30, "chains": 1900, "seconds": 90.0})  # a record from before ``delivered``
     assert legacy["optimizer_updates"] == 30 and legacy["wall_seconds"] == 90.0
     assert legacy["ref_replacements"] is None and legacy["updates_planned"] is None

@@ -76,7 +76,7 @@ def test_dpo_on_step_pairs_puts_lambda_inside_the_sigmoid_and_the_discount_outsi
     rows = torch.arange(B)
     z = 2.0 * s * (stub.lw[rows, stub.step_index] - stub.ll[rows, stub.step_index])
     expected = -(w * _logsigmoid64(z)).mean()
-    assert float(loss.detach()) == pytest.approx(float(expected), rel=1e-6)
+    assert float(loss.detach()) == pytest.approx(float(expected.detach()), rel=1e-6)
     loss.backward()
     assert (stub.lw.grad[rows, stub.step_index] < 0).all() and (stub.ll.grad[rows, stub.step_index] > 0).all()
 
@@ -89,7 +89,7 @@ def test_dpo_on_trajectory_pairs_trains_the_step_the_time_weighting_draws(mode, 
     steps = ctx.time_weighting.sample(B, torch.Generator().manual_seed(5))  # the same draw
     rows = torch.arange(B)
     z = 2.0 * steps.beta_scale * (stub.lw[rows, steps.index] - stub.ll[rows, steps.index])
-    assert float(loss.detach()) == pytest.approx(float(-(steps.weight * _logsigmoid64(z)).mean()), rel=1e-6)
+    assert float(loss.detach()) == pytest.approx(float(-(steps.weight * _logsigmoid64(z)).mean().detach()), rel=1e-6)
 
 
 @pytest.mark.parametrize(("mode", "discount_as"), [("discount", "sample"), ("discount", "weight"),
@@ -102,7 +102,7 @@ def test_dense_dpo_clips_scales_and_discounts_the_shared_steps(mode, discount_as
     w = steps.weight if discount_as == "weight" else torch.ones(3, dtype=torch.float64)
     lw, ll = (x[:, steps.index].clamp(-4.0, 4.0) for x in (stub.lw, stub.ll))
     z = 1.5 * ((w * lw).mean(1) - (w * ll).mean(1))
-    assert float(loss.detach()) == pytest.approx(float(-_logsigmoid64(z).mean()), rel=1e-6)
+    assert float(loss.detach()) == pytest.approx(float(-_logsigmoid64(z).mean().detach()), rel=1e-6)
     if mode == "discount" and discount_as == "weight":
         assert not torch.allclose(w, torch.ones(3, dtype=torch.float64))  # the weights really entered
 
@@ -114,7 +114,7 @@ def test_dense_dpo_on_step_pairs_weighs_each_pair_by_its_branching_steps_discoun
     _, w = ctx.time_weighting.weigh(stub.step_index)
     rows = torch.arange(B)
     lw, ll = (x[rows, stub.step_index].clamp(-4.0, 4.0) for x in (stub.lw, stub.ll))
-    assert float(loss.detach()) == pytest.approx(float(-_logsigmoid64(1.5 * w * (lw - ll)).mean()), rel=1e-6)
+    assert float(loss.detach()) == pytest.approx(float(-_logsigmoid64(1.5 * w * (lw - ll)).mean().detach()), rel=1e-6)
 
 
 @pytest.mark.parametrize("ref_adapter", [None, "ref"])

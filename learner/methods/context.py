@@ -33,3 +33,9 @@ class MethodContext:
     clean_pairs: Callable[[PairBatch], tuple[Tensor, Tensor]]  # winners' and losers' clean latents
     denoising_mse: Callable[..., Tensor]  # (x_t, t, emb, target, adapter) -> per-sample MSE of the model output
     encode_prompts: Callable[[list[str]], Any]
+
+
+def trained_steps(index: Tensor, terms_per_pair: int) -> dict[str, float]:
+    """What an update trained, for the studies' manipulation checks: the mean position of its steps in the time
+    weighting's grid (0: the first, noisiest sampler step) and the step terms per pair."""
+    return {"trained_step": float(index.float().mean()), "step_terms": float(terms_per_pair)}

@@ -6,6 +6,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from learner.losses import dense_dpo_loss
+from learner.methods.context import trained_steps
 from learner.methods.registry import register_method
 
 if TYPE_CHECKING:
@@ -19,8 +20,9 @@ def on_steps(ctx: MethodContext, batch: PairBatch) -> tuple[PairLoss, dict[str, 
     lw, ll, extra = ctx.step_logratios(batch)
     _, weight = ctx.time_weighting.weigh(batch.tensors["step_index"])  # the discount of the branching step
     loss = ctx.loss
-    return dense_dpo_loss(lw[:, None], ll[:, None], scale_c=loss.scale_c, kappa=loss.kappa,
-                          step_weights=weight[:, None].to(ctx.device)), extra
+    return (dense_dpo_loss(lw[:, None], ll[:, None], scale_c=loss.scale_c, kappa=loss.kappa,
+                           step_weights=weight[:, None].to(ctx.device)),
+            {**extra, **trained_steps(batch.tensors["step_index"], 1)})
 
 
 @register_method("dense_dpo", "trajectory")
@@ -30,4 +32,5 @@ def on_trajectories(ctx: MethodContext, batch: PairBatch) -> tuple[PairLoss, dic
     lw, ll, extra = ctx.trajectory_logratios(batch, steps.index.expand(b, m))
     weights = steps.weight.to(ctx.device) if ctx.discount_as == "weight" else None
     loss = ctx.loss
-    return dense_dpo_loss(lw, ll, scale_c=loss.scale_c, kappa=loss.kappa, step_weights=weights), extra
+    return (dense_dpo_loss(lw, ll, scale_c=loss.scale_c, kappa=loss.kappa, step_weights=weights),
+            {**extra, **trained_steps(steps.index, m)})

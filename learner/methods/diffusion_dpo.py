@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from learner.losses import diffusion_dpo_loss
+from learner.methods.context import trained_steps
 from learner.methods.registry import register_method
 
 if TYPE_CHECKING:
@@ -37,4 +38,4 @@ def on_clean_pairs(ctx: MethodContext, batch: PairBatch) -> tuple[PairLoss, dict
     mse = ctx.denoising_mse(x_t, ts, emb, target, POLICY)
     loss = diffusion_dpo_loss(mse[:b], mse_ref[:b], mse[b:], mse_ref[b:], ctx.loss.beta,
                               beta_scale=steps.beta_scale.to(dev), weights=steps.weight.to(dev))
-    return loss, {"kl_ref": float((mse_ref - mse).detach().mean())}
+    return loss, {"kl_ref": float((mse_ref - mse).detach().mean()), **trained_steps(steps.index, 1)}

@@ -9,6 +9,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from learner.losses import dpo_logprob_loss
+from learner.methods.context import trained_steps
 from learner.methods.registry import register_method
 
 if TYPE_CHECKING:
@@ -23,7 +24,7 @@ def on_steps(ctx: MethodContext, batch: PairBatch) -> tuple[PairLoss, dict[str, 
     beta_scale, weight = ctx.time_weighting.weigh(batch.tensors["step_index"])
     loss = ctx.loss
     return dpo_logprob_loss(lw, ll, loss.beta, ratio_clip=loss.ratio_clip, beta_scale=beta_scale.to(ctx.device),
-                            weights=weight.to(ctx.device)), extra
+                            weights=weight.to(ctx.device)), {**extra, **trained_steps(batch.tensors["step_index"], 1)}
 
 
 @register_method("dpo_logprob", "trajectory")
@@ -34,4 +35,4 @@ def on_trajectories(ctx: MethodContext, batch: PairBatch) -> tuple[PairLoss, dic
     loss = ctx.loss
     return dpo_logprob_loss(lw[:, 0], ll[:, 0], loss.beta, ratio_clip=loss.ratio_clip,
                             beta_scale=steps.beta_scale.to(ctx.device),
-                            weights=steps.weight.to(ctx.device)), extra
+                            weights=steps.weight.to(ctx.device)), {**extra, **trained_steps(steps.index, 1)}
