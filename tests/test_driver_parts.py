@@ -130,3 +130,23 @@ def test_rollout_stats_are_logged_once_per_update_over_every_call_since_the_last
     assert m["rollout/reward_w_mean/bucket2-3"] == pytest.approx(r[(k >= 2) & (k < 4)].mean(), abs=1e-12)
     assert m["rollout/reward_w_count/bucket6-7"] == ((k >= 6) & (k < 8)).sum()
     assert m["rollout/guided_rate"] == stats.guidance_accept_rate == 5 / 12  # steps 0, 3, 6, 0, 3
+
+
+def test_the_room_for_a_call_is_the_staleness_window_less_what_waits_ahead():
+    """A new call's records queue behind the buffered ones and those of the calls in flight (the buffer serves the
+    oldest first); the learner trains ``batch_size`` a update and drops records older than ``max_staleness``
+    versions, one version every ``broadcast_every`` updates."""
+    from types import SimpleNamespace
+
+    from learner.loop import Driver, Task
+
+    buffer = PairBuffer(max_staleness=4)
+    buffer.accept("records", 100, sampled_by=0, version=0)
+    train = SimpleNamespace(max_staleness=4, broadcast_every=2, batch_size=64)
+    driver = SimpleNamespace(cfg=SimpleNamespace(train=train), buffer=buffer, pairs_per_prompt=None)
+    inflight = {"ref": Task(0, [0] * 8, ["p"] * 8, [0] * 8, 0)}
+    assert Driver._room(driver, inflight) == math.inf  # nothing measured yet: no cap
+    driver.pairs_per_prompt = 10.0
+    window = (4 + 1) * 2 * 64
+    assert Driver._room(driver, inflight) == pytest.approx((window - 100 - 8 * 10) / 10)
+    assert Driver._room(driver, {}) == pytest.approx((window - 100) / 10)
