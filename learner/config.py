@@ -39,7 +39,10 @@ class LossConfig(BaseModel):
     ratio_clip: float | None = Field(None, gt=0, lt=1, description="D3PO/SPO two-sided ratio clamp ε (null: none)")
     scale_c: float = Field(10.0, gt=0, description="dense_dpo: C")
     kappa: float | None = Field(1e-4, gt=0, description="dense_dpo: per-step log-ratio clip κ (null: none)")
-    num_step_samples: int = Field(3, ge=1, strict=True, description="dense_dpo on trajectory pairs: M steps per pair")
+    num_step_samples: int = Field(3, ge=1, strict=True, description=(
+        "dense_dpo and ppo on trajectory pairs: M steps per pair (dense_dpo) or per chain (ppo)"))
+    clip_range: float = Field(1e-4, gt=0, lt=1, description=(
+        "ppo: the clipped ratio's ε (DDPO's 1e-4, on per-element mean log-probs: sampler.logprob_reduce mean)"))
 
     @field_validator("kind")
     @classmethod

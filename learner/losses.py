@@ -170,3 +170,29 @@ def dense_dpo_loss(
         w = step_weights.to(dtype)
         lw, ll = w * lw, w * ll
     return _bradley_terry(scale_c * (lw.mean(1) - ll.mean(1)), None)
+
+
+def group_advantages(rewards: Tensor, eps: float = 1e-4) -> Tensor:
+    """GRPO's advantages (Shao et al. 2024, DeepSeekMath §4.1.2; Flow-GRPO Eq. 4): each sample's reward standardised
+    within its prompt's group, (r − mean) / (std + ε) over the last dim of ``rewards`` [N, G] (population std, as
+    Flow-GRPO's per-prompt stat tracker). Two samples a group give ±1: only which one is better counts."""
+    if rewards.ndim != 2 or rewards.shape[1] < 2:
+        raise ValueError(f"rewards must be [groups, samples >= 2], got shape {tuple(rewards.shape)}")
+    r = rewards.double()
+    return (r - r.mean(1, keepdim=True)) / (r.std(1, unbiased=False, keepdim=True) + eps)
+
+
+def ppo_clip_loss(logp: Tensor, logp_old: Tensor, advantages: Tensor, clip_range: float) -> Tensor:
+    """DDPO's clipped surrogate (Black et al. 2024, Eq. 4 with PPO's clip; kvablack/ddpo-pytorch ``train.py``):
+    ρ = exp(log π_θ − log π_old) per trained transition, loss = mean over transitions of
+    −min(ρ A, clip(ρ, 1 − ε, 1 + ε) A). ``logp``/``logp_old`` [N, M]: M transitions of N samples; ``advantages``
+    [N]. Once ρ has moved past 1 ± ε in A's direction the term's gradient is 0: the update stays near the sampler."""
+    _check_same_shape(2, logp=logp, logp_old=logp_old)
+    if advantages.shape != logp.shape[:1]:
+        raise ValueError(f"advantages has shape {tuple(advantages.shape)}, expected ({logp.shape[0]},)")
+    if not 0 < clip_range < 1:
+        raise ValueError(f"clip_range must be in (0, 1), got {clip_range}")
+    dtype = _compute_dtype(logp, logp_old, advantages)
+    ratio = torch.exp(logp.to(dtype) - logp_old.detach().to(dtype))
+    a = advantages.detach().to(dtype)[:, None]
+    return -torch.minimum(ratio * a, ratio.clamp(1 - clip_range, 1 + clip_range) * a).mean()

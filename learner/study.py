@@ -157,6 +157,23 @@ GRIDS: dict[str, Grid] = {
                             checks=(trained_earlier("gamma0.9", "gamma1"),)),
                    Contrast("γ = 0.7 beats γ = 1", {"gamma0.7": 1, "gamma1": -1},
                             checks=(trained_earlier("gamma0.7", "gamma1"),)))),
+    "comparator": Grid(
+        claim="Each preference method beats the papers' policy-gradient comparator (DDPO-style PPO with GRPO's "
+              "group-normalised advantages) for the same number of images sampled.",
+        # the comparator first: every other cell gets its images. Trajectory cells train on the same records at the
+        # same updates; step-branch cells draw ten pairs from a chain, so they make 20x the updates (of 64 pairs).
+        shared={"train": {"steps": 30}},
+        cells={"ppo": {**TRAJECTORY_BUDGET, "loss": {"kind": "ppo", "clip_range": 0.2, "num_step_samples": 3},
+                       "sampler": {"logprob_reduce": "mean"}},
+               "d3po": {**TRAJECTORY_BUDGET, "loss": {"kind": "dpo_logprob"}},
+               "dense": {**TRAJECTORY_BUDGET, "sampler": {"logprob_reduce": "mean"},
+                         "loss": {"kind": "dense_dpo", "scale_c": 10.0, "kappa": 1.0e-4, "num_step_samples": 3},
+                         "time_weight": {"mode": "discount", "gamma": 0.9}},
+               "diffusion_dpo": {**TRAJECTORY_BUDGET, "loss": {"kind": "diffusion_dpo", "beta": 5000.0}},
+               "tailorpo_g": {}},
+        contrasts=tuple(Contrast(f"{cell} beats ppo", {cell: 1, "ppo": -1}, checks=(trained(cell), trained("ppo")))
+                        for cell in ("d3po", "dense", "diffusion_dpo", "tailorpo_g")),
+        match_images=True),
     "rethinking": Grid(
         claim="Rethinking-DPO (ablation 2×2 on Diffusion-DPO): the stable reference update alone gives the largest "
               "gain; timestep-aware training helps mainly combined with it.",
@@ -228,7 +245,8 @@ def cell_trees(grid: Grid, quick: bool = False, updates: int | None = None) -> d
         cfg = build_config(tree)
         steps = cfg.train.steps
         if grid.match_images:
-            steps = max(1, round(ref.train.steps * pairs_per_chain(cfg) / pairs_per_chain(ref)))
+            chains = ref.train.steps * ref.train.batch_size / pairs_per_chain(ref)  # the first cell's images
+            steps = max(1, round(chains * pairs_per_chain(cfg) / cfg.train.batch_size))
         trees[cell] = merge(tree, {"train": {"steps": steps}, "eval": {"every": math.ceil(steps / 5)}})
     return trees
 

@@ -230,7 +230,8 @@ class Learner(GroupLead):
         """What a method may use (built per update: the reference's adapter changes when it is first replaced)."""
         return MethodContext(self.cfg.loss, self.cfg.time_weight.discount_as, self.time_weighting, self.generator,
                              self.device, self.policy.process, self.ref_adapter, self.step_logratios,
-                             self.trajectory_logratios, clean_pairs, self.denoising_mse, self.policy.encode_prompts)
+                             self.trajectory_logratios, self.trajectory_logprobs, clean_pairs, self.denoising_mse,
+                             self.policy.encode_prompts)
 
     def _stored_reference(self, batch: PairBatch) -> tuple[PairBatch, int]:
         """The batch to train on, and how many of its rows need log π_ref computed here although the actors were to
@@ -270,23 +271,37 @@ class Learner(GroupLead):
                                  ref_logps=ref)
         return lw, ll, {"kl_ref": float((lw + ll).detach().mean() / 2)}
 
-    def trajectory_logratios(self, batch: PairBatch, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor,
-                                                                                  dict[str, float]]:
-        """Winner's and loser's log-ratios [B, M] of trajectory pairs at chain positions ``k`` [B, M]."""
+    def _transitions(self, batch: PairBatch, k: torch.Tensor):
+        """The winners' then the losers' transitions at chain positions ``k`` [B, M] of trajectory pairs, flattened:
+        x_t, x_{t−1}, t, the prompts' embeddings, and ``gather(column, offset)`` for other per-step columns."""
         t, dev = batch.tensors, self.device
         b, m = k.shape
         rows = torch.arange(b).view(b, 1).expand(b, m)
 
-        def gather(name: str, offset: int) -> torch.Tensor:
-            return t[name][rows, k + offset].flatten(0, 1).to(dev)
+        def gather(name: str, offset: int = 0) -> torch.Tensor:
+            return torch.cat([t[f"{name}_{side}"][rows, k + offset].flatten(0, 1).to(dev) for side in "wl"])
 
-        x_t = torch.cat([gather("latents_w", 0), gather("latents_l", 0)])
-        x_prev = torch.cat([gather("latents_w", 1), gather("latents_l", 1)])
         ts = t["timesteps"][rows, k].flatten().to(dev).repeat(2)
         emb = self.policy.encode_prompts([p for p in batch.prompts for _ in range(m)] * 2)
-        ref = [torch.cat([gather("ref_logps_w", 0), gather("ref_logps_l", 0)])] if "ref_logps_w" in t else None
+        return gather("latents"), gather("latents", 1), ts, emb, gather
+
+    def trajectory_logratios(self, batch: PairBatch, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor,
+                                                                                  dict[str, float]]:
+        """Winner's and loser's log-ratios [B, M] of trajectory pairs at chain positions ``k`` [B, M]."""
+        b, m = k.shape
+        x_t, x_prev, ts, emb, gather = self._transitions(batch, k)
+        ref = [gather("ref_logps")] if "ref_logps_w" in batch.tensors else None
         (lr,) = self._logratios(x_t, ts, emb, x_prev, ref_logps=ref)
         return lr[: b * m].view(b, m), lr[b * m :].view(b, m), {"kl_ref": float(lr.detach().mean())}
+
+    def trajectory_logprobs(self, batch: PairBatch, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The policy's float64 log-probs [B, M] of the winners' and losers' transitions at chain positions ``k``
+        (compared with the sampler's stored ones, as a policy gradient needs)."""
+        b, m = k.shape
+        x_t, x_prev, ts, emb, _ = self._transitions(batch, k)
+        mu, sigma, _ = self.policy.mean(x_t, ts, emb, adapter=POLICY)
+        lp = self.policy.logprob64(x_prev, mu, sigma)
+        return lp[: b * m].view(b, m), lp[b * m :].view(b, m)
 
     def _noised(self, x0: torch.Tensor, timesteps: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
         """The noise process's x_t of ``x0`` (kept for tests/test_method_behaviour.py, which noises through it)."""

@@ -94,6 +94,7 @@ COMBOS = [
     ("trajectory", "dense_dpo", {"mode": "discount", "discount_as": "weight"}, {"kappa": None}),
     ("trajectory", "diffusion_dpo", {"mode": "timestep_aware"}, {"beta": 50.0}),
     ("trajectory", "diffusion_dpo", {"mode": "uniform", "grid": "train"}, {"beta": 50.0}),
+    ("trajectory", "ppo", {"mode": "uniform"}, {"clip_range": 0.2, "num_step_samples": 2}),
 ]
 
 
@@ -107,7 +108,8 @@ def test_every_loss_pair_and_time_weighting_trains(make_config, pairs, loss, tim
     before = {k: v.clone() for k, v in learner.policy_tensors().items()}
     m1 = learner.update(records)
     m2 = learner.update(records)
-    assert all(torch.isfinite(torch.tensor(m[k])) for m in (m1, m2) for k in ("loss", "grad_norm", "kl_ref"))
+    drift = "kl_old" if loss == "ppo" else "kl_ref"  # ppo has no reference: its drift from the sampler's policy
+    assert all(torch.isfinite(torch.tensor(m[k])) for m in (m1, m2) for k in ("loss", "grad_norm", drift))
     assert any(not torch.equal(before[k], v) for k, v in learner.policy_tensors().items())
     if pairs == "step_branch" and loss != "diffusion_dpo":  # no random step/noise draw: same loss terms
         assert m2["loss"] < m1["loss"]  # the same batch twice: the second step sees the first's progress

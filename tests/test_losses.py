@@ -7,7 +7,14 @@ import math
 import pytest
 import torch
 
-from learner.losses import PairLoss, dense_dpo_loss, diffusion_dpo_loss, dpo_logprob_loss
+from learner.losses import (
+    PairLoss,
+    dense_dpo_loss,
+    diffusion_dpo_loss,
+    dpo_logprob_loss,
+    group_advantages,
+    ppo_clip_loss,
+)
 
 F64 = torch.float64
 
@@ -228,3 +235,38 @@ def test_dense_bad_input_raises():
         dense_dpo_loss(x, x, scale_c=1.0, kappa=None, step_weights=torch.ones(2))
     with pytest.raises(ValueError, match="positive sum"):
         dense_dpo_loss(x, x, scale_c=1.0, kappa=None, step_weights=torch.tensor([[1.0, 1, 1], [0, 0, 0]]))
+
+
+def test_group_advantages_standardise_within_each_prompt():
+    r = torch.tensor([[1.0, 3.0, 2.0, 6.0], [5.0, 5.0, 5.0, 5.0]])
+    a = group_advantages(r)
+    mean, std = r.double().mean(1, keepdim=True), r.double().std(1, unbiased=False, keepdim=True)
+    assert torch.allclose(a, (r.double() - mean) / (std + 1e-4))
+    assert torch.allclose(a[0].mean(), torch.zeros((), dtype=torch.float64), atol=1e-12) and a[1].abs().max() == 0
+    assert torch.allclose(group_advantages(torch.tensor([[0.2, 0.9], [0.7, 0.1]])),
+                          torch.tensor([[-1.0, 1.0], [1.0, -1.0]], dtype=torch.float64), atol=1e-3)  # pairs: ±1
+    with pytest.raises(ValueError, match="groups, samples >= 2"):
+        group_advantages(torch.ones(4))
+
+
+def test_ppo_clip_matches_the_float64_surrogate_and_stops_the_gradient_past_the_band():
+    gen = torch.Generator().manual_seed(0)
+    old = torch.randn(4, 3, generator=gen, dtype=torch.float64)
+    delta = torch.tensor([[0.0, 0.05, 0.5], [0.0, -0.05, -0.5], [0.3, -0.3, 0.01], [0.0, 0.0, 0.0]],
+                         dtype=torch.float64)
+    new = (old + delta).requires_grad_()
+    adv = torch.tensor([1.0, 1.0, -1.0, 0.0], dtype=torch.float64)
+    loss = ppo_clip_loss(new, old, adv, clip_range=0.1)
+    rho = torch.exp(delta)
+    expected = -torch.minimum(rho * adv[:, None], rho.clamp(0.9, 1.1) * adv[:, None]).mean()
+    assert float(loss.detach()) == pytest.approx(float(expected), rel=1e-12)
+    loss.backward()
+    g = new.grad
+    assert g[0, 2] == 0 and g[0, 0] < 0 and g[0, 1] < 0  # A > 0: ρ = e^0.5 past 1 + ε gets no more push
+    assert g[1, 2] < 0  # ρ below 1 − ε with A > 0: min keeps the unclipped term, which still pulls it up
+    assert g[2, 0] > 0 and g[2, 1] == 0  # A < 0: mirrored: below 1 − ε no more push down; above, still pushed
+    assert (g[3] == 0).all()  # no advantage, no gradient
+    with pytest.raises(ValueError, match="clip_range"):
+        ppo_clip_loss(new, old, adv, clip_range=1.5)
+    with pytest.raises(ValueError, match="advantages has shape"):
+        ppo_clip_loss(new, old, adv[:2], clip_range=0.1)

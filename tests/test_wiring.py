@@ -54,13 +54,17 @@ class Stub:
     def trajectory_logratios(self, batch, k):
         return self.lw.gather(1, k), self.ll.gather(1, k), {}
 
+    def trajectory_logprobs(self, batch, k):  # log π_θ: the log-ratios' values reused, offset from log π_old
+        return self.lw.gather(1, k) - 1.0, self.ll.gather(1, k) - 1.0
+
 
 def _context(stub: Stub, mode: str, discount_as: str, seed: int = 1, **loss) -> MethodContext:
     tw = TimeWeighting(TimeWeightConfig(mode=mode, discount_as=discount_as, gamma=0.7), PROCESS)
     loss = SimpleNamespace(**{"beta": 2.0, "ratio_clip": None, "scale_c": 1.5, "kappa": 4.0, "num_step_samples": 3,
                               **loss})
     return MethodContext(loss, discount_as, tw, torch.Generator().manual_seed(seed), torch.device("cpu"), PROCESS,
-                         None, stub.step_logratios, stub.trajectory_logratios, None, None, None)
+                         None, stub.step_logratios, stub.trajectory_logratios, stub.trajectory_logprobs, None, None,
+                         None)
 
 
 def _batch(kind: str, stub: Stub) -> PairBatch:
@@ -133,7 +137,7 @@ def test_diffusion_dpo_noises_both_children_alike_and_compares_with_the_referenc
     tw = TimeWeighting(TimeWeightConfig(mode=mode), PROCESS)
     ctx = MethodContext(SimpleNamespace(beta=50.0), "sample", tw, torch.Generator().manual_seed(9), torch.device("cpu"),
                         PROCESS, ref_adapter, stub.step_logratios, stub.trajectory_logratios,
-                        lambda batch: (x0_w, x0_l), mse, lambda prompts: None)
+                        stub.trajectory_logprobs, lambda batch: (x0_w, x0_l), mse, lambda prompts: None)
     loss = find_method("diffusion_dpo", "step")(ctx, PairBatch("step", {}, ["p"] * B))[0].loss
     (x_t, t, target, ref_seen), (_, _, _, policy_seen) = seen
     assert (ref_seen, policy_seen) == (ref_adapter, POLICY)
@@ -199,3 +203,31 @@ def test_guidance_eta_rises_from_lo_at_the_first_step_to_hi_at_the_last(make_con
     n = cfg.sampler.num_steps
     expected = [0.1 + 0.8 * (1 - math.cos(math.pi * k / (n - 1))) / 2 for k in (0, 2, 5)]
     assert seen == pytest.approx(expected) and seen[0] == pytest.approx(0.1) and seen == sorted(seen)
+
+
+def test_ppo_trains_each_chain_against_its_samplers_log_probs_with_the_group_advantage():
+    """DDPO/GRPO: ρ = exp(log π_θ − log π_old) at the drawn transitions, A = ±1 within each prompt's pair (the
+    better chain +1 even when stored as the loser would be a swap), −min(ρA, clip(ρ)A); the gradient raises the
+    better chain's log-prob."""
+    stub = Stub()
+    gen = torch.Generator().manual_seed(11)
+    old_w, old_l = (x.detach() - 1.0 + 1e-5 * torch.randn(B, N, generator=gen, dtype=torch.float64)
+                    for x in (stub.lw, stub.ll))  # the sampler's: near the policy's, so inside the clip band
+    reward_w, reward_l = torch.rand(B, generator=gen) + 1.0, torch.rand(B, generator=gen)
+    reward_l[0] = reward_w[0] = 0.5  # a tie: advantage 0, no gradient
+    batch = PairBatch("trajectory", {"logps_w": old_w, "logps_l": old_l, "reward_w": reward_w,
+                                     "reward_l": reward_l}, ["p"] * B)
+    ctx = _context(stub, "uniform", "sample", seed=13, clip_range=0.2, num_step_samples=2)
+    loss, metrics = find_method("ppo", "trajectory")(ctx, batch)
+    k = ctx.time_weighting.sample(B * 2, torch.Generator().manual_seed(13)).index.view(B, 2)
+    adv_w = torch.where(reward_w > reward_l, 1.0, 0.0).double()  # (r − mean) / (std + 1e-4): ±1, 0 for the tie
+    expected = 0.0
+    for new, old, a in ((stub.lw.gather(1, k) - 1.0, old_w.gather(1, k), adv_w),
+                        (stub.ll.gather(1, k) - 1.0, old_l.gather(1, k), -adv_w)):
+        rho = torch.exp(new - old)
+        expected = expected - torch.minimum(rho * a[:, None], rho.clamp(0.8, 1.2) * a[:, None]).sum()
+    assert float(loss.loss.detach()) == pytest.approx(float(expected.detach()) / (2 * B * 2), rel=1e-3, abs=1e-6)
+    loss.loss.backward()
+    assert (stub.lw.grad[1:].sum(1) < 0).all() and (stub.ll.grad[1:].sum(1) > 0).all()  # descent raises the winner
+    assert stub.lw.grad[0].abs().sum() == 0 and stub.ll.grad[0].abs().sum() == 0
+    assert metrics["step_terms"] == 2.0

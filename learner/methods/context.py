@@ -30,6 +30,7 @@ class MethodContext:
     ref_adapter: str | None  # the reference's adapter; None: the base model
     step_logratios: Callable[[PairBatch], LogRatios]  # [B] each, from the pairs' shared x_t
     trajectory_logratios: Callable[[PairBatch, Tensor], LogRatios]  # [B, M] each, at chain positions k [B, M]
+    trajectory_logprobs: Callable[[PairBatch, Tensor], tuple[Tensor, Tensor]]  # log π_θ [B, M] each, at k
     clean_pairs: Callable[[PairBatch], tuple[Tensor, Tensor]]  # winners' and losers' clean latents
     denoising_mse: Callable[..., Tensor]  # (x_t, t, emb, target, adapter) -> per-sample MSE of the model output
     encode_prompts: Callable[[list[str]], Any]
