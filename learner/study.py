@@ -577,9 +577,9 @@ def markdown(name: str, grid: Grid, s: Mapping[str, Any], cells: Sequence[str]) 
              "runs did not deliver the treatment, or cannot say (`learner/verdict.py`).", "",
              f"Reproduce: `{reproduce(s['command'], name)}`", "",
              "## Budget and measurement", "",
-             f"Each cell: {budget}; cells are overrides on `configs/default.yaml` (listed below). After each run "
-             "its final checkpoint "
-             f"and the base model sample the same {s['runs'][0]['n']} held-out prompt × noise-seed pairs "
+             f"Each cell: {budget}; cells are overrides on `{grid.base_config.relative_to(ROOT)}` (listed below). "
+             f"After each run its final checkpoint and the base model sample the same {s['runs'][0]['n']} held-out "
+             "prompt × noise-seed pairs "
              "(`learner.evaluate`); every number below is a mean ± s.e. over seeds of the per-run value. Wall time is "
              "the whole run: actor start-up and the in-run evaluations of the curves included.",
              f"Base model on these samples: reward {fmt(b['base_reward'])}, fidelity {fmt(b['base_fidelity'])}, "
@@ -597,8 +597,9 @@ def markdown(name: str, grid: Grid, s: Mapping[str, Any], cells: Sequence[str]) 
     lines += ["", "## Verdict per contrast", "", *contrast_rows(s["contrasts"]), "",
               "## What the runs delivered", "",
               "Per seed, in seed order; – where the run did not record it (records from before these fields were "
-              "kept, or what runs do not log yet: the guidance accept rate, the denoising steps trained on, UNet "
-              "calls). Each reference check's D is in results.json (`runs[].delivered.ref_checks`).", "",
+              "kept). Network passes: latents through the actors' and the learner's networks, classifier-free "
+              "guidance's two halves counted twice. Each reference check's D is in results.json "
+              "(`runs[].delivered.ref_checks`).", "",
               *delivered_rows(s["runs"], cells), "",
               "## Curves", "", "![held-out reward vs update and wall time](curves.png)", "",
               "## Samples (rows: base and each seed's final policy; same prompts and noise seeds)", ""]
