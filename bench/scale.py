@@ -141,7 +141,8 @@ class SimRollout:
                    for i, f in enumerate(batch.schema)]
         self.busy.append((start, time.time()))
         stats: dict[str, Any] = {"chains": float(n), "seconds": seconds, "pairs": float(rows),
-                                 "steps": float(n * self.num_steps)}
+                                 "steps": float(n * self.num_steps),
+                                 "net_rows": float(2 * n * self.num_steps)}  # a CFG sampler's passes, no branching
         if load is not None:
             stats["load"] = load
         batch = pa.RecordBatch.from_arrays(columns, schema=batch.schema)
