@@ -42,6 +42,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from PIL import Image
 
+from learner import study_index
 from learner.config import Config, ConfigError, build_config, load_yaml
 from learner.main import DEFAULT_CONFIG, root_cause
 from learner.verdict import (
@@ -489,6 +490,8 @@ def write_report(name: str, grid: Grid, out: Path, records: Sequence[Mapping[str
                "cells": {c: {"overrides": grid.cells[c], **cells[c]} for c in cells}, "shared": grid.shared,
                "runs": list(records)}
     (out / "results.json").write_text(json.dumps(summary, indent=1))
+    if out.resolve().parent == study_index.STUDIES:  # a committed study: its row in docs/study/README.md
+        study_index.write()
     if figures:
         save_figures(out, by_cell, first["grid_prompts"])
     report = out / "RESULTS.md"

@@ -117,3 +117,9 @@ def test_the_readme_is_a_front_page_that_indexes_every_doc():
     linked = set(LINK.findall(prose(text)))
     unlisted = [f"docs/{p.name}" for p in sorted((ROOT / "docs").glob("*.md")) if f"docs/{p.name}" not in linked]
     assert not unlisted, f"add to the README's documentation index: {unlisted}"
+
+
+def test_the_studies_index_is_generated_from_their_results():
+    from learner.study_index import main
+
+    assert main(["--check"]) == 0, "docs/study/README.md is stale: run python -m learner.study_index"
