@@ -94,6 +94,7 @@ class Learner(GroupLead):
         self._eval_reward: RewardClient | None = None
         self._own_rewards = list(own_reward_handles)  # reward actors in their own environments (evaluation)
         self._last_x0_w: torch.Tensor | None = None
+        self.divergences: dict[str, float] = {}  # the last check's D under each divergence (this rank's)
         self._last_prompts: list[str] = []
 
     # ---- the update ---------------------------------------------------------------------------------------------
@@ -346,10 +347,9 @@ class Learner(GroupLead):
         with torch.no_grad():
             out_c = self.policy.eps(x_t, ts, emb, adapter=CANDIDATE, guidance_scale=1.0)
             out_i = self.policy.eps(x_t, ts, emb, adapter=None, guidance_scale=1.0)
-        if self.cfg.reference.divergence == "kernel_kl":
-            d = kernel_kl(out_c, out_i)
-        else:
-            d = divergence_estimate(target, out_c, out_i)
+        both = {"kernel_kl": kernel_kl(out_c, out_i), "log_ratio": divergence_estimate(target, out_c, out_i)}
+        self.divergences = {name: float(v) for name, v in both.items()}  # both logged: δ's calibration reads them
+        d = both[self.cfg.reference.divergence]
         if self.world > 1:  # every rank decides on the same D (the mean of the ranks' estimates), so all move or freeze
             d = d.detach().clone().reshape(1)
             dist.all_reduce(d)
@@ -365,6 +365,7 @@ class Learner(GroupLead):
         if event.action == "replaced":
             self.policy.copy_into(REF, self.reference.state, self.reference.version)
         return {"ref_divergence": event.divergence, "ref_replaced": float(event.action == "replaced"),
+                **{f"ref_divergence_{name}": d for name, d in self.divergences.items()},
                 "ref_frozen": float(self.reference.frozen), "ref_version": float(self.reference.version)}
 
     # ---- publishing, evaluation ---------------------------------------------------------------------------------

@@ -4,6 +4,8 @@ NaN handling and exact checkpoint resume."""
 
 from __future__ import annotations
 
+import math
+
 import pyarrow as pa
 import pytest
 import torch
@@ -130,6 +132,8 @@ def test_stable_update_reference_replaces_then_freezes(make_config, kind):
     learner.reference.delta = 1e-12  # now every candidate is too far from the initial model
     m = learner.update(records)
     assert m["ref_frozen"] == 1.0 and m["ref_replaced"] == 0.0 and m["ref_divergence"] > 1e-12
+    assert m["ref_divergence"] == m["ref_divergence_kernel_kl"]  # the configured one decides; both are logged
+    assert math.isfinite(m["ref_divergence_log_ratio"])
     frozen = {k: v.clone() for k, v in learner.reference.state.items()}
     learner.update(records)
     assert all(torch.equal(frozen[k], v) for k, v in learner.reference.state.items())
