@@ -16,7 +16,8 @@ checks, updates, pairs; ``delivered``).
 
 Writes ``<out>/RESULTS.md``, ``results.json``, ``curves.png`` (held-out reward vs learner update and vs wall
 time, mean ± s.e. band over seeds) and ``samples_<cell>.png`` (base and every seed at fixed noise seeds). A
-finished cell × seed (its ``cells/<cell>/seed<k>.json``) is not rerun; the runs themselves go to ``<out>/runs/``
+finished cell × seed (its ``cells/<cell>/seed<k>.json``) is not rerun while its config is the cell's (a digest in
+the record; one from an older grid or default is rerun); the runs themselves go to ``<out>/runs/``
 (git-ignored: checkpoints are never committed). ``--report-only`` rewrites results.json and RESULTS.md from those
 records without running anything (the figures are left as they are); a section of RESULTS.md headed
 ``## Note added by hand`` is kept across rewrites.
@@ -25,6 +26,7 @@ records without running anything (the figures are left as they are); a section o
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import logging
 import math
@@ -256,6 +258,19 @@ def run_config(tree: Mapping[str, Any], out: Path, cell: str, seed: int) -> Conf
     return build_config(merge(tree, {"train": {"seed": seed}, "output": {"dir": str(run_dir(out, cell, seed))}}))
 
 
+def config_digest(cfg: Config) -> str:
+    """What a finished record was trained with (its output folder aside): a record whose digest differs from the
+    cell's config today is from an older grid, and is rerun rather than mixed in."""
+    tree = cfg.model_dump(mode="json")
+    tree["output"].pop("dir")
+    return hashlib.sha256(json.dumps(tree, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def finished(out: Path, cell: str, seed: int, cfg: Config) -> bool:
+    path = record_path(out, cell, seed)
+    return path.exists() and json.loads(path.read_text()).get("config_digest") == config_digest(cfg)
+
+
 def run_dir(out: Path, cell: str, seed: int) -> Path:
     return out / "runs" / cell / f"seed{seed}"
 
@@ -308,7 +323,8 @@ def run_cell(cfg: Config, cell: str, seed: int, baseline: Baseline, out: Path) -
     main = stats["rewards"][baseline.main]
     base, ceiling = baseline.headroom
     record = {
-        "cell": cell, "seed": seed, "steps": summary["steps"], "batch_size": cfg.train.batch_size,
+        "cell": cell, "seed": seed, "config_digest": config_digest(cfg), "steps": summary["steps"],
+        "batch_size": cfg.train.batch_size,
         "chains": summary["chains"], "seconds": summary["seconds"], "n": stats["n"],
         "reward": main["B"], "base_reward": main["A"], "gain": main["B-A"], "win_rate": stats["win_rate"],
         "headroom_closed": main["B-A"]["mean"] / (ceiling - base) if baseline.main == "world" else None,
@@ -626,7 +642,11 @@ def run_study(name: str, out: Path, seeds: int | None = None, quick: bool = Fals
     trees = cell_trees(grid, quick, updates)
     jobs = [(c, k) for c in trees for k in range(seeds)]
     configs = {(c, k): run_config(trees[c], out, c, k) for c, k in jobs}  # every config checked before any run
-    todo = [j for j in jobs if not record_path(out, *j).exists()]
+    todo = [j for j in jobs if not finished(out, *j, configs[j])]
+    stale = [j for j in todo if record_path(out, *j).exists()]
+    if stale:
+        logging.getLogger("dpr").warning("%d finished runs of %s were trained with another config (an older grid "
+                                         "or default): rerunning them", len(stale), name)
     if todo:
         # the same on every resume
         baseline = Baseline.build(configs[jobs[0]], 8 if quick else grid.compare_n, grid.world_metrics)

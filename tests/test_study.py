@@ -187,3 +187,21 @@ def test_bad_flag_is_one_line(capsys, tmp_path):
     assert capsys.readouterr().err.count("\n") == 1
     assert study.main(["--grid", "default", "--report-only", "--out", str(tmp_path)]) == 2  # nothing ran there
     assert capsys.readouterr().err.count("\n") == 1
+
+
+def test_a_finished_record_counts_only_while_its_config_is_the_cells(tmp_path):
+    from learner.study import config_digest, finished, merge, record_path, run_config
+
+    trees = cell_trees(GRIDS["flow_default"])
+    cfg = run_config(trees["flow_default"], tmp_path, "flow_default", 0)
+    path = record_path(tmp_path, "flow_default", 0)
+    assert not finished(tmp_path, "flow_default", 0, cfg)  # nothing run yet
+    path.parent.mkdir(parents=True)
+    path.write_text(json.dumps({"cell": "flow_default", "seed": 0}))
+    assert not finished(tmp_path, "flow_default", 0, cfg)  # a record from before digests: rerun
+    path.write_text(json.dumps({"cell": "flow_default", "seed": 0, "config_digest": config_digest(cfg)}))
+    assert finished(tmp_path, "flow_default", 0, cfg)
+    moved = run_config(merge(trees["flow_default"], {"loss": {"beta": 0.2}}), tmp_path, "flow_default", 0)
+    assert not finished(tmp_path, "flow_default", 0, moved)  # the grid changed since: rerun
+    elsewhere = run_config(trees["flow_default"], tmp_path / "other", "flow_default", 0)
+    assert config_digest(elsewhere) == config_digest(cfg)  # the output folder is not part of it
