@@ -58,11 +58,12 @@ def calibrate(series: Sequence[Sequence[float]], tau: int, moves: int = MIN_MOVE
     return {"tau": tau, "delta": delta, "moves": moves, "freezes_at": freeze}
 
 
-def pilot_config(updates: int, tau: int, seed: int, out: Path):
+def pilot_config(updates: int | None, tau: int, seed: int, out: Path):
     from learner.config import build_config
 
     tree = cell_trees(GRIDS["rethinking"])["stable_uniform"]
-    return build_config(merge(tree, {"reference": {"tau": tau, "delta": 1e9}, "train": {"steps": updates, "seed": seed},
+    steps = {"steps": updates} if updates else {}
+    return build_config(merge(tree, {"reference": {"tau": tau, "delta": 1e9}, "train": {**steps, "seed": seed},
                                      "output": {"dir": str(out), "overwrite": True}}))
 
 
@@ -88,7 +89,7 @@ def plot(series: Mapping[str, Sequence[Sequence[float]]], calibrations: Sequence
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m learner.reference_pilot", description=__doc__.splitlines()[0])
-    parser.add_argument("--updates", type=int, default=30, help="the rethinking cells' updates")
+    parser.add_argument("--updates", type=int, default=None, help="default: the rethinking cells' updates")
     parser.add_argument("--tau", type=int, default=1, help="the pilot's τ (a check every τ updates)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=OUT)
@@ -99,9 +100,9 @@ def main(argv: list[str] | None = None) -> int:
     cfg = pilot_config(args.updates, args.tau, args.seed, run_dir)
     summary = run(cfg)
     series = divergence_series(metric_rows(run_dir / "metrics.jsonl"))
-    calibrations = [calibrate(series["kernel_kl"], tau) for tau in (2, 4) if args.updates >= MIN_MOVES * tau]
+    calibrations = [calibrate(series["kernel_kl"], tau) for tau in (2, 4) if cfg.train.steps >= MIN_MOVES * tau]
     record = {"command": "python -m learner.reference_pilot " + " ".join(sys.argv[1:] if argv is None else argv),
-              "beta": cfg.loss.beta, "lr": cfg.train.lr, "updates": args.updates, "pilot_tau": args.tau,
+              "beta": cfg.loss.beta, "lr": cfg.train.lr, "updates": cfg.train.steps, "pilot_tau": args.tau,
               "seed": args.seed, "decides": cfg.reference.divergence, "series": series,
               "calibrations": calibrations, "after": summary["after"], "before": summary["before"]}
     args.out.mkdir(parents=True, exist_ok=True)

@@ -63,6 +63,11 @@ from learner.verdict import (
 
 ROOT = Path(__file__).resolve().parent.parent
 WORLD_METRICS = ROOT / "world" / "assets" / "metrics.json"
+PILOT = ROOT / "docs" / "study" / "rethinking" / "pilot.json"
+RETHINKING_BETA = 5000.0  # Diffusion-DPO's β on per-element mean MSEs (Wallace et al. 2024; Rethinking-DPO's too)
+# E[λ(t)] of timestep-aware training's draw, Cat(0.9^k) over the world model's 20 sampler steps (tests/test_study.py
+# recomputes it from world/model): the β a uniform arm needs to match its average in-sigmoid scale
+MEAN_LAMBDA = 1.2953
 COMPARE_SEED = 0  # held-out sample i uses noise seed COMPARE_SEED + i in every cell
 GRID_PROMPTS = 8
 MIN_MOVES = 4  # a stable reference tests "a moving reference" only if it was replaced at least this often
@@ -116,6 +121,21 @@ def trained_earlier(cell: str, than: str) -> Check:
     """γ < 1 (discount_as=sample) must draw earlier denoising steps than γ = 1, or γ changed nothing."""
     return compare_cells(f"{cell} trained earlier denoising steps on average than {than}", "trained_step_mean",
                          (cell, than), lambda a, b: a < b)
+
+
+def reference_froze(*cells: str) -> Check:
+    """'The cap matters' compares a capped reference with an uncapped one: the cap must have acted in every run."""
+    return every_run(f"the cap froze the stable reference in every run of {' and '.join(cells)}", cells,
+                     ("ref_checks",), lambda d: d["ref_frozen_at"] is not None)
+
+
+def calibrated_reference(tau: int = 4) -> dict[str, Any]:
+    """τ and δ of the committed calibration pilot (docs/study/rethinking/pilot.json), or only τ before it ran."""
+    if PILOT.exists():
+        for c in json.loads(PILOT.read_text())["calibrations"]:
+            if c["tau"] == tau:
+                return {"tau": tau, "delta": c["delta"]}
+    return {"tau": tau}
 
 
 SAME_IMAGES = compare_cells("both cells sampled the same number of images (cell means within 10 %)", "chains",
@@ -178,26 +198,37 @@ GRIDS: dict[str, Grid] = {
                         for cell in ("d3po", "dense", "diffusion_dpo", "tailorpo_g")),
         match_images=True),
     "rethinking": Grid(
-        claim="Rethinking-DPO (ablation 2×2 on Diffusion-DPO): the stable reference update alone gives the largest "
-              "gain; timestep-aware training helps mainly combined with it.",
-        # τ = 8 of the default's 75 updates gives the reference nine chances to move (the paper: τ = 32 of ~2000).
-        shared={**TRAJECTORY_BUDGET, "loss": {"kind": "diffusion_dpo", "beta": 5000.0}, "reference": {"tau": 8}},
+        claim="Rethinking-DPO on Diffusion-DPO: a stable reference (replaced every τ updates while its divergence from "
+              "the initial model stays under δ) beats a frozen one, its cap matters, and timestep-aware training "
+              "adds on top of it, beyond the larger average β its λ(t) gives.",
+        # τ and δ from the committed calibration pilot (python -m learner.reference_pilot), so the stable cells are
+        # replaced >= 4 times before they freeze; every arm draws t over the same grid (the sampler's 20 steps).
+        shared={**TRAJECTORY_BUDGET, "loss": {"kind": "diffusion_dpo", "beta": RETHINKING_BETA},
+                "reference": calibrated_reference(), "time_weight": {"grid": "inference", "gamma": 0.9}},
         cells={"frozen_uniform": {"reference": {"strategy": "frozen"}, "time_weight": {"mode": "uniform"}},
                "stable_uniform": {"reference": {"strategy": "stable_update"}, "time_weight": {"mode": "uniform"}},
-               "frozen_timestep": {"reference": {"strategy": "frozen"}, "time_weight": {"mode": "timestep_aware"}},
+               "uncapped_uniform": {"reference": {"strategy": "stable_update", "delta": 1e9},
+                                    "time_weight": {"mode": "uniform"}},
                "stable_timestep": {"reference": {"strategy": "stable_update"},
-                                   "time_weight": {"mode": "timestep_aware"}}},
+                                   "time_weight": {"mode": "timestep_aware"}},
+               "stable_cat": {"reference": {"strategy": "stable_update"},
+                              "time_weight": {"mode": "discount", "discount_as": "sample"}},
+               "stable_beta_lambda": {"reference": {"strategy": "stable_update"}, "time_weight": {"mode": "uniform"},
+                                      "loss": {"beta": RETHINKING_BETA * MEAN_LAMBDA}}},
         contrasts=(
-            Contrast("the stable reference alone raises the reward", {"stable_uniform": 1, "frozen_uniform": -1},
+            Contrast("the stable reference beats the frozen one", {"stable_uniform": 1, "frozen_uniform": -1},
                      checks=(reference_moved("stable_uniform"),)),
-            Contrast("the stable reference alone gains more than timestep-aware training alone",
-                     {"stable_uniform": 1, "frozen_timestep": -1}, checks=(reference_moved("stable_uniform"),)),
-            Contrast("timestep-aware training helps combined with the stable reference",
+            Contrast("the cap matters: the stable reference beats one replaced at every check",
+                     {"stable_uniform": 1, "uncapped_uniform": -1},
+                     checks=(reference_moved("stable_uniform"), reference_froze("stable_uniform"))),
+            Contrast("timestep-aware training adds on top of the stable reference",
                      {"stable_timestep": 1, "stable_uniform": -1},
                      checks=(reference_moved("stable_timestep", "stable_uniform"),)),
-            Contrast("timestep-aware training helps more with the stable reference than without (interaction)",
-                     {"stable_timestep": 1, "stable_uniform": -1, "frozen_timestep": -1, "frozen_uniform": 1},
-                     checks=(reference_moved("stable_timestep", "stable_uniform"),)))),
+            Contrast("λ(t) adds beyond its larger average β", {"stable_timestep": 1, "stable_beta_lambda": -1},
+                     checks=(reference_moved("stable_timestep", "stable_beta_lambda"),)),
+            Contrast("the Cat(γ^k) draw alone adds on top of the stable reference",
+                     {"stable_cat": 1, "stable_uniform": -1},
+                     checks=(reference_moved("stable_cat", "stable_uniform"),)))),
     "default": Grid(
         claim="The shipped default (configs/default.yaml) raises the held-out reward and closes at least half of "
               "the headroom between the base model and the ideal renders.",

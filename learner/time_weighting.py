@@ -125,6 +125,14 @@ class TimeWeighting:
         beta_scale = self._lambda[index] if self.cfg.mode == "timestep_aware" else ones
         return StepSample(index, self.grid[index], beta_scale, weight)
 
+    def mean_beta_scale(self) -> float:
+        """E[beta_scale] of a step ``sample`` draws: λ's mean under the draw in timestep-aware mode, else 1. A
+        uniform arm with β times this isolates λ's skew from the larger β it gives on average."""
+        if self.cfg.mode != "timestep_aware":
+            return 1.0
+        probs = self.probs if self.cfg.discount_as == "sample" else torch.full_like(self.probs, 1 / len(self.probs))
+        return float((probs * self._lambda).sum())
+
     def weigh(self, index: Tensor) -> tuple[Tensor, Tensor]:
         """(beta_scale, weight) for grid positions chosen elsewhere (TailorPO trains at fixed steps):
         uniform → (1, 1); discount → (1, γ^k normalised to mean 1); timestep_aware → (λ(t), 1)."""

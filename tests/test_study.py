@@ -205,3 +205,23 @@ def test_a_finished_record_counts_only_while_its_config_is_the_cells(tmp_path):
     assert not finished(tmp_path, "flow_default", 0, moved)  # the grid changed since: rerun
     elsewhere = run_config(trees["flow_default"], tmp_path / "other", "flow_default", 0)
     assert config_digest(elsewhere) == config_digest(cfg)  # the output folder is not part of it
+
+
+def test_the_beta_lambda_arm_matches_timestep_aware_trainings_mean_scale():
+    """stable_beta_lambda's β is β · E[λ] under the timestep-aware arm's own draw, on the world model's grid."""
+    from diffusers import DDIMScheduler
+
+    from learner.study import MEAN_LAMBDA, RETHINKING_BETA
+    from learner.time_weighting import TimeWeightConfig, TimeWeighting
+    from policy.process import DDIMEpsilon
+
+    trees = cell_trees(GRIDS["rethinking"])
+    aware = build_config(trees["stable_timestep"])
+    process = DDIMEpsilon.from_scheduler(DDIMScheduler.from_pretrained("world/model", subfolder="scheduler"),
+                                         aware.sampler.num_steps)
+    assert TimeWeighting(aware.time_weight, process).mean_beta_scale() == pytest.approx(MEAN_LAMBDA, abs=1e-4)
+    assert build_config(trees["stable_beta_lambda"]).loss.beta == pytest.approx(RETHINKING_BETA * MEAN_LAMBDA)
+    uniform = TimeWeighting(TimeWeightConfig(mode="uniform"), process)
+    assert uniform.mean_beta_scale() == 1.0
+    every_t = TimeWeighting(TimeWeightConfig(mode="timestep_aware", discount_as="weight"), process)
+    assert every_t.mean_beta_scale() == pytest.approx(float(every_t.sample(200_000).beta_scale.mean()), rel=1e-2)
