@@ -229,10 +229,9 @@ class Learner(GroupLead):
 
     def method_context(self) -> MethodContext:
         """What a method may use (built per update: the reference's adapter changes when it is first replaced)."""
-        return MethodContext(self.cfg.loss, self.cfg.time_weight.discount_as, self.time_weighting, self.generator,
-                             self.device, self.policy.process, self.ref_adapter, self.step_logratios,
-                             self.trajectory_logratios, self.trajectory_logprobs, clean_pairs, self.denoising_mse,
-                             self.policy.encode_prompts)
+        return MethodContext(self.cfg.loss, self.time_weighting, self.generator, self.device, self.policy.process,
+                             self.ref_adapter, self.step_logratios, self.trajectory_logratios,
+                             self.trajectory_logprobs, clean_pairs, self.denoising_mse, self.policy.encode_prompts)
 
     def _stored_reference(self, batch: PairBatch) -> tuple[PairBatch, int]:
         """The batch to train on, and how many of its rows need log π_ref computed here although the actors were to

@@ -62,7 +62,7 @@ def _context(stub: Stub, mode: str, discount_as: str, seed: int = 1, **loss) -> 
     tw = TimeWeighting(TimeWeightConfig(mode=mode, discount_as=discount_as, gamma=0.7), PROCESS)
     loss = SimpleNamespace(**{"beta": 2.0, "ratio_clip": None, "scale_c": 1.5, "kappa": 4.0, "num_step_samples": 3,
                               **loss})
-    return MethodContext(loss, discount_as, tw, torch.Generator().manual_seed(seed), torch.device("cpu"), PROCESS,
+    return MethodContext(loss, tw, torch.Generator().manual_seed(seed), torch.device("cpu"), PROCESS,
                          None, stub.step_logratios, stub.trajectory_logratios, stub.trajectory_logprobs, None, None,
                          None)
 
@@ -135,7 +135,7 @@ def test_diffusion_dpo_noises_both_children_alike_and_compares_with_the_referenc
 
     stub = Stub()
     tw = TimeWeighting(TimeWeightConfig(mode=mode), PROCESS)
-    ctx = MethodContext(SimpleNamespace(beta=50.0), "sample", tw, torch.Generator().manual_seed(9), torch.device("cpu"),
+    ctx = MethodContext(SimpleNamespace(beta=50.0), tw, torch.Generator().manual_seed(9), torch.device("cpu"),
                         PROCESS, ref_adapter, stub.step_logratios, stub.trajectory_logratios,
                         stub.trajectory_logprobs, lambda batch: (x0_w, x0_l), mse, lambda prompts: None)
     loss = find_method("diffusion_dpo", "step")(ctx, PairBatch("step", {}, ["p"] * B))[0].loss

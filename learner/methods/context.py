@@ -22,7 +22,6 @@ LogRatios = tuple["Tensor", "Tensor", dict[str, float]]  # winner's, loser's log
 @dataclass(frozen=True)
 class MethodContext:
     loss: Any  # the config's ``loss`` section (learner.config imports this package, so it is not typed by it)
-    discount_as: str  # time_weight.discount_as: Cat(γ^k) as a weight on drawn steps, or only as the draw
     time_weighting: TimeWeighting
     generator: torch.Generator  # the learner's seeded generator: every random draw of a method comes from it
     device: torch.device

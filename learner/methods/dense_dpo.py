@@ -30,7 +30,7 @@ def on_trajectories(ctx: MethodContext, batch: PairBatch) -> tuple[PairLoss, dic
     b, m = len(batch), ctx.loss.num_step_samples
     steps = ctx.time_weighting.sample(m, ctx.generator)
     lw, ll, extra = ctx.trajectory_logratios(batch, steps.index.expand(b, m))
-    weights = steps.weight.to(ctx.device) if ctx.discount_as == "weight" else None
+    weights = steps.weight.to(ctx.device) if ctx.time_weighting.cfg.discount_as == "weight" else None
     loss = ctx.loss
     return (dense_dpo_loss(lw, ll, scale_c=loss.scale_c, kappa=loss.kappa, step_weights=weights),
             {**extra, **trained_steps(steps.index, m)})
