@@ -64,7 +64,7 @@ from learner.verdict import (
 ROOT = Path(__file__).resolve().parent.parent
 WORLD_METRICS = ROOT / "world" / "assets" / "metrics.json"
 PILOT = ROOT / "docs" / "study" / "rethinking" / "pilot.json"
-RETHINKING_BETA = 5000.0  # Diffusion-DPO's β on per-element mean MSEs (Wallace et al. 2024; Rethinking-DPO's too)
+DIFFUSION_DPO_BETA = 5000.0  # Diffusion-DPO's β on per-element mean MSEs (Wallace et al. 2024; Rethinking-DPO's too)
 # E[λ(t)] of timestep-aware training's draw, Cat(0.9^k) over the world model's 20 sampler steps (tests/test_study.py
 # recomputes it from world/model): the β a uniform arm needs to match its average in-sigmoid scale
 MEAN_LAMBDA = 1.2953
@@ -192,7 +192,7 @@ GRIDS: dict[str, Grid] = {
                "dense": {**TRAJECTORY_BUDGET, "sampler": {"logprob_reduce": "mean"},
                          "loss": {"kind": "dense_dpo", "scale_c": 10.0, "kappa": 1.0e-4, "num_step_samples": 3},
                          "time_weight": {"mode": "discount", "gamma": 0.9}},
-               "diffusion_dpo": {**TRAJECTORY_BUDGET, "loss": {"kind": "diffusion_dpo", "beta": 5000.0}},
+               "diffusion_dpo": {**TRAJECTORY_BUDGET, "loss": {"kind": "diffusion_dpo", "beta": DIFFUSION_DPO_BETA}},
                "tailorpo_g": {}},
         contrasts=tuple(Contrast(f"{cell} beats ppo", {cell: 1, "ppo": -1}, checks=(trained(cell), trained("ppo")))
                         for cell in ("d3po", "dense", "diffusion_dpo", "tailorpo_g")),
@@ -203,7 +203,7 @@ GRIDS: dict[str, Grid] = {
               "adds on top of it, beyond the larger average β its λ(t) gives.",
         # τ and δ from the committed calibration pilot (python -m learner.reference_pilot), so the stable cells are
         # replaced >= 4 times before they freeze; every arm draws t over the same grid (the sampler's 20 steps).
-        shared={**TRAJECTORY_BUDGET, "loss": {"kind": "diffusion_dpo", "beta": RETHINKING_BETA},
+        shared={**TRAJECTORY_BUDGET, "loss": {"kind": "diffusion_dpo", "beta": DIFFUSION_DPO_BETA},
                 "reference": calibrated_reference(), "time_weight": {"grid": "inference", "gamma": 0.9}},
         cells={"frozen_uniform": {"reference": {"strategy": "frozen"}, "time_weight": {"mode": "uniform"}},
                "stable_uniform": {"reference": {"strategy": "stable_update"}, "time_weight": {"mode": "uniform"}},
@@ -214,7 +214,7 @@ GRIDS: dict[str, Grid] = {
                "stable_cat": {"reference": {"strategy": "stable_update"},
                               "time_weight": {"mode": "discount", "discount_as": "sample"}},
                "stable_beta_lambda": {"reference": {"strategy": "stable_update"}, "time_weight": {"mode": "uniform"},
-                                      "loss": {"beta": RETHINKING_BETA * MEAN_LAMBDA}}},
+                                      "loss": {"beta": DIFFUSION_DPO_BETA * MEAN_LAMBDA}}},
         contrasts=(
             Contrast("the stable reference beats the frozen one", {"stable_uniform": 1, "frozen_uniform": -1},
                      checks=(reference_moved("stable_uniform"),)),

@@ -211,7 +211,7 @@ def test_the_beta_lambda_arm_matches_timestep_aware_trainings_mean_scale():
     """stable_beta_lambda's β is β · E[λ] under the timestep-aware arm's own draw, on the world model's grid."""
     from diffusers import DDIMScheduler
 
-    from learner.study import MEAN_LAMBDA, RETHINKING_BETA
+    from learner.study import DIFFUSION_DPO_BETA, MEAN_LAMBDA
     from learner.time_weighting import TimeWeightConfig, TimeWeighting
     from policy.process import DDIMEpsilon
 
@@ -220,7 +220,7 @@ def test_the_beta_lambda_arm_matches_timestep_aware_trainings_mean_scale():
     process = DDIMEpsilon.from_scheduler(DDIMScheduler.from_pretrained("world/model", subfolder="scheduler"),
                                          aware.sampler.num_steps)
     assert TimeWeighting(aware.time_weight, process).mean_beta_scale() == pytest.approx(MEAN_LAMBDA, abs=1e-4)
-    assert build_config(trees["stable_beta_lambda"]).loss.beta == pytest.approx(RETHINKING_BETA * MEAN_LAMBDA)
+    assert build_config(trees["stable_beta_lambda"]).loss.beta == pytest.approx(DIFFUSION_DPO_BETA * MEAN_LAMBDA)
     uniform = TimeWeighting(TimeWeightConfig(mode="uniform"), process)
     assert uniform.mean_beta_scale() == 1.0
     every_t = TimeWeighting(TimeWeightConfig(mode="timestep_aware", discount_as="weight"), process)
