@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import difflib
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from ruamel.yaml import YAML
@@ -41,6 +41,10 @@ class LossConfig(BaseModel):
     kappa: float | None = Field(1e-4, gt=0, description="dense_dpo: per-step log-ratio clip κ (null: none)")
     num_step_samples: int = Field(3, ge=1, strict=True, description=(
         "dense_dpo and ppo on trajectory pairs: M steps per pair (dense_dpo) or per chain (ppo)"))
+    chain_steps: tuple[Annotated[int, Field(ge=0, strict=True)], ...] | None = Field(None, min_length=1, description=(
+        "dpo_logprob on trajectory pairs: train every pair at each of these chain positions (0 = the first step "
+        "from x_T), one DPO term each with the chain's label (D3PO trains all of them); null: one position a pair, "
+        "drawn by time_weight"))
     clip_range: float = Field(1e-4, gt=0, lt=1, description=(
         "ppo: the clipped ratio's ε (DDPO's 1e-4, on per-element mean log-probs: sampler.logprob_reduce mean)"))
 
@@ -150,6 +154,11 @@ class Config(BaseModel):
         bad = [k for k in self.pairs.branch_steps if k >= self.sampler.num_steps]
         if self.pairs.kind == "step_branch" and bad:
             raise ValueError(f"pairs.branch_steps {bad} are beyond sampler.num_steps={self.sampler.num_steps}")
+        if self.loss.chain_steps is not None and (self.loss.kind, self.pairs.kind) != ("dpo_logprob", "trajectory"):
+            raise ValueError("loss.chain_steps is for loss.kind=dpo_logprob on pairs.kind=trajectory; set it to null")
+        if self.loss.chain_steps is not None and (late := [k for k in self.loss.chain_steps
+                                                           if k >= self.sampler.num_steps]):
+            raise ValueError(f"loss.chain_steps {late} are beyond sampler.num_steps={self.sampler.num_steps}")
         if self.guidance.kind == "reward_gradient" and len(self.reward.main_env_spec()) < len(self.reward.spec):
             raise ValueError("guidance.kind=reward_gradient needs the reward's gradient in the rollout actor; a reward "
                              "with reward.options.<name>.runtime_env runs in its own actor and has none there")

@@ -82,6 +82,17 @@ QUICK = {"train": {"steps": 2, "batch_size": 8}, "rollout": {"prompts_per_task":
 # Grids of trajectory cells keep the default's updates with 32 pairs each: whole chains are sampled ~8× faster than
 # step-branch chains (no ranking of children), so the learner sets the pace, and at 32 pairs an update takes ~2 s
 # on 2 cores (10-update probes, diffusion_dpo and dense_dpo).
+# tailorpo: the positions a step-branch chain ranks (the default's), and the step terms every update trains.
+BRANCH_STEPS = tuple(range(0, 20, 2))
+STEP_TERMS = 60
+
+
+def chain_pairs(positions: tuple[int, ...]) -> dict[str, Any]:
+    """Chain pairs trained at every one of ``positions``, as many a batch as keeps STEP_TERMS terms an update."""
+    return {"pairs": {"kind": "trajectory"}, "loss": {"chain_steps": positions},
+            "train": {"batch_size": STEP_TERMS // len(positions)}}
+
+
 TRAJECTORY_BUDGET = {"pairs": {"kind": "trajectory"}, "guidance": {"kind": "none"}, "train": {"batch_size": 32}}
 
 
@@ -105,6 +116,9 @@ class Grid:
     shared: Mapping[str, Any] = field(default_factory=dict)
     seeds: int = MIN_SEEDS
     match_images: bool = False  # scale updates so every cell samples as many chains as the first
+    # cell -> (reference, probe): the cell's updates are the probe's, scaled so its latents through the networks
+    # match the reference's (both measured by runs of this grid: the cell runs after them)
+    match_net_rows: Mapping[str, tuple[str, str]] = field(default_factory=dict)
     compare_n: int = 256
     base_config: Path = DEFAULT_CONFIG  # the config every cell overrides
     world_metrics: Path = WORLD_METRICS  # the model's headroom table (rewards.world_headroom)
@@ -142,6 +156,16 @@ SAME_IMAGES = compare_cells("both cells sampled the same number of images (cell 
                             ("step_branch", "trajectory"), lambda a, b: abs(a - b) <= 0.1 * max(a, b))
 GUIDED = every_run("guidance accepted some steps in every tailorpo_g run", ("tailorpo_g",),
                    ("guidance_accept_rate",), lambda d: d["guidance_accept_rate"] > 0)
+def same_terms(cell: str) -> Check:
+    return compare_cells(f"step_branch and {cell} trained the same step terms (within 5 %)", "trained_step_terms",
+                         ("step_branch", cell), lambda a, b: abs(a - b) <= 0.05 * max(a, b))
+
+
+def same_passes(cell: str) -> Check:
+    return compare_cells(f"step_branch and {cell} sent the same latents through the networks (within 10 %)",
+                         "net_rows", ("step_branch", cell), lambda a, b: abs(a - b) <= 0.1 * max(a, b))
+
+
 def trained(cell: str) -> Check:
     return every_run("every run made all its learner updates, none skipped as non-finite", (cell,),
                      ("updates_planned", "nonfinite_skipped"),
@@ -156,14 +180,29 @@ def trained(cell: str) -> Check:
 # gradient norm falls 30× as log-ratios leave [−κ, κ] (the paper's trust region), +1.8 s.e. in 10 updates.
 GRIDS: dict[str, Grid] = {
     "tailorpo": Grid(
-        claim="TailorPO: step-level pairs (two children of one x_t, the winner continues) beat whole-chain pairs "
-              "for the same loss and the same number of images sampled.",
-        # guidance off in both cells: it needs step pairs, and the claim is about the pairs alone
-        shared={"loss": {"kind": "dpo_logprob"}, "guidance": {"kind": "none"}},
-        cells={"step_branch": {"pairs": {"kind": "step_branch"}}, "trajectory": {"pairs": {"kind": "trajectory"}}},
-        contrasts=(Contrast("step-branch pairs beat trajectory pairs", {"step_branch": 1, "trajectory": -1},
-                            checks=(SAME_IMAGES,)),),
-        match_images=True),
+        claim="TailorPO: step-level pairs (two children of one x_t ranked by their x̂_0, the winner continues) beat "
+              "whole-chain pairs (D3PO) for the same loss, at equal optimizer updates and trained step terms, and "
+              "at equal network passes.",
+        # guidance off: it needs step pairs, and the claim is about the pairs alone. Every update trains 60 step
+        # terms: 60 step pairs, or 6 chain pairs at the ten branch positions, or 3 at all 20 (D3PO).
+        shared={"loss": {"kind": "dpo_logprob"}, "guidance": {"kind": "none"}, "pairs": {"branch_steps": BRANCH_STEPS},
+                "train": {"batch_size": STEP_TERMS}},
+        cells={"step_branch": {"pairs": {"kind": "step_branch"}},
+               "chain_branch_steps": chain_pairs(BRANCH_STEPS),
+               "chain_all_steps": chain_pairs(tuple(range(20))),
+               "chain_all_steps_calls": chain_pairs(tuple(range(20)))},
+        contrasts=(Contrast("step pairs beat chain pairs trained at the same positions (equal updates and terms)",
+                            {"step_branch": 1, "chain_branch_steps": -1},
+                            checks=(trained("step_branch"), trained("chain_branch_steps"),
+                                    same_terms("chain_branch_steps"))),
+                   Contrast("step pairs beat D3PO's all-step chain pairs (equal updates and terms)",
+                            {"step_branch": 1, "chain_all_steps": -1},
+                            checks=(trained("step_branch"), trained("chain_all_steps"), same_terms("chain_all_steps"))),
+                   Contrast("step pairs beat D3PO's all-step chain pairs at equal network passes",
+                            {"step_branch": 1, "chain_all_steps_calls": -1},
+                            checks=(trained("step_branch"), trained("chain_all_steps_calls"),
+                                    same_passes("chain_all_steps_calls")))),
+        match_net_rows={"chain_all_steps_calls": ("step_branch", "chain_all_steps")}),
     "tailorpo_g": Grid(
         claim="TailorPO-G: a reward-gradient step on each step pair's winner adds reward over TailorPO.",
         shared={"pairs": {"kind": "step_branch"}, "loss": {"kind": "dpo_logprob"}},
@@ -265,10 +304,12 @@ def pairs_per_chain(cfg: Config) -> float:
     return float(len(cfg.pairs.branch_steps)) if cfg.pairs.kind == "step_branch" else 0.5
 
 
-def cell_trees(grid: Grid, quick: bool = False, updates: int | None = None) -> dict[str, dict[str, Any]]:
+def cell_trees(grid: Grid, quick: bool = False, updates: int | None = None, out: Path | None = None
+               ) -> dict[str, dict[str, Any]]:
     """Each cell's config tree without seed and output dir: default.yaml + study + shared + cell (+ quick), its
-    updates set (``updates``, or scaled to the first cell's images with ``match_images``) and an eval every
-    ~1/5 of the run so a curve exists."""
+    updates set (``updates``, or scaled to the first cell's images with ``match_images``, or to another cell's
+    network passes with ``match_net_rows``, read from the finished records under ``out``: a cell whose records
+    are not there yet is left out) and an eval every ~1/5 of the run so a curve exists."""
     default = load_yaml(grid.base_config)
     cells = dict(list(grid.cells.items())[:2]) if quick else dict(grid.cells)
     trees = {c: merge(default, STUDY_RUN, grid.shared, o, QUICK if quick else {}) for c, o in cells.items()}
@@ -282,6 +323,14 @@ def cell_trees(grid: Grid, quick: bool = False, updates: int | None = None) -> d
             chains = ref.train.steps * ref.train.batch_size / pairs_per_chain(ref)  # the first cell's images
             steps = max(1, round(chains * pairs_per_chain(cfg) / cfg.train.batch_size))
         trees[cell] = merge(tree, {"train": {"steps": steps}, "eval": {"every": math.ceil(steps / 5)}})
+    for cell, (reference, probe) in grid.match_net_rows.items():
+        rows = {c: [delivered(r)["net_rows"] for r in finished_records(out, c)] if out else []
+                for c in (reference, probe)}
+        if cell not in trees or not all(rows.values()) or None in rows[reference] + rows[probe]:
+            trees.pop(cell, None)
+            continue
+        steps = max(1, round(build_config(trees[probe]).train.steps * np.mean(rows[reference]) / np.mean(rows[probe])))
+        trees[cell] = merge(trees[cell], {"train": {"steps": steps}, "eval": {"every": math.ceil(steps / 5)}})
     return trees
 
 
@@ -290,11 +339,19 @@ def run_config(tree: Mapping[str, Any], out: Path, cell: str, seed: int) -> Conf
 
 
 def config_digest(cfg: Config) -> str:
-    """What a finished record was trained with (its output folder aside): a record whose digest differs from the
-    cell's config today is from an older grid, and is rerun rather than mixed in."""
+    """What a finished record was trained with (its output folder and null options aside): a record whose digest
+    differs from the cell's config today is from an older grid, and is rerun rather than mixed in."""
     tree = cfg.model_dump(mode="json")
     tree["output"].pop("dir")
-    return hashlib.sha256(json.dumps(tree, sort_keys=True).encode()).hexdigest()[:16]
+    return hashlib.sha256(json.dumps(without_nulls(tree), sort_keys=True).encode()).hexdigest()[:16]
+
+
+def without_nulls(tree: Any) -> Any:
+    """``tree`` without its null options: an option added later, off (null) by default, leaves what ran the same,
+    so it must not turn the records of the runs before it into strangers."""
+    if isinstance(tree, dict):
+        return {k: without_nulls(v) for k, v in tree.items() if v is not None}
+    return tree
 
 
 def finished(out: Path, cell: str, seed: int, cfg: Config) -> bool:
@@ -308,6 +365,12 @@ def run_dir(out: Path, cell: str, seed: int) -> Path:
 
 def record_path(out: Path, cell: str, seed: int) -> Path:
     return out / "cells" / cell / f"seed{seed}.json"
+
+
+def finished_records(out: Path, cell: str) -> list[dict[str, Any]]:
+    """The records of ``cell``'s finished runs under ``out``, in seed order."""
+    paths = sorted((out / "cells" / cell).glob("seed*.json"), key=lambda p: int(p.stem.removeprefix("seed")))
+    return [json.loads(p.read_text()) for p in paths]
 
 
 # ---- one run --------------------------------------------------------------------------------------------------
@@ -417,6 +480,7 @@ def delivered(record: Mapping[str, Any]) -> dict[str, Any]:
     from before they were kept), its counts, and the reference replacements and freeze update from its checks."""
     d = {**dict.fromkeys(DELIVERED), **record.get("delivered", {}),
          "optimizer_updates": record["steps"], "chains": record["chains"], "wall_seconds": record["seconds"]}
+    d["net_rows"] = None if d["net_rows_actors"] is None else d["net_rows_actors"] + d["net_rows_learner"]
     checks = d["ref_checks"]
     d["ref_replacements"] = None if checks is None else sum(action == "replaced" for _, _, action in checks)
     d["ref_frozen_at"] = None if checks is None else next((u for u, _, a in checks if a == "frozen"), None)
@@ -670,24 +734,24 @@ def run_study(name: str, out: Path, seeds: int | None = None, quick: bool = Fals
 
     grid = GRIDS[name]
     seeds = seeds if seeds is not None else (1 if quick else grid.seeds)
-    trees = cell_trees(grid, quick, updates)
-    jobs = [(c, k) for c in trees for k in range(seeds)]
-    configs = {(c, k): run_config(trees[c], out, c, k) for c, k in jobs}  # every config checked before any run
-    todo = [j for j in jobs if not finished(out, *j, configs[j])]
-    stale = [j for j in todo if record_path(out, *j).exists()]
-    if stale:
-        logging.getLogger("dpr").warning("%d finished runs of %s were trained with another config (an older grid "
-                                         "or default): rerunning them", len(stale), name)
-    if todo:
-        # the same on every resume
-        baseline = Baseline.build(configs[jobs[0]], 8 if quick else grid.compare_n, grid.world_metrics)
-        owns_ray = start_ray(configs[todo[0]])
-        try:
+    baseline, owns_ray, log = None, False, logging.getLogger("dpr")
+    try:
+        for _ in range(2):  # the second pass: cells whose budget matches the compute the first pass's runs measured
+            trees = cell_trees(grid, quick, updates, out)
+            jobs = [(c, k) for c in trees for k in range(seeds)]
+            configs = {(c, k): run_config(trees[c], out, c, k) for c, k in jobs}  # all checked before any run
+            todo = [j for j in jobs if not finished(out, *j, configs[j])]
+            if stale := [j for j in todo if record_path(out, *j).exists()]:
+                log.warning("%d finished runs of %s were trained with another config (an older grid or default): "
+                            "rerunning them", len(stale), name)
+            if todo and baseline is None:  # the same on every resume
+                baseline = Baseline.build(configs[jobs[0]], 8 if quick else grid.compare_n, grid.world_metrics)
+                owns_ray = start_ray(configs[todo[0]])
             for cell, k in tqdm(todo, desc=f"study {name}", unit="run", position=0):
                 run_cell(configs[cell, k], cell, k, baseline, out)
-        finally:
-            if owns_ray:
-                ray.shutdown()
+    finally:
+        if owns_ray:
+            ray.shutdown()
     records = [json.loads(record_path(out, c, k).read_text()) for c, k in jobs]
     return write_report(name, grid, out, records, command)
 
@@ -696,14 +760,13 @@ def report_only(name: str, out: Path) -> dict[str, Any]:
     """Rewrite results.json and RESULTS.md from every finished record under ``out/cells`` with today's statistics,
     running nothing and leaving the figures as they are; the reproduce command stays the one that ran them."""
     grid = GRIDS[name]
-    paths = [p for c in grid.cells for p in sorted((out / "cells" / c).glob("seed*.json"),
-                                                     key=lambda p: int(p.stem.removeprefix("seed")))]
-    if not paths:
+    records = [r for c in grid.cells for r in finished_records(out, c)]
+    if not records:
         raise ConfigError(f"--report-only: no finished run of grid {name!r} under {out / 'cells'}")
     previous = out / "results.json"
     command = json.loads(previous.read_text())["command"] if previous.exists() else \
         f"python -m learner.study --grid {name}"
-    return write_report(name, grid, out, [json.loads(p.read_text()) for p in paths], command, figures=False)
+    return write_report(name, grid, out, records, command, figures=False)
 
 
 def main(argv: list[str] | None = None) -> int:

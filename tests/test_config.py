@@ -52,6 +52,9 @@ def test_cli_overrides_yaml_and_parses_values(tmp_path):
     ({"rollout": {"adapt_batch": 1}}, r"rollout\.adapt_batch must be true or false, got 1"),
     ({"pairs": {"branch_steps": [30]}}, r"beyond sampler\.num_steps"),
     ({"guidance": {"kind": "reward_gradient"}, "pairs": {"kind": "trajectory"}}, r"needs pairs\.kind=step_branch"),
+    ({"loss": {"chain_steps": [0, 2]}}, r"^loss\.chain_steps is for loss\.kind=dpo_logprob on pairs\.kind=trajectory"),
+    ({"loss": {"chain_steps": [0, 20]}, "pairs": {"kind": "trajectory"}, "guidance": {"kind": "none"}},
+     r"^loss\.chain_steps \[20\] are beyond sampler\.num_steps=20$"),
     ({"guidance": {"kind": "reward_gradient"}, "reward": {"spec": {"world": 1.0, "jpeg_compressibility": 0.1}}},
      r"^guidance\.kind=reward_gradient needs a differentiable reward; \['jpeg_compressibility'\] in reward\.spec "
      r"have no gradient: drop them from reward\.spec or set guidance\.kind: none$"),

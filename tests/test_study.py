@@ -35,15 +35,24 @@ def test_every_grid_builds_and_its_contrasts_name_its_cells():
         assert grid.seeds >= 6, name
 
 
-def test_tailorpo_cells_sample_the_same_number_of_images():
-    """Chains sampled = updates × pairs per update / pairs per chain must match between pair kinds."""
+def test_tailorpo_cells_train_the_same_step_terms_and_one_matches_the_step_cells_network_passes(tmp_path):
+    """Equal updates of 60 step terms each; the _calls cell's updates scale the all-steps cell's by the ratio of
+    latents through the networks that the finished runs of both measured."""
     trees = cell_trees(GRIDS["tailorpo"], updates=100)
-    step, traj = build_config(trees["step_branch"]), build_config(trees["trajectory"])
-    chains = {k: c.train.steps * c.train.batch_size / study.pairs_per_chain(c) for k, c in
-              (("step", step), ("traj", traj))}
-    assert step.train.steps == 100 and traj.train.batch_size == step.train.batch_size
-    assert chains["traj"] == pytest.approx(chains["step"], rel=0.05)
-    assert step.eval.every >= 1 and traj.eval.every >= 1
+    assert "chain_all_steps_calls" not in trees  # nothing to match before the runs it matches exist
+    cfgs = {c: build_config(t) for c, t in trees.items()}
+    for c, positions in (("step_branch", 1), ("chain_branch_steps", 10), ("chain_all_steps", 20)):
+        assert cfgs[c].train.steps == 100 and cfgs[c].train.batch_size * positions == 60, c
+        assert positions == 1 or len(cfgs[c].loss.chain_steps) == positions
+    assert cfgs["chain_branch_steps"].loss.chain_steps == cfgs["step_branch"].pairs.branch_steps
+    for cell, rows in (("step_branch", 3000), ("chain_all_steps", 2000)):
+        for k in range(2):
+            path = study.record_path(tmp_path, cell, k)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(json.dumps(record(cell, k, 0.0, net_rows_actors=rows - 500 + 100 * k,
+                                              net_rows_learner=500 - 100 * k)))
+    matched = build_config(cell_trees(GRIDS["tailorpo"], updates=100, out=tmp_path)["chain_all_steps_calls"])
+    assert matched.train.steps == 150 and matched.loss.chain_steps == cfgs["chain_all_steps"].loss.chain_steps
 
 
 def test_over_seeds_is_mean_and_standard_error():
@@ -116,24 +125,28 @@ def test_delivered_reads_the_reference_checks_and_updates_of_a_run(tmp_path):
 COMMAND = "python -m learner.study --grid tailorpo --updates 7 --out /elsewhere/docs/study/tailorpo"
 
 
-def write_study(out, seeds: int, chains: tuple[int, int] = (500, 500)) -> None:
-    """A finished tailorpo study on disk: step pairs 0.09 above chain pairs on every seed, under seed luck."""
+def write_study(out, seeds: int, terms: int = 600) -> None:
+    """A finished tailorpo study on disk: step pairs 0.09 above chain pairs on every seed, under seed luck; the
+    chain cells trained ``terms`` step terms against the step cell's 600."""
     for k in range(seeds):
-        for cell, gain, n in (("step_branch", 0.1 + NOISE[k], chains[0]), ("trajectory", 0.01, chains[1])):
+        for cell in GRIDS["tailorpo"].cells:
+            gain = 0.1 + NOISE[k] if cell == "step_branch" else 0.01
+            done = {"updates_planned": 10, "nonfinite_skipped": 0, "net_rows_actors": 900, "net_rows_learner": 300,
+                    "trained_step_terms": 600 if cell == "step_branch" else terms}
             path = study.record_path(out, cell, k)
             path.parent.mkdir(parents=True, exist_ok=True)
-            path.write_text(json.dumps(record(cell, k, gain + SEED_LUCK[k], n)))
+            path.write_text(json.dumps(record(cell, k, gain + SEED_LUCK[k], **done)))
     (out / "results.json").write_text(json.dumps({"command": COMMAND}))
     (out / "RESULTS.md").write_text("# old report\n\n## Note added by hand: kept\nWhy it looks so.\n")
 
 
-@pytest.mark.parametrize(("seeds", "chains", "verdict", "shown"), [
-    (6, (500, 500), "holds", "**holds**"),
-    (3, (500, 500), "not tested", "**not tested** (n=3 < 6 seeds)"),
-    (6, (500, 800), "not tested", "**not tested** (manipulation check failed)"),
+@pytest.mark.parametrize(("seeds", "terms", "verdict", "shown"), [
+    (6, 600, "holds", "**holds**"),
+    (3, 600, "not tested", "**not tested** (n=3 < 6 seeds)"),
+    (6, 300, "not tested", "**not tested** (manipulation check failed)"),
 ])
-def test_report_only_rewrites_the_verdicts_from_the_records(tmp_path, seeds, chains, verdict, shown):
-    write_study(tmp_path, seeds, chains)
+def test_report_only_rewrites_the_verdicts_from_the_records(tmp_path, seeds, terms, verdict, shown):
+    write_study(tmp_path, seeds, terms)
     assert study.main(["--grid", "tailorpo", "--report-only", "--out", str(tmp_path)]) == 0
     results = json.loads((tmp_path / "results.json").read_text())
     assert results["verdict"] == verdict and results["contrasts"][0]["n"] == seeds
@@ -160,15 +173,17 @@ def test_committed_verdicts_are_todays_statistics():
 def test_quick_study_runs_end_to_end_and_resumes(tmp_path, monkeypatch):
     out = tmp_path / "study"
     assert study.main(["--grid", "tailorpo", "--quick", "--out", str(out)]) == 0
-    for name in ("RESULTS.md", "results.json", "curves.png", "samples_step_branch.png", "samples_trajectory.png"):
+    for name in ("RESULTS.md", "results.json", "curves.png", "samples_step_branch.png",
+                 "samples_chain_branch_steps.png"):
         assert (out / name).is_file(), name
     results = json.loads((out / "results.json").read_text())
-    assert set(results["cells"]) == {"step_branch", "trajectory"}
+    assert set(results["cells"]) == {"step_branch", "chain_branch_steps"}
     for run in results["runs"]:
         assert run["chains"] > 0 and run["curve"] and run["n"] == 8
         assert 0 <= run["win_rate"]["mean"] <= 1 and run["fidelity"]["mean"] > 0.9
         assert run["gain"]["mean"] == pytest.approx(run["reward"]["mean"] - run["base_reward"]["mean"], abs=1e-6)
-    assert results["verdict"] == "not tested"  # one seed
+    assert results["verdict"] == "incomplete"  # two of the grid's cells: one of its contrasts
+    assert [c["verdict"] for c in results["contrasts"]] == ["not tested"]  # one seed
     for run in results["runs"]:
         d = run["delivered"]
         assert d["ref_checks"] == [] and d["nonfinite_skipped"] == 0  # a frozen reference is never checked
@@ -205,6 +220,8 @@ def test_a_finished_record_counts_only_while_its_config_is_the_cells(tmp_path):
     assert not finished(tmp_path, "flow_default", 0, moved)  # the grid changed since: rerun
     elsewhere = run_config(trees["flow_default"], tmp_path / "other", "flow_default", 0)
     assert config_digest(elsewhere) == config_digest(cfg)  # the output folder is not part of it
+    # nor an option left off (null), as one added since is: the records of the runs before it stay current
+    assert study.without_nulls({"loss": {"beta": 0.1, "chain_steps": None}, "x": None}) == {"loss": {"beta": 0.1}}
 
 
 def test_the_beta_lambda_arm_matches_timestep_aware_trainings_mean_scale():

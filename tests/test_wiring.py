@@ -61,7 +61,7 @@ class Stub:
 def _context(stub: Stub, mode: str, discount_as: str, seed: int = 1, **loss) -> MethodContext:
     tw = TimeWeighting(TimeWeightConfig(mode=mode, discount_as=discount_as, gamma=0.7), PROCESS)
     loss = SimpleNamespace(**{"beta": 2.0, "ratio_clip": None, "scale_c": 1.5, "kappa": 4.0, "num_step_samples": 3,
-                              **loss})
+                              "chain_steps": None, **loss})
     return MethodContext(loss, tw, torch.Generator().manual_seed(seed), torch.device("cpu"), PROCESS,
                          None, stub.step_logratios, stub.trajectory_logratios, stub.trajectory_logprobs, None, None,
                          None)
@@ -94,6 +94,21 @@ def test_dpo_on_trajectory_pairs_trains_the_step_the_time_weighting_draws(mode, 
     rows = torch.arange(B)
     z = 2.0 * steps.beta_scale * (stub.lw[rows, steps.index] - stub.ll[rows, steps.index])
     assert float(loss.detach()) == pytest.approx(float(-(steps.weight * _logsigmoid64(z)).mean().detach()), rel=1e-6)
+
+
+@pytest.mark.parametrize(("mode", "discount_as"), MODES)
+def test_dpo_on_trajectory_pairs_trains_every_chain_step_it_names_with_the_chains_label(mode, discount_as):
+    stub, positions = Stub(), (0, 3, 7)
+    ctx = _context(stub, mode, discount_as, chain_steps=positions)
+    loss, metrics = find_method("dpo_logprob", "trajectory")(ctx, _batch("trajectory", stub))
+    k = torch.tensor(positions)
+    s, w = ctx.time_weighting.weigh(k)  # each term weighed at its own position, λ inside and discount outside
+    z = 2.0 * s * (stub.lw[:, k] - stub.ll[:, k])
+    assert float(loss.loss.detach()) == pytest.approx(float(-(w * _logsigmoid64(z)).mean().detach()), rel=1e-6)
+    assert metrics["step_terms"] == 3 and metrics["trained_step"] == pytest.approx(10 / 3)
+    loss.loss.backward()
+    untrained = [j for j in range(N) if j not in positions]
+    assert (stub.lw.grad[:, k] < 0).all() and (stub.lw.grad[:, untrained] == 0).all()
 
 
 @pytest.mark.parametrize(("mode", "discount_as"), [("discount", "sample"), ("discount", "weight"),
