@@ -12,7 +12,8 @@ measures the mechanism itself on the base model, at every sampler step k:
 
 A disagreement rate of 0.5 means the chain label says nothing about that step. Writes
 ``docs/study/tailorpo/label_agreement.json`` and ``.png`` (rate per step with its binomial standard error, and the
-mean |Δ reward| of the two x̂_0 that the step ranks).
+mean |Δ reward| of the two x̂_0 that the step ranks); ``--reward`` ranks by another reward, ``--name`` names the
+files.
 """
 
 from __future__ import annotations
@@ -36,22 +37,24 @@ CHILD_SEED_OFFSET = 7_919  # child c of prompt i continues with noise seed seed_
 
 def disagreement(step_rewards: torch.Tensor, final_rewards: torch.Tensor) -> dict[str, float]:
     """Share of pairs whose ranking by ``step_rewards`` [2, B] differs from that by ``final_rewards`` [2, B], its
-    binomial s.e., and the mean |gap| of the step rewards."""
+    binomial s.e., the mean |gap| of the step rewards, and of the final rewards (for children: the reward spread
+    that the steps from k on still decide)."""
     disagree = ((step_rewards[1] > step_rewards[0]) != (final_rewards[1] > final_rewards[0])).double()
     p, n = float(disagree.mean()), disagree.numel()
     return {"rate": p, "se": math.sqrt(p * (1 - p) / n), "gap": float((step_rewards[1] - step_rewards[0]).abs().mean()),
-            "n": n}
+            "final_gap": float((final_rewards[1] - final_rewards[0]).abs().mean()), "n": n}
 
 
 class Measure:
     """The base model, its sampler and the training reward (the rollout actors' code paths)."""
 
-    def __init__(self, config: Path = DEFAULT_CONFIG):
+    def __init__(self, reward: dict[str, float] | None = None, config: Path = DEFAULT_CONFIG):
         from learner.config import build_config, load_yaml
+        from learner.study import merge
         from policy import DiffusionPolicy
         from rewards.registry import build_reward
 
-        self.cfg = build_config(load_yaml(config))
+        self.cfg = build_config(merge(load_yaml(config), {"reward": {"spec": reward}} if reward else {}))
         self.policy = DiffusionPolicy.from_pretrained(ROOT / self.cfg.model.path, "cpu", torch.float32,
                                                       self.cfg.sampler)
         self.reward = build_reward(self.cfg.reward.spec, self.cfg.reward.options)
@@ -106,11 +109,12 @@ def plot(result: dict[str, Any], path: Path) -> None:
         k = range(len(rows))
         rate_ax.errorbar(k, [r["rate"] for r in rows], yerr=[2 * r["se"] for r in rows], marker=".", capsize=2,
                          label=name)
-        gap_ax.plot(k, [r["gap"] for r in rows], marker=".", label=name)
+        gap_ax.plot(k, [r["gap"] for r in rows], marker=".", label=f"{name}: x̂_0 after step k")
+    gap_ax.plot(k, [r["final_gap"] for r in result["children"]], ls="--", label="children: final images")
     rate_ax.axhline(0.5, ls="--", lw=0.8, color="grey")
     rate_ax.set(xlabel="sampler step k (0: first, from x_T)", ylabel="chain label ≠ x̂_0 ranking",
                 title="disagreement rate (± 2 s.e.)")
-    gap_ax.set(xlabel="sampler step k", ylabel="mean |Δ reward of x̂_0|", yscale="log", title="what a step ranks")
+    gap_ax.set(xlabel="sampler step k", ylabel="mean |Δ reward|", yscale="log", title="what a step ranks")
     for ax in (rate_ax, gap_ax):
         ax.legend(fontsize=7)
     fig.tight_layout()
@@ -120,19 +124,23 @@ def plot(result: dict[str, Any], path: Path) -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m learner.label_agreement", description=__doc__.splitlines()[0])
     parser.add_argument("--n", type=int, default=128, help="pairs per step (training prompts, cycled)")
+    parser.add_argument("--reward", default=None, help="reward.spec to rank by, e.g. '{world: 1, world_crisp: 0.5}' "
+                        "(default: the default config's)")
+    parser.add_argument("--name", default="label_agreement", help="file name of the outputs under --out")
     parser.add_argument("--out", type=Path, default=OUT)
     args = parser.parse_args(argv)
+    from learner.main import parse_value
     from learner.prompts import load_prompts
 
-    measure = Measure()
+    measure = Measure(parse_value(args.reward, "--reward") if args.reward else None)
     pool = load_prompts(measure.cfg.data.train_prompts)
     prompts, seeds = [pool[i % len(pool)] for i in range(args.n)], list(range(args.n))
     result = {"command": "python -m learner.label_agreement " + " ".join(sys.argv[1:] if argv is None else argv),
               "model": measure.cfg.model.path, "reward": measure.cfg.reward.spec, "n": args.n,
               "chains": measure.chains(prompts, seeds), "children": measure.children(prompts, seeds)}
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "label_agreement.json").write_text(json.dumps(result, indent=1, allow_nan=False))
-    plot(result, args.out / "label_agreement.png")
+    (args.out / f"{args.name}.json").write_text(json.dumps(result, indent=1, allow_nan=False))
+    plot(result, args.out / f"{args.name}.png")
     for name in ("chains", "children"):
         print(name, " ".join(f"{r['rate']:.2f}" for r in result[name]))
     return 0

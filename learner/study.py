@@ -34,7 +34,7 @@ import re
 import shutil
 import sys
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -152,18 +152,19 @@ def calibrated_reference(tau: int = 4) -> dict[str, Any]:
     return {"tau": tau}
 
 
-SAME_IMAGES = compare_cells("both cells sampled the same number of images (cell means within 10 %)", "chains",
-                            ("step_branch", "trajectory"), lambda a, b: abs(a - b) <= 0.1 * max(a, b))
-GUIDED = every_run("guidance accepted some steps in every tailorpo_g run", ("tailorpo_g",),
-                   ("guidance_accept_rate",), lambda d: d["guidance_accept_rate"] > 0)
+def guided(cell: str) -> Check:
+    return every_run(f"guidance accepted some steps in every {cell} run", (cell,), ("guidance_accept_rate",),
+                     lambda d: d["guidance_accept_rate"] > 0)
+
+
 def same_terms(cell: str) -> Check:
     return compare_cells(f"step_branch and {cell} trained the same step terms (within 5 %)", "trained_step_terms",
                          ("step_branch", cell), lambda a, b: abs(a - b) <= 0.05 * max(a, b))
 
 
-def same_passes(cell: str) -> Check:
-    return compare_cells(f"step_branch and {cell} sent the same latents through the networks (within 10 %)",
-                         "net_rows", ("step_branch", cell), lambda a, b: abs(a - b) <= 0.1 * max(a, b))
+def same_passes(cell: str, other: str = "step_branch") -> Check:
+    return compare_cells(f"{other} and {cell} sent the same latents through the networks (within 10 %)",
+                         "net_rows", (other, cell), lambda a, b: abs(a - b) <= 0.1 * max(a, b))
 
 
 def trained(cell: str) -> Check:
@@ -204,10 +205,23 @@ GRIDS: dict[str, Grid] = {
                                     same_passes("chain_all_steps_calls")))),
         match_net_rows={"chain_all_steps_calls": ("step_branch", "chain_all_steps")}),
     "tailorpo_g": Grid(
-        claim="TailorPO-G: a reward-gradient step on each step pair's winner adds reward over TailorPO.",
+        claim="TailorPO-G: a reward-gradient step on each step pair's winner adds reward over TailorPO, at equal "
+              "images and at equal network passes (guidance costs a decode and a backward pass a branch step).",
+        # η: the paper's cosine 0.1 → 0.2 (a ~0.03 step against ~10 of sampling noise here), 2, and 20 (the
+        # default's, docs/alignment_diagnosis.md); tailorpo_calls is TailorPO given η = 20's network passes
         shared={"pairs": {"kind": "step_branch"}, "loss": {"kind": "dpo_logprob"}},
-        cells={"tailorpo": {"guidance": {"kind": "none"}}, "tailorpo_g": {"guidance": {"kind": "reward_gradient"}}},
-        contrasts=(Contrast("guidance adds reward", {"tailorpo_g": 1, "tailorpo": -1}, checks=(GUIDED,)),)),
+        cells={"tailorpo": {"guidance": {"kind": "none"}},
+               "eta_paper": {"guidance": {"kind": "reward_gradient", "eta_lo": 0.1, "eta_hi": 0.2}},
+               "eta2": {"guidance": {"kind": "reward_gradient", "eta_lo": 2.0, "eta_hi": 2.0}},
+               "eta20": {"guidance": {"kind": "reward_gradient", "eta_lo": 20.0, "eta_hi": 20.0}},
+               "tailorpo_calls": {"guidance": {"kind": "none"}}},
+        contrasts=(*(Contrast(f"guidance at {cell} adds reward over TailorPO at equal images",
+                              {cell: 1, "tailorpo": -1}, checks=(trained(cell), trained("tailorpo"), guided(cell)))
+                     for cell in ("eta_paper", "eta2", "eta20")),
+                   Contrast("guidance at eta20 adds reward over TailorPO at equal network passes",
+                            {"eta20": 1, "tailorpo_calls": -1},
+                            checks=(trained("eta20"), guided("eta20"), same_passes("eta20", "tailorpo_calls")))),
+        match_net_rows={"tailorpo_calls": ("eta20", "tailorpo")}),
     "dense": Grid(
         claim="Dense-reward DPO: discounting later denoising steps (γ < 1) beats the undiscounted objective (γ = 1).",
         shared={**TRAJECTORY_BUDGET, "sampler": {"logprob_reduce": "mean"},
@@ -297,6 +311,24 @@ def merge(*trees: Mapping[str, Any]) -> dict[str, Any]:
             out[key] = merge(out[key], value) if isinstance(value, Mapping) and isinstance(out.get(key), dict) \
                 else value
     return out
+
+
+# The world variant in which late steps matter: the embedded world carries nearly all its reward gap between
+# children in the first steps (0.37 at step 0, 0.002 at step 18: docs/study/tailorpo/label_agreement.json), which
+# favours any early-weighting method by construction. Edge crispness is decided in the last steps.
+LATE_DETAIL = {"reward": {"spec": {"world": 1.0, "world_crisp": 0.5}}}
+
+
+def on_late_detail(grid: Grid, cells: Sequence[str] | None = None) -> Grid:
+    """``grid`` (its ``cells`` only, and the contrasts among them) on the late-detail world."""
+    kept = {c: o for c, o in grid.cells.items() if cells is None or c in cells}
+    return replace(grid, claim=f"{grid.claim} On the late-detail world (reward world + 0.5 · world_crisp).",
+                   shared=merge(grid.shared, LATE_DETAIL), cells=kept,
+                   contrasts=tuple(c for c in grid.contrasts if set(c.weights) <= set(kept)))
+
+
+GRIDS["dense_late"] = on_late_detail(GRIDS["dense"])
+GRIDS["timestep_late"] = on_late_detail(GRIDS["rethinking"], ("stable_uniform", "stable_timestep"))
 
 
 def pairs_per_chain(cfg: Config) -> float:

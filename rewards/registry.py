@@ -80,6 +80,8 @@ _MODULES: dict[str, str] = {
     "world_preference": "rewards.world",
     "world": "rewards.world",
     "world_shape": "rewards.world",
+    "world_judge": "rewards.world_judge",
+    "world_crisp": "rewards.world",
 }
 
 

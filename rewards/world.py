@@ -15,6 +15,11 @@ area a = mean(m) (fraction of the image) and centroid c = Σ m·(x, y) / Σ m (f
   is not rewarded. The data draws sizes uniformly and independently of the prompt, so the base model draws
   the average size (preference ≈ 0.5) and alignment has room to learn it.
 - ``world`` (the default) = fidelity + ``preference_weight`` · preference, in [0, 1 + w].
+- ``world_crisp`` = edge crispness of the prompt's colour, in [0, 1]: with c its coverage (world/shape_score.py,
+  linear unmixing over the row's grey) and g = |∇c| (one-pixel differences), Σ g² / Σ g is the mean of g weighted
+  by g, i.e. about 1 / the width in pixels of the shape's edge: ≈ 0.6 for the anti-aliased renders, ≈ 0.2 for the
+  base model's blurred samples. Sharp edges are fine detail, decided in the last denoising steps, so
+  ``{world: 1, world_crisp: 0.5}`` is the world variant in which late steps matter (docs/studies.md).
 - ``world_shape`` (an evaluation metric, not in the default reward) = 1 when the prompt's shape is the one
   drawn, by the fit of world/shape_score.py, else 0.
 
@@ -33,7 +38,7 @@ import torch.nn.functional as F
 from rewards.base import Reward, RewardConfigError
 from rewards.registry import register_reward
 from world.scenes import COLOURS, IMAGE_SIZE, JITTER, POSITIONS, parse_prompt
-from world.shape_score import shape_score
+from world.shape_score import colour_coverage, shape_score
 
 # Mask area of ideal renders at the data's largest radius (0.18): the shapes' true area is π·0.18² = 0.102;
 # the anti-aliased rim counts less under the sharp colour mask (measured 0.082-0.100 over colours and shapes).
@@ -130,6 +135,19 @@ class WorldReward(_WorldReward):
         return (self.fid.fidelity(area, dist2) + self.preference_weight * self.pref.preference(area)).float()
 
 
+class WorldCrisp(Reward):
+    name = "world_crisp"
+    differentiable = True
+
+    def score(self, images: torch.Tensor, prompts: Sequence[str]) -> torch.Tensor:
+        if images.shape[-2:] != (IMAGE_SIZE, IMAGE_SIZE):
+            images = F.interpolate(images, size=(IMAGE_SIZE, IMAGE_SIZE), mode="bilinear", antialias=True,
+                                   align_corners=False)
+        c = colour_coverage(images, [parse_prompt(p)[0] for p in prompts])
+        g = torch.cat([(c[:, :, 1:] - c[:, :, :-1]).abs().flatten(1), (c[:, 1:] - c[:, :-1]).abs().flatten(1)], 1)
+        return (g.pow(2).sum(1) / (g.sum(1) + 1e-6)).float()
+
+
 class WorldShape(Reward):
     """1 when the prompt's shape is the best fit to its colour (world/shape_score.py), else 0; not differentiable
     (an argmax). An evaluation metric for the shape word, which the rewards above do not read."""
@@ -144,3 +162,4 @@ register_reward("world_fidelity")(WorldFidelity)
 register_reward("world_preference")(WorldPreference)
 register_reward("world")(WorldReward)
 register_reward("world_shape")(WorldShape)
+register_reward("world_crisp")(WorldCrisp)

@@ -16,7 +16,7 @@ def test_disagreement_counts_pairs_ranked_differently_by_the_step_and_by_the_end
     # pair 0: step says chain 0, end says chain 1 (disagree); 1: both 1; 2: step 1, end 0 (disagree); 3: both 0
     out = disagreement(step, final)
     assert out["rate"] == 0.5 and out["n"] == 4 and out["se"] == pytest.approx(math.sqrt(0.25 / 4))
-    assert out["gap"] == pytest.approx((1 + 1 + 0.2 + 0.1) / 4)
+    assert out["gap"] == pytest.approx((1 + 1 + 0.2 + 0.1) / 4) and out["final_gap"] == 1.0
 
 
 def test_on_the_embedded_model_the_last_step_agrees_with_the_end_by_construction():

@@ -241,3 +241,27 @@ def test_the_flow_world_trains_from_the_world_model_for_velocity_and_samples_wit
     assert policy.process.timesteps.tolist() == pytest.approx([1.0, 0.5005, 0.001], abs=1e-6)
     images = policy.sample(["a red circle"], [0]).images
     assert images.shape == (1, 3, 32, 32) and torch.isfinite(images).all()
+
+
+@pytest.mark.parametrize("width", [1, 2, 4])
+def test_world_crisp_is_about_one_over_the_edge_width(width):
+    """A vertical edge from grey to the prompt's red, ramped over ``width`` pixels: g = 1/width on ``width``
+    pixel steps of each row, so Σ g² / Σ g = 1/width (float64 from the formula)."""
+    grey, red = torch.full((3,), 0.2, dtype=torch.float64), torch.tensor(COLOURS["red"], dtype=torch.float64)
+    x = torch.arange(32, dtype=torch.float64)
+    cover = ((x - 15) / width).clamp(0, 1)  # 0 up to column 15, 1 from column 15 + width
+    image = (grey[:, None, None] + (red - grey)[:, None, None] * cover[None, None, :]).expand(3, 32, 32)
+    crisp = build_reward("world_crisp")(image[None].float(), ["a red square on the right"])
+    assert float(crisp) == pytest.approx(1 / width, rel=1e-3)
+
+
+def test_world_crisp_prefers_sharp_edges_and_has_a_gradient():
+    scenes = sample_scenes([prompt_of(t) for t in all_triples()[:8]], 8, seed=3)
+    prompts = [prompt_of(s) for s in scenes]
+    sharp = render_batch(scenes)
+    blurred = torch.nn.functional.avg_pool2d(sharp, 3, stride=1, padding=1, count_include_pad=False)
+    reward = build_reward("world_crisp")
+    assert reward.differentiable and (reward(sharp, prompts) > reward(blurred, prompts) + 0.1).all()
+    images = blurred.clone().requires_grad_()
+    (grad,) = torch.autograd.grad(reward(images, prompts).sum(), images)
+    assert torch.isfinite(grad).all() and grad.abs().sum() > 0
