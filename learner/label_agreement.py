@@ -54,7 +54,9 @@ class Measure:
         from policy import DiffusionPolicy
         from rewards.registry import build_reward
 
-        self.cfg = build_config(merge(load_yaml(config), {"reward": {"spec": reward}} if reward else {}))
+        # the measurement samples the plain policy: guidance (which needs a differentiable reward) is off
+        self.cfg = build_config(merge(load_yaml(config), {"guidance": {"kind": "none"}},
+                                      {"reward": {"spec": reward}} if reward else {}))
         self.policy = DiffusionPolicy.from_pretrained(ROOT / self.cfg.model.path, "cpu", torch.float32,
                                                       self.cfg.sampler)
         self.reward = build_reward(self.cfg.reward.spec, self.cfg.reward.options)

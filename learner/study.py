@@ -34,7 +34,7 @@ import re
 import shutil
 import sys
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -68,6 +68,7 @@ DIFFUSION_DPO_BETA = 5000.0  # Diffusion-DPO's β on per-element mean MSEs (Wall
 # E[λ(t)] of timestep-aware training's draw, Cat(0.9^k) over the world model's 20 sampler steps (tests/test_study.py
 # recomputes it from world/model): the β a uniform arm needs to match its average in-sigmoid scale
 MEAN_LAMBDA = 1.2953
+JUDGE = "world_judge"  # the held-out judge (world/judge.py) every study reports beside the training reward
 COMPARE_SEED = 0  # held-out sample i uses noise seed COMPARE_SEED + i in every cell
 GRID_PROMPTS = 8
 MIN_MOVES = 4  # a stable reference tests "a moving reference" only if it was replaced at least this often
@@ -313,24 +314,6 @@ def merge(*trees: Mapping[str, Any]) -> dict[str, Any]:
     return out
 
 
-# The world variant in which late steps matter: the embedded world carries nearly all its reward gap between
-# children in the first steps (0.37 at step 0, 0.002 at step 18: docs/study/tailorpo/label_agreement.json), which
-# favours any early-weighting method by construction. Edge crispness is decided in the last steps.
-LATE_DETAIL = {"reward": {"spec": {"world": 1.0, "world_crisp": 0.5}}}
-
-
-def on_late_detail(grid: Grid, cells: Sequence[str] | None = None) -> Grid:
-    """``grid`` (its ``cells`` only, and the contrasts among them) on the late-detail world."""
-    kept = {c: o for c, o in grid.cells.items() if cells is None or c in cells}
-    return replace(grid, claim=f"{grid.claim} On the late-detail world (reward world + 0.5 · world_crisp).",
-                   shared=merge(grid.shared, LATE_DETAIL), cells=kept,
-                   contrasts=tuple(c for c in grid.contrasts if set(c.weights) <= set(kept)))
-
-
-GRIDS["dense_late"] = on_late_detail(GRIDS["dense"])
-GRIDS["timestep_late"] = on_late_detail(GRIDS["rethinking"], ("stable_uniform", "stable_timestep"))
-
-
 def pairs_per_chain(cfg: Config) -> float:
     """Preference pairs one sampled chain yields: one per branch step, or half a pair (two chains a pair)."""
     return float(len(cfg.pairs.branch_steps)) if cfg.pairs.kind == "step_branch" else 0.5
@@ -425,7 +408,7 @@ class Baseline:
 
         unique = load_prompts(cfg.data.eval_prompts)
         prompts = [unique[i % len(unique)] for i in range(n)]
-        rewards, main = build_rewards(cfg, ["world_fidelity"], prompts)
+        rewards, main = build_rewards(cfg, ["world_fidelity", JUDGE], prompts)
         return cls(cfg, prompts, [COMPARE_SEED + i for i in range(n)], load_policy("base", cfg)[0], rewards, main,
                    headroom(world_metrics))
 
@@ -434,6 +417,11 @@ def headroom(world_metrics: Path = WORLD_METRICS) -> tuple[float, float]:
     """(base, ceiling) held-out ``world`` reward measured for an embedded world model (rewards.world_headroom)."""
     rows = json.loads(world_metrics.read_text())["rows"]
     return rows["base model, held-out"]["world"]["mean"], rows["ideal (ceiling), held-out"]["world"]["mean"]
+
+
+def judged(scores: Mapping[str, Any]) -> dict[str, Any]:
+    """A record's held-out-judge fields from the comparison's ``world_judge`` scores."""
+    return {"judge": scores["B"], "judge_gain": scores["B-A"], "base_judge": scores["A"]}
 
 
 def run_cell(cfg: Config, cell: str, seed: int, baseline: Baseline, out: Path) -> dict[str, Any]:
@@ -455,7 +443,7 @@ def run_cell(cfg: Config, cell: str, seed: int, baseline: Baseline, out: Path) -
         "reward": main["B"], "base_reward": main["A"], "gain": main["B-A"], "win_rate": stats["win_rate"],
         "headroom_closed": main["B-A"]["mean"] / (ceiling - base) if baseline.main == "world" else None,
         "fidelity": stats["rewards"]["world_fidelity"]["B"], "shape": stats["rewards"].get("world_shape", {}).get("B"),
-        "base_fidelity": stats["rewards"]["world_fidelity"]["A"],
+        **judged(stats["rewards"][JUDGE]), "base_fidelity": stats["rewards"]["world_fidelity"]["A"],
         "base_shape": stats["rewards"].get("world_shape", {}).get("A"),
         "curve": eval_curve(Path(cfg.output.dir) / "metrics.jsonl"), "grid_prompts": baseline.prompts[:GRID_PROMPTS],
         "delivered": delivered_by_run(Path(cfg.output.dir), summary, cfg),
@@ -554,12 +542,20 @@ def evaluate_contrast(c: Contrast, by_cell: Mapping[str, Sequence[Mapping[str, A
     runs = {cell: [delivered(r) for r in rs if r["seed"] in diffs] for cell, rs in by_cell.items()}
     checks = [(k.text, None if (ok := k.test(runs)) is None else bool(ok)) for k in c.checks]
     verdict, reason = decide(interval, checks)
+    judge = None
+    if c.metric == "gain":  # the same contrast under the held-out judge: reported beside it, not judged
+        judge_values = {cell: {r["seed"]: v for r in by_cell[cell] if (v := run_value(r, "judge_gain")) is not None}
+                        for cell in c.weights}
+        judge_diffs = paired_differences(judge_values, c.weights)
+        judge = t_interval(list(judge_diffs.values())) if judge_diffs else None
     return {"text": c.text, "metric": c.metric, "weights": dict(c.weights), "margin": c.margin,
             "seeds": list(diffs), "differences": list(diffs.values()), **interval,
-            "checks": [{"text": text, "passed": ok} for text, ok in checks], "verdict": verdict, "reason": reason}
+            "checks": [{"text": text, "passed": ok} for text, ok in checks], "verdict": verdict, "reason": reason,
+            "judge": judge}
 
 
-METRICS = ("reward", "gain", "headroom_closed", "win_rate", "fidelity", "shape", "seconds", "chains", "steps")
+METRICS = ("reward", "gain", "headroom_closed", "win_rate", "fidelity", "shape", "judge", "judge_gain", "seconds",
+           "chains", "steps")
 
 
 def cell_stats(records: Sequence[Mapping[str, Any]]) -> dict[str, dict[str, float]]:
@@ -667,7 +663,7 @@ def hand_notes(text: str) -> str:
 def contrast_rows(contrasts: Sequence[Mapping[str, Any]]) -> list[str]:
     """The verdict table: one row per contrast (per-seed differences, interval, MDE, checks, verdict)."""
     rows = [f"| contrast | paired seeds | mean | {percent(1 - ALPHA)} CI | MDE ({percent(POWER)} power) "
-            "| manipulation check | verdict |", "|" + "---|" * 7]
+            f"| manipulation check | verdict | held-out judge: mean, {percent(1 - ALPHA)} CI |", "|" + "---|" * 8]
     for c in contrasts:
         margin = f" − {c['margin']:g}" if c["margin"] else ""
         terms = " ".join(f"{'+' if w > 0 else '−'}{abs(w):g}·{n}" for n, w in c["weights"].items()).lstrip("+")
@@ -675,8 +671,11 @@ def contrast_rows(contrasts: Sequence[Mapping[str, Any]]) -> list[str]:
         checks = "; ".join(f"{k['text']}: {({True: 'passed', False: 'FAILED'}).get(k['passed'], 'no data')}"
                            for k in c["checks"]) or "–"
         verdict = f"**{c['verdict']}**" + (f" ({c['reason']})" if c["verdict"] == "not tested" else "")
+        judge = c.get("judge")
+        judged = "–" if not judge or judge["ci"] is None else \
+            f"{judge['mean']:+.4f} [{judge['ci'][0]:+.4f}, {judge['ci'][1]:+.4f}]"
         rows.append(f"| {c['text']} (`{c['metric']}` {terms}{margin}) | {c['n']} | {num(c['mean'], '+.4f')} | {ci} "
-                    f"| {num(c['mde'])} | {checks} | {verdict} |")
+                    f"| {num(c['mde'])} | {checks} | {verdict} | {judged} |")
     return rows
 
 
@@ -731,15 +730,17 @@ def markdown(name: str, grid: Grid, s: Mapping[str, Any], cells: Sequence[str]) 
              f"Base model on these samples: reward {fmt(b['base_reward'])}, fidelity {fmt(b['base_fidelity'])}, "
              f"shape {fmt(b['base_shape'])}. Headroom: base {hr['base']:.4f} → ideal renders {hr['ceiling']:.4f} "
              f"({hr['source']}); headroom closed = paired gain / (ceiling − base).", "",
+             f"The held-out judge (`{JUDGE}`, world/judge.py: a CNN trained on renders only, sharing no code with "
+             "the training reward) scores the same samples; its gain is reported beside every reward gain.", "",
              "| cell | seeds | updates × pairs | images | wall s | held-out reward | gain vs base | headroom closed "
-             "| win rate vs base | fidelity | shape |", "|" + "---|" * 11]
+             "| win rate vs base | fidelity | shape | judge gain |", "|" + "---|" * 12]
     for c in cells:
         st = s["cells"][c]
         batch = next(r["batch_size"] for r in s["runs"] if r["cell"] == c)
         lines.append(f"| {c} | {st['reward']['n']} | {st['steps']['mean']:.0f} × {batch} | {st['chains']['mean']:.0f} "
                      f"| {st['seconds']['mean']:.0f} | {fmt(st['reward'])} | {fmt(st['gain'])} "
                      f"| {fmt(st.get('headroom_closed'), 3)} | {fmt(st['win_rate'], 3)} | {fmt(st['fidelity'])} "
-                     f"| {fmt(st.get('shape'), 3)} |")
+                     f"| {fmt(st.get('shape'), 3)} | {fmt(st.get('judge_gain'))} |")
     lines += ["", "## Verdict per contrast", "", *contrast_rows(s["contrasts"]), "",
               "## What the runs delivered", "",
               "Per seed, in seed order; – where the run did not record it (records from before these fields were "
@@ -801,6 +802,34 @@ def report_only(name: str, out: Path) -> dict[str, Any]:
     return write_report(name, grid, out, records, command, figures=False)
 
 
+def rejudge(name: str, out: Path) -> dict[str, Any]:
+    """Add the held-out judge to every finished record of grid ``name`` that lacks it (records from before the
+    judge), scoring its run's final checkpoint on the same held-out samples, then rewrite the report."""
+    from tqdm import tqdm
+
+    from learner.evaluate import Comparison, load_policy, sample, score
+
+    grid = GRIDS[name]
+    todo = [r for c in grid.cells for r in finished_records(out, c) if "judge_gain" not in r]
+    missing = [str(run_dir(out, r["cell"], r["seed"])) for r in todo if not run_dir(out, r["cell"], r["seed"]).exists()]
+    if missing:
+        raise ConfigError(f"--rejudge: {len(missing)} runs are not on this machine (e.g. {missing[0]}); runs stay "
+                          "where they ran: rerun those cells, or judge them there")
+    if todo:
+        baseline = Baseline.build(build_config(next(iter(cell_trees(grid).values()))), todo[0]["n"],
+                                  grid.world_metrics)  # the records' own comparison: the same prompts and seeds
+        prompts, seeds, judge = baseline.prompts, baseline.seeds, {JUDGE: baseline.rewards[JUDGE]}
+        base = sample(baseline.policy, prompts, seeds)
+        for record in tqdm(todo, desc=f"judge {name}", unit="run"):
+            policy, _ = load_policy(run_dir(out, record["cell"], record["seed"]), baseline.cfg)
+            images = {"A": base, "B": sample(policy, prompts, seeds)}
+            comparison = Comparison(prompts, seeds, images, {k: score(x, prompts, judge) for k, x in images.items()},
+                                    JUDGE)
+            record.update(judged(comparison.summary()["rewards"][JUDGE]))
+            record_path(out, record["cell"], record["seed"]).write_text(json.dumps(record, indent=1))
+    return report_only(name, out)
+
+
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
                         datefmt="%H:%M:%S")
@@ -812,6 +841,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", default=None, help="default: docs/study/<grid> (runs/study_quick/<grid> with --quick)")
     parser.add_argument("--report-only", action="store_true",
                         help="rewrite results.json and RESULTS.md from the finished runs' records; runs nothing")
+    parser.add_argument("--rejudge", action="store_true",
+                        help="add the held-out judge to finished records that lack it (from the runs' checkpoints "
+                             "under <out>/runs), then rewrite the report")
     args = parser.parse_args(argv)
     from learner.checkpoint import CheckpointError
     from learner.loop import LearnerDiedError
@@ -823,8 +855,12 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if (args.seeds is not None and args.seeds < 1) or (args.updates is not None and args.updates < 1):
             raise ConfigError(f"--seeds and --updates must be >= 1, got {args.seeds} and {args.updates}")
-        summary = report_only(args.grid, out) if args.report_only else \
-            run_study(args.grid, out, args.seeds, args.quick, args.updates, command)
+        if args.rejudge:
+            summary = rejudge(args.grid, out)
+        elif args.report_only:
+            summary = report_only(args.grid, out)
+        else:
+            summary = run_study(args.grid, out, args.seeds, args.quick, args.updates, command)
     except (ConfigError, ModelPathError, RewardConfigError, CheckpointError, LearnerDiedError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -18,8 +18,8 @@ area a = mean(m) (fraction of the image) and centroid c = Σ m·(x, y) / Σ m (f
 - ``world_crisp`` = edge crispness of the prompt's colour, in [0, 1]: with c its coverage (world/shape_score.py,
   linear unmixing over the row's grey) and g = |∇c| (one-pixel differences), Σ g² / Σ g is the mean of g weighted
   by g, i.e. about 1 / the width in pixels of the shape's edge: ≈ 0.6 for the anti-aliased renders, ≈ 0.2 for the
-  base model's blurred samples. Sharp edges are fine detail, decided in the last denoising steps, so
-  ``{world: 1, world_crisp: 0.5}`` is the world variant in which late steps matter (docs/studies.md).
+  base model's blurred samples. Meant as a fine-detail term that late denoising steps decide; measured, they do
+  not decide it here either (docs/studies.md, "Where the reward is decided").
 - ``world_shape`` (an evaluation metric, not in the default reward) = 1 when the prompt's shape is the one
   drawn, by the fit of world/shape_score.py, else 0.
 

@@ -72,7 +72,7 @@ def record(cell: str, seed: int, gain: float, chains: int = 500, **fields) -> di
     return {"cell": cell, "seed": seed, "steps": 10, "batch_size": 32, "chains": chains, "seconds": 60.0, "n": 256,
             "reward": stat(1.25 + gain), "base_reward": stat(1.25), "gain": stat(gain), "win_rate": stat(0.9),
             "headroom_closed": gain / 0.2, "fidelity": stat(0.99), "shape": stat(0.8), "base_fidelity": stat(0.99),
-            "base_shape": stat(0.8), "curve": [], "grid_prompts": ["a red square"] * 8,
+            "base_shape": stat(0.8), "curve": [], "grid_prompts": ["a red square"] * 8, "judge_gain": stat(gain / 2),
             **({"delivered": fields} if fields else {})}
 
 
@@ -150,6 +150,8 @@ def test_report_only_rewrites_the_verdicts_from_the_records(tmp_path, seeds, ter
     assert study.main(["--grid", "tailorpo", "--report-only", "--out", str(tmp_path)]) == 0
     results = json.loads((tmp_path / "results.json").read_text())
     assert results["verdict"] == verdict and results["contrasts"][0]["n"] == seeds
+    judge = results["contrasts"][0]["judge"]  # the same paired contrast under the held-out judge, beside it
+    assert judge["mean"] == pytest.approx(results["contrasts"][0]["mean"] / 2) and judge["n"] == seeds
     assert results["command"] == COMMAND  # what ran them
     report = (tmp_path / "RESULTS.md").read_text()
     assert "Reproduce: `python -m learner.study --grid tailorpo --updates 7`" in report  # no machine's path
@@ -189,6 +191,16 @@ def test_quick_study_runs_end_to_end_and_resumes(tmp_path, monkeypatch):
         assert d["ref_checks"] == [] and d["nonfinite_skipped"] == 0  # a frozen reference is never checked
         assert d["pairs_trained"] == d["updates_planned"] * run["batch_size"] and d["updates_planned"] == run["steps"]
     assert "**Claim.**" in (out / "RESULTS.md").read_text()
+    for run in results["runs"]:  # the held-out judge scored the same comparison
+        assert run["judge_gain"]["mean"] == pytest.approx(run["judge"]["mean"] - run["base_judge"]["mean"], abs=1e-6)
+    # a record from before the judge gets it from its run's checkpoint: the same samples, the same scores
+    path = study.record_path(out, "step_branch", 0)
+    before = json.loads(path.read_text())
+    path.write_text(json.dumps({k: v for k, v in before.items() if not k.endswith("judge") and k != "judge_gain"}))
+    assert study.main(["--grid", "tailorpo", "--rejudge", "--out", str(out)]) == 0
+    after = json.loads(path.read_text())
+    for key in ("judge", "judge_gain", "base_judge"):
+        assert after[key] == pytest.approx(before[key], abs=1e-6), key
 
     def must_not_run(*args, **kwargs):
         raise AssertionError("a finished cell × seed was run again")
