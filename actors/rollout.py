@@ -136,18 +136,10 @@ class RolloutWorker:
         batch = to_record_batch(kind, columns)
         return batch, {**stats, "policy_version": self.version, "summary": record_summary(batch)}
 
-    def _x0_next(self, x: torch.Tensor, k: int, embeds) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """x̂_0 of a child x_{t−1} of step k and its ε̂ at the next timestep; the last step's children are clean
-        latents already (no ε̂)."""
-        pol = self.policy
-        if k + 1 < len(pol.timesteps):
-            return pol.predict_x0(x, pol.timesteps[k + 1], embeds)
-        return x.float(), None
-
     def _rank(self, children: torch.Tensor, k: int, embeds, prompts: list[str]):
         """Rewards of each child's x̂_0 ([2, B]), the x̂_0 and the children's ε̂ at the next timestep."""
         n, b = children.shape[:2]
-        x0, eps = self._x0_next(children.flatten(0, 1), k, embeds.repeat(n))
+        x0, eps = self.policy.x0_after_step(children.flatten(0, 1), k, embeds.repeat(n))
         rewards = self.reward(self.policy.decode(x0), prompts * n).view(n, b)
         return rewards, x0.view(children.shape), None if eps is None else eps.view(children.shape)
 
@@ -155,7 +147,7 @@ class RolloutWorker:
         g = self.cfg.guidance
 
         def reward_fn(x: torch.Tensor) -> torch.Tensor:
-            return self.reward.local(self.policy.decode(self._x0_next(x, k, embeds)[0]), prompts)
+            return self.reward.local(self.policy.decode(self.policy.x0_after_step(x, k, embeds)[0]), prompts)
 
         eta = guidance_eta(k, len(self.policy.timesteps), g.eta_lo, g.eta_hi)
         with torch.enable_grad():
@@ -193,7 +185,8 @@ class RolloutWorker:
                     x_w = res.x
                     r_w = torch.where(guided, res.reward_after.cpu(), r_w)
                     logp_w = gaussian_logprob(x_w, out.mean, out.sigma, self.cfg.sampler.logprob_reduce)
-                    x0_w, eps_next = self._x0_next(x_w, k, embeds)  # the moved winner's, reused by the next step
+                    # the moved winner's, reused by the next step
+                    x0_w, eps_next = self.policy.x0_after_step(x_w, k, embeds)
             for name, value in (("x_t", x), ("x_w", x_w), ("x_l", x_l), ("x0_w", x0_w), ("x0_l", x0_l),
                                 ("reward_w", r_w), ("reward_l", r_l), ("logp_w", logp_w), ("logp_l", logp_l),
                                 ("guided", guided)):

@@ -134,11 +134,6 @@ def _world_prompts(prompts: Sequence[str]) -> bool:
     return True
 
 
-def sample(policy: DiffusionPolicy, prompts: Sequence[str], seeds: Sequence[int], batch: int = 64) -> torch.Tensor:
-    return torch.cat([policy.sample(prompts[i : i + batch], seeds[i : i + batch]).images.cpu()
-                      for i in range(0, len(prompts), batch)])
-
-
 def score(images: torch.Tensor, prompts: Sequence[str], rewards: Mapping[str, Reward]) -> dict[str, torch.Tensor]:
     return {name: r(images, list(prompts)).float().cpu() for name, r in rewards.items()}
 
@@ -151,8 +146,8 @@ def compare(policy_a: DiffusionPolicy, policy_b: DiffusionPolicy, prompts: Seque
         raise ValueError(f"{len(prompts)} prompts but {len(seeds)} seeds")
     if main not in rewards:
         raise ValueError(f"main reward {main!r} is not among the rewards {sorted(rewards)}")
-    images = {"A": sample(policy_a, prompts, seeds, batch)}
-    images["B"] = images["A"] if policy_b is policy_a else sample(policy_b, prompts, seeds, batch)
+    images = {"A": policy_a.sample_images(prompts, seeds, batch)}
+    images["B"] = images["A"] if policy_b is policy_a else policy_b.sample_images(prompts, seeds, batch)
     return Comparison(list(prompts), list(seeds), images,
                       {side: score(x, prompts, rewards) for side, x in images.items()}, main)
 

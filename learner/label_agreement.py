@@ -63,9 +63,7 @@ class Measure:
 
     def x0_reward(self, x: torch.Tensor, k: int, embeds, prompts: list[str]) -> torch.Tensor:
         """Reward of the x̂_0 of x, the latent after step k (the final latent itself after the last step)."""
-        pol = self.policy
-        x0 = pol.predict_x0(x, pol.timesteps[k + 1], embeds)[0] if k + 1 < len(pol.timesteps) else x
-        return self.reward(pol.decode(x0), prompts)
+        return self.reward(self.policy.decode(self.policy.x0_after_step(x, k, embeds)[0]), prompts)
 
     def finish(self, x: torch.Tensor, k: int, embeds, gens) -> torch.Tensor:
         """The latent after step k carried to the end of the chain."""

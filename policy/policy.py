@@ -273,6 +273,13 @@ class DiffusionPolicy:
         eps = self.eps(x, timestep, embeds, adapter)
         return self.process.predict_x0(x.float(), timestep, eps), eps
 
+    def x0_after_step(self, x: torch.Tensor, k: int, embeds: PromptEmbeds) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """x̂_0 of a latent after sampler step k (a child x_{t−1}) and its ε̂ at the next timestep; after the last
+        step the latent is clean already (no ε̂)."""
+        if k + 1 < len(self.timesteps):
+            return self.predict_x0(x, self.timesteps[k + 1], embeds)
+        return x.float(), None
+
     # ---- sampling -------------------------------------------------------------------------------------------
     def noise_like(self, x: torch.Tensor, generators: Sequence[torch.Generator]) -> torch.Tensor:
         return torch.stack([torch.randn(x.shape[1:], generator=g) for g in generators]).to(self.device)
@@ -318,6 +325,12 @@ class DiffusionPolicy:
         images = self.decode(x) if decode else None
         return Rollout(list(prompts), list(seeds), self.timesteps.clone(), torch.stack(latents), torch.stack(logps),
                        images)
+
+    def sample_images(self, prompts: Sequence[str], seeds: Sequence[int], batch: int = 64) -> torch.Tensor:
+        """Final images of many (prompt, seed) pairs on the CPU, sampled ``batch`` at a time (memory): what
+        evaluations, headroom tables and the judge's validation compare."""
+        return torch.cat([self.sample(prompts[i : i + batch], seeds[i : i + batch]).images.cpu()
+                          for i in range(0, len(prompts), batch)])
 
     # ---- recomputation --------------------------------------------------------------------------------------
     def logratio(self, x_prev: torch.Tensor, mean_a: torch.Tensor, mean_b: torch.Tensor, sigma: torch.Tensor

@@ -29,18 +29,11 @@ from world.train import (
     ASSETS,
     FLOW_TRAINING_MD,
     TRAINING_MD,
-    build_parts,
-    save_model,
+    random_init_model,
     update_section,
-    write_tokenizer,
 )
 
 REWARDS = {"world": WorldReward(), "world_fidelity": WorldFidelity(), "world_preference": WorldPreference()}
-
-
-def sample_images(policy: DiffusionPolicy, prompts: list[str], seeds: list[int], batch: int) -> torch.Tensor:
-    return torch.cat([policy.sample(prompts[i : i + batch], seeds[i : i + batch]).images
-                      for i in range(0, len(prompts), batch)])
 
 
 def summarise(images: torch.Tensor, prompts: list[str]) -> dict[str, dict[str, float]]:
@@ -49,15 +42,6 @@ def summarise(images: torch.Tensor, prompts: list[str]) -> dict[str, dict[str, f
     for name, reward in REWARDS.items():
         s = reward(images, prompts).double()
         out[name] = {"mean": s.mean().item(), "se": (s.std() / math.sqrt(len(s))).item()}
-    return out
-
-
-def random_init_model(out_dir: str | Path, seed: int = 0, scheduler=None) -> Path:
-    """The trained architecture with random weights, saved in the same layout (loaded the same way) with
-    ``scheduler`` (default: DDIM)."""
-    out = Path(out_dir)
-    tokenizer = write_tokenizer(out / "_tokenizer")
-    save_model(out, *build_parts(tokenizer, seed), tokenizer, scheduler)
     return out
 
 
@@ -121,13 +105,13 @@ def main(argv: list[str] | None = None) -> None:
         random_dir = random_init_model(tmp, scheduler=base.c.scheduler if flow else None)
         random_policy = DiffusionPolicy.from_pretrained(random_dir, device="cpu", sampler=sampler)
     images = {
-        "random init": sample_images(random_policy, held_prompts, seeds, args.batch),
-        "base model": sample_images(base, held_prompts, seeds, args.batch),
+        "random init": random_policy.sample_images(held_prompts, seeds, args.batch),
+        "base model": base.sample_images(held_prompts, seeds, args.batch),
         "data (random sizes)": render_batch(sample_scenes(held_prompts, args.n, seed=1)),
         "ideal (ceiling)": render_batch(sample_scenes(held_prompts, args.n, seed=1, radius=RADIUS_RANGE[1])),
     }
     rows = {f"{name}, held-out": summarise(x, held_prompts) for name, x in images.items()}
-    rows["base model, training prompts"] = summarise(sample_images(base, train_prompts, seeds, args.batch),
+    rows["base model, training prompts"] = summarise(base.sample_images(train_prompts, seeds, args.batch),
                                                      train_prompts)
     text = table(rows)
     print(text)

@@ -445,22 +445,6 @@ def render_accuracy(judge: Judge, seed: int, n: int, augment: bool) -> dict:
     return result
 
 
-def _random_init_policy(tmp: Path, sampler):
-    """The world model's architecture at random weights (as rewards.world_headroom's random-init row)."""
-    from policy import DiffusionPolicy
-    from world.train import build_parts, save_model, write_tokenizer
-
-    tokenizer = write_tokenizer(tmp / "_tokenizer")
-    save_model(tmp, *build_parts(tokenizer, 0), tokenizer)
-    return DiffusionPolicy.from_pretrained(tmp, device="cpu", sampler=sampler)
-
-
-def _sample(policy, prompts: list[str], batch: int = 64) -> torch.Tensor:
-    seeds = list(range(len(prompts)))
-    return torch.cat([policy.sample(prompts[i : i + batch], seeds[i : i + batch]).images
-                      for i in range(0, len(prompts), batch)])
-
-
 def _mean_se(x: torch.Tensor) -> dict[str, float]:
     x = x.double()
     return {"mean": x.mean().item(), "se": (x.std() / math.sqrt(len(x))).item()}
@@ -472,13 +456,16 @@ def validate_on_samples(judge: Judge, model: str, n: int, split_seed: int, asset
     on base samples vs data renders, ideal renders and random-init samples."""
     from policy import DiffusionPolicy, SamplerConfig
     from world.shape_score import fit_shapes
+    from world.train import random_init_model
 
     heldout = split_prompts(split_seed)[1]
     prompts = [heldout[i % len(heldout)] for i in range(n)]
     sampler = SamplerConfig()
-    images = _sample(DiffusionPolicy.from_pretrained(model, device="cpu", sampler=sampler), prompts)
+    seeds = list(range(len(prompts)))
+    images = DiffusionPolicy.from_pretrained(model, device="cpu", sampler=sampler).sample_images(prompts, seeds)
     with tempfile.TemporaryDirectory() as tmp:
-        random_images = _sample(_random_init_policy(Path(tmp), sampler), prompts)
+        random_policy = DiffusionPolicy.from_pretrained(random_init_model(tmp), device="cpu", sampler=sampler)
+        random_images = random_policy.sample_images(prompts, seeds)
     pred = judge.predict(images)
     fit = fit_shapes(images, prompts).names()
     calls = pred.names("shape")

@@ -117,6 +117,16 @@ def save_model(out: str | Path, vae: AutoencoderKL, text_encoder: CLIPTextModel,
     pipe.save_pretrained(out, safe_serialization=True)
 
 
+def random_init_model(out_dir: str | Path, seed: int = 0,
+                      scheduler: DDIMScheduler | FlowMatchEulerDiscreteScheduler | None = None) -> Path:
+    """The trained architecture with random weights, saved in the same layout (loaded the same way) with
+    ``scheduler`` (default: DDIM): the floor of the headroom table and of the judge's score check."""
+    out = Path(out_dir)
+    tokenizer = write_tokenizer(out / "_tokenizer")
+    save_model(out, *build_parts(tokenizer, seed), tokenizer, scheduler)
+    return out
+
+
 def _lr_lambda(warmup: int, total: int):
     """Linear warm-up, then cosine decay to 10%."""
     def f(step: int) -> float:
