@@ -37,7 +37,7 @@ import torch.nn.functional as F
 
 from rewards.base import Reward, RewardConfigError
 from rewards.registry import register_reward
-from world.scenes import COLOURS, IMAGE_SIZE, JITTER, POSITIONS, parse_prompt
+from world.scenes import COLOURS, IMAGE_SIZE, JITTER, POSITIONS, at_world_size, parse_prompt
 from world.shape_score import colour_coverage, shape_score
 
 # Mask area of ideal renders at the data's largest radius (0.18): the shapes' true area is π·0.18² = 0.102;
@@ -68,9 +68,7 @@ class _WorldReward(Reward):
 
     def mask_stats(self, images: torch.Tensor, prompts: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
         """(area [B], squared distance of the colour centroid to the named position [B])."""
-        if images.shape[-2:] != (IMAGE_SIZE, IMAGE_SIZE):
-            images = F.interpolate(images, size=(IMAGE_SIZE, IMAGE_SIZE), mode="bilinear", antialias=True,
-                                   align_corners=False)
+        images = at_world_size(images)
         target = torch.tensor([_target(p) for p in prompts], dtype=images.dtype, device=images.device)
         rgb, xy = target[:, :3, None, None], target[:, 3:]
         mask = torch.exp(-0.5 * ((images - rgb).pow(2).sum(1) / self.bandwidth**2).pow(2))  # [B, H, W]
@@ -140,10 +138,7 @@ class WorldCrisp(Reward):
     differentiable = True
 
     def score(self, images: torch.Tensor, prompts: Sequence[str]) -> torch.Tensor:
-        if images.shape[-2:] != (IMAGE_SIZE, IMAGE_SIZE):
-            images = F.interpolate(images, size=(IMAGE_SIZE, IMAGE_SIZE), mode="bilinear", antialias=True,
-                                   align_corners=False)
-        c = colour_coverage(images, [parse_prompt(p)[0] for p in prompts])
+        c = colour_coverage(at_world_size(images), [parse_prompt(p)[0] for p in prompts])
         g = torch.cat([(c[:, :, 1:] - c[:, :, :-1]).abs().flatten(1), (c[:, 1:] - c[:, :-1]).abs().flatten(1)], 1)
         return (g.pow(2).sum(1) / (g.sum(1) + 1e-6)).float()
 

@@ -20,6 +20,7 @@ from itertools import product
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 # RGB in [0,1]; pairwise distances >= 0.75, so a soft colour mask with a ~0.25 bandwidth separates them.
 COLOURS: dict[str, tuple[float, float, float]] = {
@@ -166,6 +167,14 @@ def render(scene: Scene, size: int = IMAGE_SIZE) -> torch.Tensor:
     colour = np.asarray(COLOURS[scene.colour])[:, None, None]
     image = coverage * colour + (1.0 - coverage) * grey
     return torch.from_numpy(np.clip(image, 0.0, 1.0).astype(np.float32))
+
+
+def at_world_size(images: torch.Tensor) -> torch.Tensor:
+    """``images`` [B, 3, H, W] resized (bilinear, antialiased) to IMAGE_SIZE², so scores of them are
+    resolution-independent."""
+    if images.shape[-2:] == (IMAGE_SIZE, IMAGE_SIZE):
+        return images
+    return F.interpolate(images, size=(IMAGE_SIZE, IMAGE_SIZE), mode="bilinear", antialias=True, align_corners=False)
 
 
 def render_batch(scenes: Sequence[Scene], size: int = IMAGE_SIZE) -> torch.Tensor:

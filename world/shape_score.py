@@ -30,9 +30,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 
-from world.scenes import COLOURS, IMAGE_SIZE, SHAPES, parse_prompt
+from world.scenes import COLOURS, IMAGE_SIZE, SHAPES, at_world_size, parse_prompt
 
 SCALES = (0.85, 1.0, 1.15, 1.3)  # radius multipliers searched around the equal-area radius
 OFFSETS = (-0.35, 0.0, 0.35)  # centre shifts searched in x and y, in pixels
@@ -90,11 +89,8 @@ def _best_iou(cov: torch.Tensor, cx: torch.Tensor, cy: torch.Tensor, radius: tor
 
 def fit_shapes(images: torch.Tensor, prompts: Sequence[str]) -> ShapeFit:
     """Fit circle, square and triangle to the prompt's colour in each image ([B, 3, H, W] in [0, 1])."""
-    if images.shape[-2:] != (IMAGE_SIZE, IMAGE_SIZE):
-        images = F.interpolate(images, size=(IMAGE_SIZE, IMAGE_SIZE), mode="bilinear", antialias=True,
-                               align_corners=False)
     parsed = [parse_prompt(p) for p in prompts]
-    images = images.detach().float()
+    images = at_world_size(images).detach().float()
     cov = colour_coverage(images, [c for c, _, _ in parsed])  # [B, H, W]
     size = IMAGE_SIZE
     grid = (torch.arange(size, dtype=cov.dtype, device=cov.device) + 0.5) / size
