@@ -33,7 +33,7 @@ import math
 import re
 import shutil
 import sys
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -158,14 +158,19 @@ def guided(cell: str) -> Check:
                      lambda d: d["guidance_accept_rate"] > 0)
 
 
+def within(share: float) -> Callable[[float, float], bool]:
+    """Two cell means equal up to ``share`` of the larger: the budget a contrast holds equal was delivered."""
+    return lambda a, b: abs(a - b) <= share * max(a, b)
+
+
 def same_terms(cell: str) -> Check:
     return compare_cells(f"step_branch and {cell} trained the same step terms (within 5 %)", "trained_step_terms",
-                         ("step_branch", cell), lambda a, b: abs(a - b) <= 0.05 * max(a, b))
+                         ("step_branch", cell), within(0.05))
 
 
 def same_passes(cell: str, other: str = "step_branch") -> Check:
     return compare_cells(f"{other} and {cell} sent the same latents through the networks (within 10 %)",
-                         "net_rows", (other, cell), lambda a, b: abs(a - b) <= 0.1 * max(a, b))
+                         "net_rows", (other, cell), within(0.1))
 
 
 def trained(cell: str) -> Check:
@@ -807,7 +812,7 @@ def rejudge(name: str, out: Path) -> dict[str, Any]:
     judge), scoring its run's final checkpoint on the same held-out samples, then rewrite the report."""
     from tqdm import tqdm
 
-    from learner.evaluate import Comparison, load_policy, sample, score
+    from learner.evaluate import Comparison, load_policy, score
 
     grid = GRIDS[name]
     todo = [r for c in grid.cells for r in finished_records(out, c) if "judge_gain" not in r]
@@ -819,10 +824,10 @@ def rejudge(name: str, out: Path) -> dict[str, Any]:
         baseline = Baseline.build(build_config(next(iter(cell_trees(grid).values()))), todo[0]["n"],
                                   grid.world_metrics)  # the records' own comparison: the same prompts and seeds
         prompts, seeds, judge = baseline.prompts, baseline.seeds, {JUDGE: baseline.rewards[JUDGE]}
-        base = sample(baseline.policy, prompts, seeds)
+        base = baseline.policy.sample_images(prompts, seeds)
         for record in tqdm(todo, desc=f"judge {name}", unit="run"):
             policy, _ = load_policy(run_dir(out, record["cell"], record["seed"]), baseline.cfg)
-            images = {"A": base, "B": sample(policy, prompts, seeds)}
+            images = {"A": base, "B": policy.sample_images(prompts, seeds)}
             comparison = Comparison(prompts, seeds, images, {k: score(x, prompts, judge) for k, x in images.items()},
                                     JUDGE)
             record.update(judged(comparison.summary()["rewards"][JUDGE]))
