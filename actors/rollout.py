@@ -20,10 +20,12 @@ first broadcast, as on the learner).
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Sequence
 from typing import Any
 
+import numpy as np
 import pyarrow as pa
 import torch
 
@@ -39,6 +41,17 @@ from rewards.registry import build_reward
 
 SECOND_CHAIN_SEED_OFFSET = 1_000_003  # trajectory pairs: noise seed of the second chain
 
+
+
+def guidance_delivery(x: torch.Tensor, moved: torch.Tensor, sigma: torch.Tensor, logp: torch.Tensor,
+                      moved_logp: torch.Tensor) -> torch.Tensor:
+    """[B, 2] float64: how far guidance moved each winner in units of the step's sampling noise, ‖x⁺ − x‖/(σ√D)
+    (D: the latent's size; ~1 moves it as far as the sampler's own noise), and the log π it cost,
+    log π(x) − log π(x⁺) (the loss's reduction): what TailorPO-G delivered, beside how often it was accepted."""
+    d = x[0].numel()
+    delta = (moved.double() - x.double()).flatten(1).norm(dim=1)
+    scale = sigma.double().expand_as(x).flatten(1)[:, 0] * math.sqrt(d)
+    return torch.stack([delta / scale, logp.double() - moved_logp.double()], dim=1).cpu()
 
 class StaleWeightsError(RuntimeError):
     """The worker does not hold the weights version the caller expects."""
@@ -66,6 +79,7 @@ class RolloutWorker:
         self.weight_dtype = getattr(torch, cfg.weight_dtype) if cfg.weight_dtype else None
         self.version = 0
         self.guided = cfg.guidance.kind == "reward_gradient"
+        self.guide_moves: list[torch.Tensor] = []  # guidance_delivery of the winners moved in this generate call
         local = None
         main = cfg.reward.main_env_spec() if own_reward_handles else cfg.reward.spec
         # guidance needs the reward's gradient, so the reward must live here (the Config checked it has one)
@@ -108,7 +122,7 @@ class RolloutWorker:
         if expected_version != self.version:
             raise StaleWeightsError(
                 f"actor {self.actor_id} holds weights v{self.version}, asked for v{expected_version}")
-        t0, cpu0, self.ref_seconds = time.perf_counter(), time.process_time(), 0.0
+        t0, cpu0, self.ref_seconds, self.guide_moves = time.perf_counter(), time.process_time(), 0.0, []
         rows0 = self.policy.net_rows
         with torch.no_grad():
             kind = self.cfg.pairs.record_kind
@@ -133,6 +147,8 @@ class RolloutWorker:
             stats["cpu_seconds"] = time.process_time() - cpu0
         if load is not None:
             stats["load"] = load
+        if self.guided:  # [moved winners, 2]: TailorPO-G's delivery, kept out of the records (learner.report)
+            stats["guide_moves"] = torch.cat(self.guide_moves).numpy() if self.guide_moves else np.zeros((0, 2))
         batch = to_record_batch(kind, columns)
         return batch, {**stats, "policy_version": self.version, "summary": record_summary(batch)}
 
@@ -182,9 +198,10 @@ class RolloutWorker:
                 res = self._guide(x_w, k, embeds, prompts)
                 guided = res.accepted.cpu()
                 if bool(guided.any()):
-                    x_w = res.x
+                    moved_logp = gaussian_logprob(res.x, out.mean, out.sigma, self.cfg.sampler.logprob_reduce)
+                    self.guide_moves.append(guidance_delivery(x_w, res.x, out.sigma, logp_w, moved_logp)[guided])
+                    x_w, logp_w = res.x, moved_logp
                     r_w = torch.where(guided, res.reward_after.cpu(), r_w)
-                    logp_w = gaussian_logprob(x_w, out.mean, out.sigma, self.cfg.sampler.logprob_reduce)
                     # the moved winner's, reused by the next step
                     x0_w, eps_next = self.policy.x0_after_step(x_w, k, embeds)
             for name, value in (("x_t", x), ("x_w", x_w), ("x_l", x_l), ("x0_w", x0_w), ("x0_l", x0_l),

@@ -247,7 +247,7 @@ class Driver:
         if self.traj_log is not None:
             self.traj_log.write(ray.get(task.records), round=task.round, actor_id=a)
         staleness = self.buffer.accept(task.records, int(stats["pairs"]), stats["policy_version"], self.weights.version)
-        self.rollout_stats.add(staleness, stats["summary"])
+        self.rollout_stats.add(staleness, stats["summary"], stats.get("guide_moves"))
         return True
 
     def _learner(self, ref: Any) -> Any:
@@ -302,6 +302,7 @@ class Driver:
                 "trained_age": self.buffer.trained_age, "trained_age_mean": mean_age(self.buffer.trained_age),
                 "guidance_accept_rate": (self.rollout_stats.guidance_accept_rate
                                          if self.cfg.guidance.kind == "reward_gradient" else None),
+                **self.rollout_stats.guidance_delivery,
                 "actor_chains_per_s": {str(a): r for a, r in self.balancer.rates.items()},
                 "actor_batch": [self.balancer.size(a) for a in range(len(self.rollouts))],
                 "actor_call_cost_s": {str(a): {"fixed": c.fixed, "per_chain": c.per_chain}

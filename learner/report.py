@@ -85,14 +85,16 @@ class RolloutStats:
 
     def __init__(self, logger: RunLogger, num_steps: int):
         self.logger, self.num_steps = logger, num_steps
-        self.parts: list[tuple[np.ndarray, np.ndarray, np.ndarray | None, np.ndarray | None]] = []
+        self.parts: list[tuple[np.ndarray, np.ndarray, np.ndarray | None, np.ndarray | None, np.ndarray | None]] = []
         self.guided = self.guidable = 0  # winners guidance moved, of the step pairs of a guided run, all run long
+        self.moved_sums = np.zeros(2)  # Σ over the moved winners of (‖x⁺ − x‖/(σ√D), log π deficit), all run long
 
-    def add(self, staleness: int, summary: dict[str, np.ndarray]) -> None:
-        """One call's ``actors.stored.record_summary``, all of its records ``staleness`` versions old."""
+    def add(self, staleness: int, summary: dict[str, np.ndarray], guide_moves: np.ndarray | None = None) -> None:
+        """One call's ``actors.stored.record_summary``, all of its records ``staleness`` versions old, and for a
+        guided run the call's ``actors.rollout.guidance_delivery`` rows of its moved winners."""
         rewards = summary["reward_w"]
         self.parts.append((np.full(len(rewards), staleness), rewards, summary.get("step_index"),
-                           summary.get("guided")))
+                           summary.get("guided"), guide_moves))
 
     @property
     def guidance_accept_rate(self) -> float | None:
@@ -100,12 +102,20 @@ class RolloutStats:
         guidance records."""
         return self.guided / self.guidable if self.guidable else None
 
+    @property
+    def guidance_delivery(self) -> dict[str, float | None]:
+        """How far guidance moved the winners it moved, in units of the sampling noise, and the log π that cost
+        them, each the mean over those winners (None where none moved)."""
+        means = self.moved_sums / self.guided if self.guided else (None, None)
+        return {"guidance_shift": None if means[0] is None else float(means[0]),
+                "guidance_logp_deficit": None if means[1] is None else float(means[1])}
+
     def log(self, step: int, dropped: int) -> None:
         """Log what was added since the last call (nothing when nothing was)."""
         if not self.parts:
             return
-        staleness, rewards, steps, guided = (None if col[0] is None else np.concatenate(col)
-                                             for col in zip(*self.parts, strict=True))
+        staleness, rewards, steps, guided, moves = (None if col[0] is None else np.concatenate(col)
+                                                    for col in zip(*self.parts, strict=True))
         self.parts = []
         r = torch.from_numpy(rewards.astype(np.float64))
         metrics = {"staleness_mean": float(staleness.mean()), "dropped_stale_total": float(dropped),
@@ -116,6 +126,9 @@ class RolloutStats:
         if guided is not None:
             self.guided, self.guidable = self.guided + int(guided.sum()), self.guidable + len(guided)
             metrics["guided_rate"] = float(guided.mean())
+        if moves is not None and len(moves):
+            self.moved_sums += moves.sum(axis=0)
+            metrics["guide_shift"], metrics["guide_logp_deficit"] = (float(v) for v in moves.mean(axis=0))
         self.logger.log(step, metrics, "rollout")
 
 

@@ -17,6 +17,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from learner.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from learner.group import LearnerGroup
 from learner.metrics import RunLogger
@@ -59,6 +61,7 @@ def driver_state(d: Any) -> dict[str, Any]:
     return {"counters": dataclasses.asdict(d.counters), "buffer": d.buffer.state_dict(),
             "actor_failures": d.weights.failures, "ref_version": d.weights.ref_version, "cursor": d.stream.cursor,
             "balancer": d.balancer.state_dict(), "guided": [d.rollout_stats.guided, d.rollout_stats.guidable],
+            "guide_moved_sums": d.rollout_stats.moved_sums.tolist(),
             **d.evaluator.state_dict(),
             "trajectory_rounds": d.traj_log.position() if d.traj_log else 0,
             "elapsed": time.perf_counter() - d.started}
@@ -71,6 +74,7 @@ def load_driver_state(d: Any, state: dict[str, Any]) -> None:
     d.weights.ref_version = int(state.get("ref_version", 0))  # absent in checkpoints from before it was broadcast
     d.stream.cursor = int(state["cursor"])
     d.rollout_stats.guided, d.rollout_stats.guidable = state.get("guided", (0, 0))  # absent: older checkpoints
+    d.rollout_stats.moved_sums = np.asarray(state.get("guide_moved_sums", (0.0, 0.0)), dtype=np.float64)
     if "balancer" in state:  # absent in checkpoints from before calls were sized from their cost
         d.balancer.load_state_dict(state["balancer"])
     if d.traj_log is not None:

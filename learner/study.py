@@ -36,7 +36,7 @@ import sys
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -61,6 +61,9 @@ from learner.verdict import (
     t_interval,
 )
 
+if TYPE_CHECKING:
+    from learner.evaluate import Comparison
+
 ROOT = Path(__file__).resolve().parent.parent
 WORLD_METRICS = ROOT / "world" / "assets" / "metrics.json"
 PILOT = ROOT / "docs" / "study" / "rethinking" / "pilot.json"
@@ -71,6 +74,7 @@ MEAN_LAMBDA = 1.2953
 JUDGE = "world_judge"  # the held-out judge (world/judge.py) every study reports beside the training reward
 COMPARE_SEED = 0  # held-out sample i uses noise seed COMPARE_SEED + i in every cell
 GRID_PROMPTS = 8
+AREA_THIRDS = ("small", "middle", "large")  # the base samples' drawn area, in thirds (``gain_by_area``)
 MIN_MOVES = 4  # a stable reference tests "a moving reference" only if it was replaced at least this often
 HAND_NOTES = "## Note added by hand"  # RESULTS.md sections kept when the report is rewritten
 
@@ -86,6 +90,11 @@ QUICK = {"train": {"steps": 2, "batch_size": 8}, "rollout": {"prompts_per_task":
 # tailorpo: the positions a step-branch chain ranks (the default's), and the step terms every update trains.
 BRANCH_STEPS = tuple(range(0, 20, 2))
 STEP_TERMS = 60
+# Unguided pairs train at a quarter of the default's lr: at its 2e-3, every chain-pair run (3 of 3) and one step-pair
+# run (of 6) diverged (log-ratio to the reference in the thousands, held-out reward 1.25 → 0.3; the records are in
+# git at b94a7e1), so the contrast measured which arm diverged. 5e-4 pilots (the chain cell's seed 0, the diverged
+# step seed 3) gained +0.023 and +0.057 without diverging.
+UNGUIDED_LR = 5.0e-4
 
 
 def chain_pairs(positions: tuple[int, ...]) -> dict[str, Any]:
@@ -193,7 +202,7 @@ GRIDS: dict[str, Grid] = {
         # guidance off: it needs step pairs, and the claim is about the pairs alone. Every update trains 60 step
         # terms: 60 step pairs, or 6 chain pairs at the ten branch positions, or 3 at all 20 (D3PO).
         shared={"loss": {"kind": "dpo_logprob"}, "guidance": {"kind": "none"}, "pairs": {"branch_steps": BRANCH_STEPS},
-                "train": {"batch_size": STEP_TERMS}},
+                "train": {"batch_size": STEP_TERMS, "lr": UNGUIDED_LR}},
         cells={"step_branch": {"pairs": {"kind": "step_branch"}},
                "chain_branch_steps": chain_pairs(BRANCH_STEPS),
                "chain_all_steps": chain_pairs(tuple(range(20))),
@@ -214,8 +223,9 @@ GRIDS: dict[str, Grid] = {
         claim="TailorPO-G: a reward-gradient step on each step pair's winner adds reward over TailorPO, at equal "
               "images and at equal network passes (guidance costs a decode and a backward pass a branch step).",
         # η: the paper's cosine 0.1 → 0.2 (a ~0.03 step against ~10 of sampling noise here), 2, and 20 (the
-        # default's, docs/alignment_diagnosis.md); tailorpo_calls is TailorPO given η = 20's network passes
-        shared={"pairs": {"kind": "step_branch"}, "loss": {"kind": "dpo_logprob"}},
+        # default's, docs/alignment_diagnosis.md); tailorpo_calls is TailorPO given η = 20's network passes. The lr is
+        # the unguided one, so that the TailorPO arm does not diverge (see UNGUIDED_LR).
+        shared={"pairs": {"kind": "step_branch"}, "loss": {"kind": "dpo_logprob"}, "train": {"lr": UNGUIDED_LR}},
         cells={"tailorpo": {"guidance": {"kind": "none"}},
                "eta_paper": {"guidance": {"kind": "reward_gradient", "eta_lo": 0.1, "eta_hi": 0.2}},
                "eta2": {"guidance": {"kind": "reward_gradient", "eta_lo": 2.0, "eta_hi": 2.0}},
@@ -429,6 +439,22 @@ def judged(scores: Mapping[str, Any]) -> dict[str, Any]:
     return {"judge": scores["B"], "judge_gain": scores["B-A"], "base_judge": scores["A"]}
 
 
+def gain_by_area(result: Comparison) -> dict[str, Any]:
+    """Every score's mean paired B − A within thirds of the base samples' drawn area (the mask of the prompt's
+    colour, ``rewards.world``): whether a gain comes from drawing bigger, which the preference term pays for, or
+    from drawing what the prompt asks, and for which samples. The base samples are the same in every cell, so
+    the thirds are too."""
+    from rewards.world import WorldReward
+
+    area = WorldReward().mask_stats(result.images["A"], result.prompts)[0].double()
+    edges = torch.quantile(area, torch.tensor([1 / 3, 2 / 3], dtype=torch.float64))
+    third = torch.bucketize(area, edges)  # 0: area <= edges[0], 1: <= edges[1], 2: above
+    a, b = result.scores["A"], result.scores["B"]
+    return {"area_edges": edges.tolist(), "n": [int((third == k).sum()) for k in range(len(AREA_THIRDS))],
+            "B-A": {name: [float((b[name] - a[name]).double()[third == k].mean()) for k in range(len(AREA_THIRDS))]
+                    for name in a}}
+
+
 def run_cell(cfg: Config, cell: str, seed: int, baseline: Baseline, out: Path) -> dict[str, Any]:
     """Train one cell × seed from scratch, compare its final checkpoint with the base model, save the record."""
     from learner.evaluate import compare, load_policy
@@ -451,7 +477,7 @@ def run_cell(cfg: Config, cell: str, seed: int, baseline: Baseline, out: Path) -
         **judged(stats["rewards"][JUDGE]), "base_fidelity": stats["rewards"]["world_fidelity"]["A"],
         "base_shape": stats["rewards"].get("world_shape", {}).get("A"),
         "curve": eval_curve(Path(cfg.output.dir) / "metrics.jsonl"), "grid_prompts": baseline.prompts[:GRID_PROMPTS],
-        "delivered": delivered_by_run(Path(cfg.output.dir), summary, cfg),
+        "delivered": delivered_by_run(Path(cfg.output.dir), summary, cfg), "by_area": gain_by_area(result),
     }
     path = record_path(out, cell, seed)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -474,10 +500,10 @@ def eval_curve(metrics: Path) -> list[list[float]]:
              r["metrics"].get("eval/heldout_reward_sem") or math.nan] for r in rows]
 
 
-# What a run delivered of its treatment, as far as its outputs expose it; None marks what they do not expose yet:
-# the denoising steps the loss trained on (``trained_step_mean``) and the UNet calls.
+# What a run delivered of its treatment, as far as its outputs expose it (None where a record predates a field).
 DELIVERED = ("updates_planned", "nonfinite_skipped", "pairs_trained", "ref_checks", "guidance_accept_rate",
-             "trained_step_mean", "trained_step_terms", "net_rows_actors", "net_rows_learner")
+             "guidance_shift", "guidance_logp_deficit", "trained_step_mean", "trained_step_terms", "net_rows_actors",
+             "net_rows_learner")
 
 
 def delivered_by_run(run: Path, summary: Mapping[str, Any], cfg: Config) -> dict[str, Any]:
@@ -490,7 +516,7 @@ def delivered_by_run(run: Path, summary: Mapping[str, Any], cfg: Config) -> dict
     applied = [(step, m) for step, m in train if not m.get("train/skipped_nonfinite")]
     return {**dict.fromkeys(DELIVERED), "updates_planned": cfg.train.steps,
             "nonfinite_skipped": summary["nonfinite_skipped"],
-            "guidance_accept_rate": summary.get("guidance_accept_rate"),
+            **{k: summary.get(k) for k in ("guidance_accept_rate", "guidance_shift", "guidance_logp_deficit")},
             "pairs_trained": int(sum(m["train/pairs"] for _, m in applied)),
             "trained_step_terms": int(sum(m["train/pairs"] * m["train/step_terms"] for _, m in applied)),
             "trained_step_mean": (sum(m["train/pairs"] * m["train/trained_step"] for _, m in applied)
@@ -697,6 +723,8 @@ def delivered_rows(runs: Sequence[Mapping[str, Any]], cells: Sequence[str]) -> l
                "pairs trained": lambda d: num(d["pairs_trained"], "d"),
                "reference replacements": reference,
                "guidance accept rate": lambda d: num(d["guidance_accept_rate"], ".2f"),
+               "guided move ‖Δ‖/(σ√D)": lambda d: num(d["guidance_shift"], ".3f"),
+               "guided log π deficit": lambda d: num(d["guidance_logp_deficit"], ".3f"),
                "mean trained step": lambda d: num(d["trained_step_mean"], ".1f"),
                "step terms trained": lambda d: num(d["trained_step_terms"], "d"),
                "network passes, actors + learner": lambda d: (
@@ -705,6 +733,23 @@ def delivered_rows(runs: Sequence[Mapping[str, Any]], cells: Sequence[str]) -> l
     for c in cells:
         ds = [delivered(r) for r in sorted((r for r in runs if r["cell"] == c), key=lambda r: r["seed"])]
         rows.append(f"| {c} | " + " | ".join(" / ".join(f(d) for d in ds) for f in columns.values()) + " |")
+    return rows
+
+
+def area_rows(by_cell: Mapping[str, Sequence[Mapping[str, Any]]]) -> list[str]:
+    """Per cell and score, the paired gain in each third of the base samples' drawn area, mean ± s.e. over seeds
+    (cells whose runs predate ``by_area`` are left out)."""
+    kept = {c: [r["by_area"] for r in rs] for c, rs in by_cell.items() if rs and all("by_area" in r for r in rs)}
+    if not kept:
+        return ["No run of this grid recorded its gains by drawn area yet (`--rejudge` adds them)."]
+    edges = next(iter(kept.values()))[0]["area_edges"]
+    bounds = (f"≤ {edges[0]:.3f}", f"{edges[0]:.3f}–{edges[1]:.3f}", f"> {edges[1]:.3f}")
+    rows = ["| cell | score | " + " | ".join(f"{t} ({b})" for t, b in zip(AREA_THIRDS, bounds, strict=True)) + " |",
+            "|" + "---|" * (2 + len(AREA_THIRDS))]
+    for c, areas in kept.items():
+        for name in areas[0]["B-A"]:
+            thirds = (over_seeds([a["B-A"][name][k] for a in areas]) for k in range(len(AREA_THIRDS)))
+            rows.append(f"| {c} | {name} | " + " | ".join(fmt(t) for t in thirds) + " |")
     return rows
 
 
@@ -753,6 +798,12 @@ def markdown(name: str, grid: Grid, s: Mapping[str, Any], cells: Sequence[str]) 
               "guidance's two halves counted twice. Each reference check's D is in results.json "
               "(`runs[].delivered.ref_checks`).", "",
               *delivered_rows(s["runs"], cells), "",
+              "## Gains by drawn area", "",
+              "Each run's paired gain (B − A) on every score, within thirds of the base samples' drawn area (the mask "
+              "of the prompt's colour, as `rewards.world` measures it; the thirds' bounds are fractions of the "
+              "image); mean ± s.e. over seeds. A gain that lives only in the small third is the policy drawing "
+              "bigger.", "",
+              *area_rows({c: [r for r in s["runs"] if r["cell"] == c] for c in cells}), "",
               "## Curves", "", "![held-out reward vs update and wall time](curves.png)", "",
               "## Samples (rows: base and each seed's final policy; same prompts and noise seeds)", ""]
     lines += [f"`{c}`:\n\n![{c}](samples_{c}.png)\n" for c in cells]
@@ -808,14 +859,15 @@ def report_only(name: str, out: Path) -> dict[str, Any]:
 
 
 def rejudge(name: str, out: Path) -> dict[str, Any]:
-    """Add the held-out judge to every finished record of grid ``name`` that lacks it (records from before the
-    judge), scoring its run's final checkpoint on the same held-out samples, then rewrite the report."""
+    """Add the held-out judge and the gains by drawn area to every finished record of grid ``name`` that lacks
+    them (records from before they were kept), scoring its run's final checkpoint on the same held-out samples,
+    then rewrite the report."""
     from tqdm import tqdm
 
     from learner.evaluate import Comparison, load_policy, score
 
     grid = GRIDS[name]
-    todo = [r for c in grid.cells for r in finished_records(out, c) if "judge_gain" not in r]
+    todo = [r for c in grid.cells for r in finished_records(out, c) if "judge_gain" not in r or "by_area" not in r]
     missing = [str(run_dir(out, r["cell"], r["seed"])) for r in todo if not run_dir(out, r["cell"], r["seed"]).exists()]
     if missing:
         raise ConfigError(f"--rejudge: {len(missing)} runs are not on this machine (e.g. {missing[0]}); runs stay "
@@ -823,14 +875,15 @@ def rejudge(name: str, out: Path) -> dict[str, Any]:
     if todo:
         baseline = Baseline.build(build_config(next(iter(cell_trees(grid).values()))), todo[0]["n"],
                                   grid.world_metrics)  # the records' own comparison: the same prompts and seeds
-        prompts, seeds, judge = baseline.prompts, baseline.seeds, {JUDGE: baseline.rewards[JUDGE]}
+        prompts, seeds, rewards = baseline.prompts, baseline.seeds, baseline.rewards
         base = baseline.policy.sample_images(prompts, seeds)
+        base_scores = score(base, prompts, rewards)
         for record in tqdm(todo, desc=f"judge {name}", unit="run"):
             policy, _ = load_policy(run_dir(out, record["cell"], record["seed"]), baseline.cfg)
-            images = {"A": base, "B": policy.sample_images(prompts, seeds)}
-            comparison = Comparison(prompts, seeds, images, {k: score(x, prompts, judge) for k, x in images.items()},
-                                    JUDGE)
-            record.update(judged(comparison.summary()["rewards"][JUDGE]))
+            images = policy.sample_images(prompts, seeds)
+            comparison = Comparison(prompts, seeds, {"A": base, "B": images},
+                                    {"A": base_scores, "B": score(images, prompts, rewards)}, baseline.main)
+            record.update(judged(comparison.summary()["rewards"][JUDGE]), by_area=gain_by_area(comparison))
             record_path(out, record["cell"], record["seed"]).write_text(json.dumps(record, indent=1))
     return report_only(name, out)
 
@@ -847,8 +900,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--report-only", action="store_true",
                         help="rewrite results.json and RESULTS.md from the finished runs' records; runs nothing")
     parser.add_argument("--rejudge", action="store_true",
-                        help="add the held-out judge to finished records that lack it (from the runs' checkpoints "
-                             "under <out>/runs), then rewrite the report")
+                        help="add the held-out judge and the gains by drawn area to finished records that lack "
+                             "them (from the runs' checkpoints under <out>/runs), then rewrite the report")
     args = parser.parse_args(argv)
     from learner.checkpoint import CheckpointError
     from learner.loop import LearnerDiedError

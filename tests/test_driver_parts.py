@@ -116,8 +116,9 @@ def test_rollout_stats_are_logged_once_per_update_over_every_call_since_the_last
         for k in ([0, 1, 2, 3, 4], [5, 6, 7, 0, 1, 2, 3])]
     with RunLogger(tmp_path, tensorboard=False) as logger:
         stats = RolloutStats(logger, num_steps=8)
-        stats.add(1, calls[0])
-        stats.add(0, calls[1])
+        moves = [rng.random((n, 2)) for n in (2, 3)]  # actors.rollout.guidance_delivery of the moved winners
+        stats.add(1, calls[0], moves[0])
+        stats.add(0, calls[1], moves[1])
         stats.log(3, dropped=4)
         stats.log(4, dropped=4)
     (line,) = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
@@ -130,6 +131,10 @@ def test_rollout_stats_are_logged_once_per_update_over_every_call_since_the_last
     assert m["rollout/reward_w_mean/bucket2-3"] == pytest.approx(r[(k >= 2) & (k < 4)].mean(), abs=1e-12)
     assert m["rollout/reward_w_count/bucket6-7"] == ((k >= 6) & (k < 8)).sum()
     assert m["rollout/guided_rate"] == stats.guidance_accept_rate == 5 / 12  # steps 0, 3, 6, 0, 3
+    moved = np.concatenate(moves)
+    assert m["rollout/guide_shift"] == pytest.approx(moved[:, 0].mean(), abs=1e-12)
+    assert stats.guidance_delivery == pytest.approx({"guidance_shift": moved[:, 0].sum() / 5,
+                                                     "guidance_logp_deficit": moved[:, 1].sum() / 5}, abs=1e-12)
 
 
 def test_the_room_for_a_call_is_the_staleness_window_less_what_waits_ahead():

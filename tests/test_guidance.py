@@ -129,3 +129,30 @@ def test_eta_schedule_bad_input_raises():
         guidance_eta(0, 0)
     with pytest.raises(ValueError, match="lo <= hi"):
         guidance_eta(0, 5, lo=0.3, hi=0.2)
+
+
+def test_guidance_delivery_measures_the_move_against_the_sampling_noise_and_its_log_prob_cost():
+    """float64 reference from the definitions: ‖x⁺ − x‖/(σ√D) per sample and log π(x) − log π(x⁺) under the step's
+    Gaussian. A move of one noise draw, σ·z, reads ≈ 1; a move toward the mean costs negative log π (it gains)."""
+    from actors.rollout import guidance_delivery
+    from policy.schedule import gaussian_logprob
+
+    g = torch.Generator().manual_seed(0)
+    mean = torch.randn(3, 4, 16, 16, generator=g)
+    sigma = torch.tensor(0.3)
+    x = mean + sigma * torch.randn(mean.shape, generator=g)
+    moved = torch.stack([x[0] + sigma * torch.randn(x[0].shape, generator=g), mean[1], x[2]])
+    logp, moved_logp = (gaussian_logprob(v, mean, sigma, "sum") for v in (x, moved))
+    out = guidance_delivery(x, moved, sigma, logp, moved_logp)
+    d = x[0].numel()
+    for i in range(3):
+        step = math.sqrt(sum(float(v) ** 2 for v in (moved[i].double() - x[i].double()).flatten()))
+        want = step / (0.3 * math.sqrt(d))
+        assert float(out[i, 0]) == pytest.approx(want, rel=1e-6)
+    assert 0.9 < float(out[0, 0]) < 1.1  # one draw of the sampler's own noise
+    assert float(out[1, 1]) < 0  # back to the mean: more likely
+    assert float(out[0, 1]) > 0 and float(out[2, 0]) == float(out[2, 1]) == 0  # off it: less likely; unmoved: 0
+    # the deficit is the difference of the Gaussian's log-densities, written out in float64
+    var = 0.3**2
+    log_density = [-0.5 * float(((v.double() - mean[0].double()) ** 2).sum()) / var for v in (x[0], moved[0])]
+    assert float(out[0, 1]) == pytest.approx(log_density[0] - log_density[1], rel=1e-4)

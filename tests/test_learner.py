@@ -201,9 +201,13 @@ def test_guidance_moves_winners_up_the_reward(make_config, kind):
     cfg = make_config(kind, guidance={"kind": "reward_gradient", "eta_lo": 0.5, "eta_hi": 1.0,
                                       "max_grad_norm": 50.0})
     worker = RolloutWorker(cfg.rollout_settings())
-    batch = from_table(worker.generate(PROMPTS, [0, 1, 2, 3], [0, 1, 2, 3], expected_version=0)[0])
+    records, stats = worker.generate(PROMPTS, [0, 1, 2, 3], [0, 1, 2, 3], expected_version=0)
+    batch = from_table(records)
     t = batch.tensors
     assert t["guided"].any(), "some winners should have been moved"
+    # what it delivered, one row per moved winner: a step (in units of the sampling noise) and the log π it cost
+    moves = stats["guide_moves"]
+    assert moves.shape == (int(t["guided"].sum()), 2) and (moves[:, 0] > 0).all()
     # a guided winner's stored log-prob is its density under the Gaussian it was pushed away from
     learner = Learner(cfg)
     lw, _ = pair_logprobs(learner.policy, batch)

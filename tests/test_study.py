@@ -7,6 +7,7 @@ import json
 import math
 
 import pytest
+import torch
 
 from learner import study
 from learner.config import build_config
@@ -193,20 +194,49 @@ def test_quick_study_runs_end_to_end_and_resumes(tmp_path, monkeypatch):
     assert "**Claim.**" in (out / "RESULTS.md").read_text()
     for run in results["runs"]:  # the held-out judge scored the same comparison
         assert run["judge_gain"]["mean"] == pytest.approx(run["judge"]["mean"] - run["base_judge"]["mean"], abs=1e-6)
-    # a record from before the judge gets it from its run's checkpoint: the same samples, the same scores
+    # a record from before the judge and the area thirds gets them from its run's checkpoint: the same samples,
+    # the same scores
     path = study.record_path(out, "step_branch", 0)
     before = json.loads(path.read_text())
-    path.write_text(json.dumps({k: v for k, v in before.items() if not k.endswith("judge") and k != "judge_gain"}))
+    added = ("judge", "judge_gain", "base_judge", "by_area")
+    path.write_text(json.dumps({k: v for k, v in before.items() if k not in added}))
     assert study.main(["--grid", "tailorpo", "--rejudge", "--out", str(out)]) == 0
     after = json.loads(path.read_text())
-    for key in ("judge", "judge_gain", "base_judge"):
+    for key in added[:3]:
         assert after[key] == pytest.approx(before[key], abs=1e-6), key
+    areas = after["by_area"], before["by_area"]
+    assert areas[0]["n"] == areas[1]["n"] and areas[0]["area_edges"] == pytest.approx(areas[1]["area_edges"])
+    for name, gains in areas[1]["B-A"].items():
+        assert areas[0]["B-A"][name] == pytest.approx(gains, abs=1e-6), name
+    assert "## Gains by drawn area" in (out / "RESULTS.md").read_text()
 
     def must_not_run(*args, **kwargs):
         raise AssertionError("a finished cell × seed was run again")
 
     monkeypatch.setattr(study, "run_cell", must_not_run)
     assert study.main(["--grid", "tailorpo", "--quick", "--out", str(out)]) == 0
+
+
+def test_gains_by_drawn_area_split_the_base_samples_into_thirds_of_their_area():
+    """Rendered scenes of known size stand for the base samples: each third holds the smallest, middle and largest
+    scenes, and its gain is the float64 mean of B − A over exactly those samples."""
+    from learner.evaluate import Comparison
+    from world.scenes import Scene, prompt_of, render
+
+    radii = [0.06, 0.16, 0.09, 0.12, 0.07, 0.15, 0.10, 0.13, 0.08]
+    scenes = [Scene("red", "circle", "left", 0.27, 0.5, r, 0.5, 0.0) for r in radii]
+    prompts = [prompt_of(s) for s in scenes]
+    images = torch.stack([render(s) for s in scenes])
+    a = torch.arange(9, dtype=torch.float32)
+    b = a + torch.tensor(radii) * 10
+    result = Comparison(prompts, list(range(9)), {"A": images, "B": images}, {"A": {"r": a}, "B": {"r": b}}, "r")
+    areas = study.gain_by_area(result)
+    assert areas["n"] == [3, 3, 3]
+    order = sorted(range(9), key=lambda i: radii[i])
+    for k in range(3):
+        chosen = order[3 * k:3 * k + 3]
+        assert areas["B-A"]["r"][k] == pytest.approx(math.fsum(radii[i] * 10 for i in chosen) / 3, rel=1e-6)
+    assert areas["area_edges"][0] < areas["area_edges"][1]
 
 
 def test_bad_flag_is_one_line(capsys, tmp_path):
