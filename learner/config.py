@@ -183,6 +183,9 @@ class Config(BaseModel):
         if self.train.num_learners > 1 and self.train.weight_sync == "collective":
             raise ValueError("train.num_learners > 1 needs train.weight_sync=object_store: the learners' process "
                              "group and ray.util.collective's would both be torch's one default group on rank 0")
+        if self.reference.compute_on == "actors" and self.reference.past_cap == "reinit":
+            raise ValueError("reference.past_cap=reinit sends the reference back to the initial model, which the "
+                             "actors' stored log pi_ref does not follow; use reference.compute_on: learner")
         if self.reference.compute_on == "actors" and self.loss.kind == "diffusion_dpo":
             raise ValueError("reference.compute_on=actors stores the sampler's reference log-probs, which "
                              "loss.kind=diffusion_dpo does not use (its ε-MSE is on latents noised by the learner); "

@@ -5,7 +5,9 @@ the base model with adapters disabled, i.e. the initial model. Rethinking-DPO ("
 Regularization", Kang et al. AAAI-26, Sec. 4 and Eq. 7–8): every τ learner steps the reference is hard-replaced
 by the current policy (TR-DPO style; an EMA blend is offered as an option the paper does not use) as long as the
 divergence D(candidate ‖ initial model) stays ≤ δ; the first candidate past δ freezes the reference forever,
-keeping the last one within δ ("freeze near the δ-boundary": the paper leaves open which copy is kept).
+keeping the last one within δ ("freeze near the δ-boundary": the paper leaves open which copy is kept). The
+paper's weaker alternative (Table 3, "Re-Init") is ``past_cap: reinit``: a candidate past δ sends the reference
+back to the initial model, and the checks go on.
 
 The cap exists to stop the reference from drifting away from the initial model, so D must grow with drift in
 ANY direction. The default is therefore ``kernel_kl`` (≥ 0, zero iff the models agree); the paper's Eq. 7
@@ -82,6 +84,9 @@ class ReferenceConfig(BaseModel):
     delta: float = Field(DEFAULT_DELTA, gt=0, description=(
         "... while D(candidate || initial) <= delta; past it the reference freezes (default: kernel_kl's "
         "calibration, docs/math.md)"))
+    past_cap: Literal["freeze", "reinit"] = Field("freeze", description=(
+        "a candidate past delta freezes the reference near the boundary (the paper's), or resets it to the "
+        "initial model and the checks go on (the paper's Re-Init variant, Table 3)"))
     ema: float | None = Field(None, gt=0, le=1, description="soft replacement weight instead of a hard copy")
     divergence: Literal["log_ratio", "kernel_kl"] = Field("kernel_kl", description=(
         "kernel_kl grows with any drift from the initial model; log_ratio (the paper's Eq. 7) is one-sided"))
@@ -93,7 +98,7 @@ class ReferenceConfig(BaseModel):
 
 
 class RefEvent(NamedTuple):
-    """What a reference update did at learner ``step``: ``action`` is ``"replaced"`` or ``"frozen"``."""
+    """What a reference update did at learner ``step``: ``action`` is ``"replaced"``, ``"frozen"`` or ``"reinit"``."""
 
     step: int
     divergence: float
@@ -123,7 +128,8 @@ class FrozenReference:
 
 
 class StableUpdateReference:
-    """Rethinking-DPO reference: replaced by the policy every ``tau`` steps while D ≤ ``delta``, then frozen.
+    """Rethinking-DPO reference: replaced by the policy every ``tau`` steps while D ≤ ``delta``, then frozen (or,
+    with ``reinit``, reset to the initial model at every check past ``delta``).
 
     ``ema`` (optional, not in the paper): the candidate is ema·policy + (1−ema)·current_ref instead of the
     policy itself (current_ref ``None`` = zeros, the initial LoRA delta). ``state`` holds private clones, so
@@ -133,8 +139,8 @@ class StableUpdateReference:
 
     moves = True
 
-    def __init__(self, tau: int, delta: float, ema: float | None = None) -> None:
-        self.tau, self.delta, self.ema = tau, delta, ema
+    def __init__(self, tau: int, delta: float, ema: float | None = None, reinit: bool = False) -> None:
+        self.tau, self.delta, self.ema, self.reinit = tau, delta, ema, reinit
         self.state: LoraState | None = None
         self.version = 0
         self.frozen = False
@@ -166,6 +172,10 @@ class StableUpdateReference:
         if d <= self.delta:
             self.state, self.version = proposal, self.version + 1
             event = RefEvent(step, d, "replaced")
+        elif self.reinit:
+            if self.state is not None:  # a new reference: the initial model again
+                self.state, self.version = None, self.version + 1
+            event = RefEvent(step, d, "reinit")
         else:
             self.frozen = True
             event = RefEvent(step, d, "frozen")
@@ -191,5 +201,5 @@ class StableUpdateReference:
 def build_reference(cfg: ReferenceConfig) -> FrozenReference | StableUpdateReference:
     """The strategy the (validated) ``reference`` section names."""
     if cfg.strategy == "stable_update":
-        return StableUpdateReference(cfg.tau, cfg.delta, cfg.ema)
+        return StableUpdateReference(cfg.tau, cfg.delta, cfg.ema, reinit=cfg.past_cap == "reinit")
     return FrozenReference()

@@ -95,6 +95,10 @@ STEP_TERMS = 60
 # git at b94a7e1), so the contrast measured which arm diverged. 5e-4 pilots (the chain cell's seed 0, the diverged
 # step seed 3) gained +0.023 and +0.057 without diverging.
 UNGUIDED_LR = 5.0e-4
+# A δ the stable references reach: the pilot's δ (τ = 1) froze the τ = 4 runs only at update 68-72 in 4 of 6 and
+# never in 2, so "the cap matters" was not tested. Their recorded checks reach D = 0.0086-0.0126 by update 24, so at
+# δ = 0.01 the cap acts at about update 24-28, after 5-6 replacements (docs/study/rethinking, stable_uniform).
+TIGHT_DELTA = 0.01
 
 
 def chain_pairs(positions: tuple[int, ...]) -> dict[str, Any]:
@@ -147,10 +151,11 @@ def trained_earlier(cell: str, than: str) -> Check:
                          (cell, than), lambda a, b: a < b)
 
 
-def reference_froze(*cells: str) -> Check:
-    """'The cap matters' compares a capped reference with an uncapped one: the cap must have acted in every run."""
-    return every_run(f"the cap froze the stable reference in every run of {' and '.join(cells)}", cells,
-                     ("ref_checks",), lambda d: d["ref_frozen_at"] is not None)
+def reference_capped(cell: str, action: str = "frozen") -> Check:
+    """'The cap matters' compares a capped reference with an uncapped one: the cap must have acted in every run
+    (``action``: it froze the reference, or sent it back to the initial model)."""
+    return every_run(f"the cap {'froze' if action == 'frozen' else 're-initialised'} the stable reference in every "
+                     f"run of {cell}", (cell,), ("ref_checks",), lambda d: d[f"ref_{action}_at"] is not None)
 
 
 def calibrated_reference(tau: int = 4) -> dict[str, Any]:
@@ -283,13 +288,24 @@ GRIDS: dict[str, Grid] = {
                "stable_cat": {"reference": {"strategy": "stable_update"},
                               "time_weight": {"mode": "discount", "discount_as": "sample"}},
                "stable_beta_lambda": {"reference": {"strategy": "stable_update"}, "time_weight": {"mode": "uniform"},
-                                      "loss": {"beta": DIFFUSION_DPO_BETA * MEAN_LAMBDA}}},
+                                      "loss": {"beta": DIFFUSION_DPO_BETA * MEAN_LAMBDA}},
+               "capped_tight": {"reference": {"strategy": "stable_update", "delta": TIGHT_DELTA},
+                                "time_weight": {"mode": "uniform"}},
+               "reinit_tight": {"reference": {"strategy": "stable_update", "delta": TIGHT_DELTA, "past_cap": "reinit"},
+                                "time_weight": {"mode": "uniform"}}},
         contrasts=(
             Contrast("the stable reference beats the frozen one", {"stable_uniform": 1, "frozen_uniform": -1},
                      checks=(reference_moved("stable_uniform"),)),
             Contrast("the cap matters: the stable reference beats one replaced at every check",
                      {"stable_uniform": 1, "uncapped_uniform": -1},
-                     checks=(reference_moved("stable_uniform"), reference_froze("stable_uniform"))),
+                     checks=(reference_moved("stable_uniform"), reference_capped("stable_uniform"))),
+            Contrast("the cap matters, at a δ the runs reach: the tightly capped reference beats the uncapped one",
+                     {"capped_tight": 1, "uncapped_uniform": -1},
+                     checks=(reference_moved("capped_tight"), reference_capped("capped_tight"))),
+            Contrast("freezing at the cap beats re-initialising there (the paper's Table 3)",
+                     {"capped_tight": 1, "reinit_tight": -1},
+                     checks=(reference_moved("capped_tight", "reinit_tight"), reference_capped("capped_tight"),
+                             reference_capped("reinit_tight", "reinit"))),
             Contrast("timestep-aware training adds on top of the stable reference",
                      {"stable_timestep": 1, "stable_uniform": -1},
                      checks=(reference_moved("stable_timestep", "stable_uniform"),)),
@@ -508,9 +524,9 @@ DELIVERED = ("updates_planned", "nonfinite_skipped", "pairs_trained", "ref_check
 
 def delivered_by_run(run: Path, summary: Mapping[str, Any], cfg: Config) -> dict[str, Any]:
     """The record's ``delivered`` fields, from the run's summary.json counts and metrics.jsonl: every reference
-    check as [update, D, "replaced" | "frozen"] (none for a frozen reference), the pairs and step terms of applied
-    updates, the mean grid position of the trained steps, and the latents through the actors' and the learner's
-    networks (the compute the contrasts' "equal UNet calls" compares)."""
+    check as [update, D, "replaced" | "frozen" | "reinit"] (none for a frozen reference), the pairs and step terms
+    of applied updates, the mean grid position of the trained steps, and the latents through the actors' and the
+    learner's networks (the compute the contrasts' "equal UNet calls" compares)."""
     train = [(r["step"], r["metrics"]) for r in metric_rows(run / "metrics.jsonl")
              if r["metrics"].get("train/pairs") is not None]
     applied = [(step, m) for step, m in train if not m.get("train/skipped_nonfinite")]
@@ -522,7 +538,8 @@ def delivered_by_run(run: Path, summary: Mapping[str, Any], cfg: Config) -> dict
             "trained_step_mean": (sum(m["train/pairs"] * m["train/trained_step"] for _, m in applied)
                                   / max(1, sum(m["train/pairs"] for _, m in applied))),
             "net_rows_actors": summary["net_rows"]["actors"], "net_rows_learner": summary["net_rows"]["learner"],
-            "ref_checks": [[step, m["train/ref_divergence"], "replaced" if m.get("train/ref_replaced") else "frozen"]
+            "ref_checks": [[step, m["train/ref_divergence"], "replaced" if m.get("train/ref_replaced") else
+                            "reinit" if m.get("train/ref_reinit") else "frozen"]
                            for step, m in applied if "train/ref_divergence" in m]}
 
 
@@ -534,7 +551,8 @@ def delivered(record: Mapping[str, Any]) -> dict[str, Any]:
     d["net_rows"] = None if d["net_rows_actors"] is None else d["net_rows_actors"] + d["net_rows_learner"]
     checks = d["ref_checks"]
     d["ref_replacements"] = None if checks is None else sum(action == "replaced" for _, _, action in checks)
-    d["ref_frozen_at"] = None if checks is None else next((u for u, _, a in checks if a == "frozen"), None)
+    for action in ("frozen", "reinit"):  # the update at which the cap first acted, as the run's config says
+        d[f"ref_{action}_at"] = None if checks is None else next((u for u, _, a in checks if a == action), None)
     return d
 
 

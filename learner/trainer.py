@@ -364,6 +364,7 @@ class Learner(GroupLead):
         if event.action == "replaced":
             self.policy.copy_into(REF, self.reference.state, self.reference.version)
         return {"ref_divergence": event.divergence, "ref_replaced": float(event.action == "replaced"),
+                "ref_reinit": float(event.action == "reinit"),
                 **{f"ref_divergence_{name}": d for name, d in self.divergences.items()},
                 "ref_frozen": float(self.reference.frozen), "ref_version": float(self.reference.version)}
 

@@ -43,6 +43,8 @@ def test_cli_overrides_yaml_and_parses_values(tmp_path):
     ({"time_weight": {"gamma": 1.5}}, r"gamma must be in \(0, 1\]"),
     ({"time_weight": {"gamma": 0.0}}, r"gamma must be in \(0, 1\]"),
     ({"reference": {"strategy": "stable_update", "tau": 0}}, r"reference\.tau must be >= 1"),
+    ({"reference": {"strategy": "stable_update", "past_cap": "reinit", "compute_on": "actors"}},
+     r"^reference\.past_cap=reinit sends the reference back to the initial model"),
     ({"sampler": {"eta": 0.0}}, r"sampler\.eta must be > 0"),
     ({"sampler": {"noise_level": 0.0}}, r"sampler\.noise_level must be > 0"),
     ({"sampler": {"resolution": 4}}, r"sampler\.resolution must be >= 8"),

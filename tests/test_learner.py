@@ -139,6 +139,19 @@ def test_stable_update_reference_replaces_then_freezes(make_config, kind):
     assert all(torch.equal(frozen[k], v) for k, v in learner.reference.state.items())
 
 
+def test_a_reinit_reference_trains_against_the_initial_model_again(make_config):
+    """past_cap=reinit: once a candidate is past δ the learner's reference is the base model again (no adapter)."""
+    cfg = make_config(reference={"strategy": "stable_update", "tau": 1, "delta": 1e9, "past_cap": "reinit"},
+                      train={"lr": 5e-2})
+    records = _records(cfg)
+    learner = Learner(cfg)
+    assert learner.update(records)["ref_replaced"] == 1.0 and learner.ref_adapter == "ref"
+    learner.reference.delta = 1e-12
+    m = learner.update(records)
+    assert (m["ref_reinit"], m["ref_replaced"], m["ref_frozen"]) == (1.0, 0.0, 0.0)
+    assert learner.ref_adapter is None and learner.method_context().ref_adapter is None
+
+
 @pytest.mark.parametrize("kind", KINDS)
 def test_kernel_kl_divergence_is_zero_for_the_initial_model(make_config, kind):
     """The divergence compares the two models' outputs (velocities on a flow model) on noised winners."""

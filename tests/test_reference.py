@@ -175,6 +175,19 @@ def test_stable_update_replaces_every_tau_then_freezes_forever():
     assert [e.action for e in ref.history] == ["replaced", "replaced", "frozen"]
 
 
+def test_reinit_sends_the_reference_back_to_the_initial_model_and_keeps_checking():
+    """The paper's Re-Init variant: a candidate past δ resets the reference to the initial model (state None, a new
+    version), nothing freezes, and a later candidate within δ is taken again."""
+    ref = StableUpdateReference(tau=1, delta=0.01, reinit=True)
+    div = CountingDivergence([0.001, 0.02, 0.03, 0.004])
+    assert ref.maybe_update(1, policy(1), div) == RefEvent(1, 0.001, "replaced") and ref.version == 1
+    assert ref.maybe_update(2, policy(1), div) == RefEvent(2, 0.02, "reinit")
+    assert ref.state is None and ref.version == 2 and not ref.frozen
+    assert ref.maybe_update(3, policy(1), div) == RefEvent(3, 0.03, "reinit") and ref.version == 2  # already there
+    assert ref.maybe_update(4, policy(2), div).action == "replaced" and ref.version == 3
+    assert build_reference(ReferenceConfig(strategy="stable_update", past_cap="reinit")).reinit
+
+
 def test_divergence_at_exactly_delta_replaces():
     ref = StableUpdateReference(tau=1, delta=0.5)
     assert ref.maybe_update(1, policy(2), CountingDivergence([0.5])).action == "replaced"
