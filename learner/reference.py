@@ -84,9 +84,9 @@ class ReferenceConfig(BaseModel):
     delta: float = Field(DEFAULT_DELTA, gt=0, description=(
         "... while D(candidate || initial) <= delta; past it the reference freezes (default: kernel_kl's "
         "calibration, docs/math.md)"))
-    past_cap: Literal["freeze", "reinit"] = Field("freeze", description=(
-        "a candidate past delta freezes the reference near the boundary (the paper's), or resets it to the "
-        "initial model and the checks go on (the paper's Re-Init variant, Table 3)"))
+    past_cap: Literal["reinit"] | None = Field(None, description=(
+        "null: a candidate past delta freezes the reference near the boundary (the paper's); reinit: it resets "
+        "the reference to the initial model and the checks go on (the paper's Re-Init variant, Table 3)"))
     ema: float | None = Field(None, gt=0, le=1, description="soft replacement weight instead of a hard copy")
     divergence: Literal["log_ratio", "kernel_kl"] = Field("kernel_kl", description=(
         "kernel_kl grows with any drift from the initial model; log_ratio (the paper's Eq. 7) is one-sided"))
