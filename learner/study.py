@@ -901,7 +901,8 @@ def rejudge(name: str, out: Path) -> dict[str, Any]:
             images = policy.sample_images(prompts, seeds)
             comparison = Comparison(prompts, seeds, {"A": base, "B": images},
                                     {"A": base_scores, "B": score(images, prompts, rewards)}, baseline.main)
-            record.update(judged(comparison.summary()["rewards"][JUDGE]), by_area=gain_by_area(comparison))
+            added = {**judged(comparison.summary()["rewards"][JUDGE]), "by_area": gain_by_area(comparison)}
+            record.update({k: v for k, v in added.items() if k not in record})  # what was measured stays
             record_path(out, record["cell"], record["seed"]).write_text(json.dumps(record, indent=1))
     return report_only(name, out)
 
