@@ -90,11 +90,13 @@ QUICK = {"train": {"steps": 2, "batch_size": 8}, "rollout": {"prompts_per_task":
 # tailorpo: the positions a step-branch chain ranks (the default's), and the step terms every update trains.
 BRANCH_STEPS = tuple(range(0, 20, 2))
 STEP_TERMS = 60
-# Unguided pairs train at a quarter of the default's lr: at its 2e-3, every chain-pair run (3 of 3) and one step-pair
-# run (of 6) diverged (log-ratio to the reference in the thousands, held-out reward 1.25 → 0.3; the records are in
-# git at b94a7e1), so the contrast measured which arm diverged. 5e-4 pilots (the chain cell's seed 0, the diverged
-# step seed 3) gained +0.023 and +0.057 without diverging.
-UNGUIDED_LR = 5.0e-4
+# Unguided pairs train at a quarter of the default's lr and with D3PO's ratio clamp ε = 0.1 (the hyper-parameters
+# TailorPO says it shares with D3PO; configs/tailorpo_sd15.yaml). At the default's 2e-3 without it, every chain-pair
+# run (3 of 3) and one step-pair run (of 6) diverged (log-ratio to the reference in the thousands, held-out reward
+# 1.25 → 0.3; records in git at b94a7e1), so the contrast measured which arm diverged; at 5e-4 without it, two of
+# six step-pair runs still diverged in their last 20 updates (−0.52, −0.34). A 5e-4 + clamp pilot on one of those
+# seeds gained +0.017 without diverging; 2e-3 + clamp diverged.
+UNGUIDED = {"train": {"lr": 5.0e-4}, "loss": {"kind": "dpo_logprob", "ratio_clip": 0.1}}
 # A δ the stable references reach: the pilot's δ (τ = 1) froze the τ = 4 runs only at update 68-72 in 4 of 6 and
 # never in 2, so "the cap matters" was not tested. Their recorded checks reach D = 0.0086-0.0126 by update 24, so at
 # δ = 0.01 the cap acts at about update 24-28, after 5-6 replacements (docs/study/rethinking, stable_uniform).
@@ -192,6 +194,16 @@ def trained(cell: str) -> Check:
                      ("updates_planned", "nonfinite_skipped"),
                      lambda d: d["optimizer_updates"] == d["updates_planned"] and d["nonfinite_skipped"] == 0)
 
+def merge(*trees: Mapping[str, Any]) -> dict[str, Any]:
+    """Nested dicts merged left to right (later values win; dicts merge key by key)."""
+    out: dict[str, Any] = {}
+    for tree in trees:
+        for key, value in tree.items():
+            out[key] = merge(out[key], value) if isinstance(value, Mapping) and isinstance(out.get(key), dict) \
+                else value
+    return out
+
+
 # The grids: data, in one place. β per loss: dpo_logprob on summed log-probs follows the default (β = 0.1);
 # diffusion_dpo's ε-MSE surrogate is a per-element MEAN, orders of magnitude smaller than a summed log-ratio, so it
 # takes the Diffusion-DPO paper's β = 5000 (Wallace et al. 2024, SD-1.5 setting, also a per-element mean);
@@ -206,8 +218,8 @@ GRIDS: dict[str, Grid] = {
               "at equal network passes.",
         # guidance off: it needs step pairs, and the claim is about the pairs alone. Every update trains 60 step
         # terms: 60 step pairs, or 6 chain pairs at the ten branch positions, or 3 at all 20 (D3PO).
-        shared={"loss": {"kind": "dpo_logprob"}, "guidance": {"kind": "none"}, "pairs": {"branch_steps": BRANCH_STEPS},
-                "train": {"batch_size": STEP_TERMS, "lr": UNGUIDED_LR}},
+        shared=merge(UNGUIDED, {"guidance": {"kind": "none"}, "pairs": {"branch_steps": BRANCH_STEPS},
+                                "train": {"batch_size": STEP_TERMS}}),
         cells={"step_branch": {"pairs": {"kind": "step_branch"}},
                "chain_branch_steps": chain_pairs(BRANCH_STEPS),
                "chain_all_steps": chain_pairs(tuple(range(20))),
@@ -229,8 +241,8 @@ GRIDS: dict[str, Grid] = {
               "images and at equal network passes (guidance costs a decode and a backward pass a branch step).",
         # η: the paper's cosine 0.1 → 0.2 (a ~0.03 step against ~10 of sampling noise here), 2, and 20 (the
         # default's, docs/alignment_diagnosis.md); tailorpo_calls is TailorPO given η = 20's network passes. The lr is
-        # the unguided one, so that the TailorPO arm does not diverge (see UNGUIDED_LR).
-        shared={"pairs": {"kind": "step_branch"}, "loss": {"kind": "dpo_logprob"}, "train": {"lr": UNGUIDED_LR}},
+        # the unguided one, so that the TailorPO arm does not diverge (see UNGUIDED).
+        shared=merge(UNGUIDED, {"pairs": {"kind": "step_branch"}}),
         cells={"tailorpo": {"guidance": {"kind": "none"}},
                "eta_paper": {"guidance": {"kind": "reward_gradient", "eta_lo": 0.1, "eta_hi": 0.2}},
                "eta2": {"guidance": {"kind": "reward_gradient", "eta_lo": 2.0, "eta_hi": 2.0}},
@@ -335,16 +347,6 @@ GRIDS: dict[str, Grid] = {
 
 
 # ---- configs --------------------------------------------------------------------------------------------------
-def merge(*trees: Mapping[str, Any]) -> dict[str, Any]:
-    """Nested dicts merged left to right (later values win; dicts merge key by key)."""
-    out: dict[str, Any] = {}
-    for tree in trees:
-        for key, value in tree.items():
-            out[key] = merge(out[key], value) if isinstance(value, Mapping) and isinstance(out.get(key), dict) \
-                else value
-    return out
-
-
 def pairs_per_chain(cfg: Config) -> float:
     """Preference pairs one sampled chain yields: one per branch step, or half a pair (two chains a pair)."""
     return float(len(cfg.pairs.branch_steps)) if cfg.pairs.kind == "step_branch" else 0.5
