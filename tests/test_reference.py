@@ -233,6 +233,21 @@ def test_state_dict_round_trip():
     assert other.maybe_update(3, pol, div) is None and div.calls == 0
 
 
+def test_a_reference_still_at_the_initial_model_round_trips():
+    """Before its first replacement, and after a re-init, the reference holds no state (the initial model): a
+    checkpoint taken then must load as that, not fail on the missing tensors."""
+    fresh = StableUpdateReference(tau=4, delta=0.1)
+    back = StableUpdateReference(tau=1, delta=0.01, reinit=True)
+    back.maybe_update(1, policy(3), CountingDivergence([0.001]))
+    back.maybe_update(2, policy(3), CountingDivergence([0.5]))
+    for ref in (fresh, back):
+        sd = ref.state_dict()
+        assert sd["state"] is None
+        other = StableUpdateReference(tau=ref.tau, delta=ref.delta, reinit=ref.reinit)
+        other.load_state_dict(sd)
+        assert other.state is None and other.version == ref.version and other.history == ref.history
+
+
 @pytest.mark.parametrize(
     ("kw", "msg"),
     [
