@@ -668,7 +668,7 @@ def write_report(name: str, grid: Grid, out: Path, records: Sequence[Mapping[str
     curves and the sample grids."""
     by_cell = {c: sorted((r for r in records if r["cell"] == c), key=lambda r: r["seed"]) for c in grid.cells}
     by_cell = {c: rs for c, rs in by_cell.items() if rs}
-    cells = {c: cell_stats(rs) for c, rs in by_cell.items()}
+    cells = {c: {**cell_stats(rs), "by_area": area_stats(rs)} for c, rs in by_cell.items()}
     contrasts = [evaluate_contrast(c, by_cell) for c in grid.contrasts if all(n in by_cell for n in c.weights)]
     result = overall([c["verdict"] for c in contrasts]) if len(contrasts) == len(grid.contrasts) else "incomplete"
     base, ceiling = headroom(grid.world_metrics)
@@ -756,20 +756,29 @@ def delivered_rows(runs: Sequence[Mapping[str, Any]], cells: Sequence[str]) -> l
     return rows
 
 
-def area_rows(by_cell: Mapping[str, Sequence[Mapping[str, Any]]]) -> list[str]:
-    """Per cell and score, the paired gain in each third of the base samples' drawn area, mean ± s.e. over seeds
-    (cells whose runs predate ``by_area`` are left out)."""
-    kept = {c: [r["by_area"] for r in rs] for c, rs in by_cell.items() if rs and all("by_area" in r for r in rs)}
+def area_stats(records: Sequence[Mapping[str, Any]]) -> dict[str, Any] | None:
+    """Per score, each third's paired gain as mean ± s.e. over the cell's seeds, with the thirds' area bounds; None
+    when a run predates ``by_area``."""
+    if not records or not all("by_area" in r for r in records):
+        return None
+    areas = [r["by_area"] for r in records]
+    return {"area_edges": areas[0]["area_edges"],
+            "B-A": {name: [over_seeds([a["B-A"][name][k] for a in areas]) for k in range(len(AREA_THIRDS))]
+                    for name in areas[0]["B-A"]}}
+
+
+def area_rows(cells: Mapping[str, Mapping[str, Any]]) -> list[str]:
+    """The gains-by-drawn-area table from the cells' ``by_area`` statistics (cells without them are left out)."""
+    kept = {c: st["by_area"] for c, st in cells.items() if st.get("by_area")}
     if not kept:
         return ["No run of this grid recorded its gains by drawn area yet (`--rejudge` adds them)."]
-    edges = next(iter(kept.values()))[0]["area_edges"]
+    edges = next(iter(kept.values()))["area_edges"]
     bounds = (f"≤ {edges[0]:.3f}", f"{edges[0]:.3f}–{edges[1]:.3f}", f"> {edges[1]:.3f}")
     rows = ["| cell | score | " + " | ".join(f"{t} ({b})" for t, b in zip(AREA_THIRDS, bounds, strict=True)) + " |",
             "|" + "---|" * (2 + len(AREA_THIRDS))]
     for c, areas in kept.items():
-        for name in areas[0]["B-A"]:
-            thirds = (over_seeds([a["B-A"][name][k] for a in areas]) for k in range(len(AREA_THIRDS)))
-            rows.append(f"| {c} | {name} | " + " | ".join(fmt(t) for t in thirds) + " |")
+        rows += [f"| {c} | {name} | " + " | ".join(fmt(t) for t in thirds) + " |"
+                 for name, thirds in areas["B-A"].items()]
     return rows
 
 
@@ -823,7 +832,7 @@ def markdown(name: str, grid: Grid, s: Mapping[str, Any], cells: Sequence[str]) 
               "of the prompt's colour, as `rewards.world` measures it; the thirds' bounds are fractions of the "
               "image); mean ± s.e. over seeds. A gain that lives only in the small third is the policy drawing "
               "bigger.", "",
-              *area_rows({c: [r for r in s["runs"] if r["cell"] == c] for c in cells}), "",
+              *area_rows({c: s["cells"][c] for c in cells}), "",
               "## Curves", "", "![held-out reward vs update and wall time](curves.png)", "",
               "## Samples (rows: base and each seed's final policy; same prompts and noise seeds)", ""]
     lines += [f"`{c}`:\n\n![{c}](samples_{c}.png)\n" for c in cells]
