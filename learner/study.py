@@ -285,8 +285,9 @@ GRIDS: dict[str, Grid] = {
         match_images=True),
     "rethinking": Grid(
         claim="Rethinking-DPO on Diffusion-DPO: a stable reference (replaced every τ updates while its divergence from "
-              "the initial model stays under δ) beats a frozen one, its cap matters, and timestep-aware training "
-              "adds on top of it, beyond the larger average β its λ(t) gives.",
+              "the initial model stays under δ) beats a frozen one, its cap matters (and freezing at the cap beats "
+              "going back to the initial model there), and timestep-aware training adds on top of it, beyond the "
+              "larger average β its λ(t) gives.",
         # τ and δ from the committed calibration pilot (python -m learner.reference_pilot), so the stable cells are
         # replaced >= 4 times before they freeze; every arm draws t over the same grid (the sampler's 20 steps).
         shared={**TRAJECTORY_BUDGET, "loss": {"kind": "diffusion_dpo", "beta": DIFFUSION_DPO_BETA},
