@@ -8,7 +8,9 @@ from pathlib import Path
 import pytest
 import torch
 
-torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+# two threads on the 2-core CI box; OMP_NUM_THREADS, where set, wins: mutmut forks each mutant's test run from one
+# process, and a forked child that inherits a started thread pool can hang (tests run as OMP_NUM_THREADS=1 there)
+torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS") or max(1, min(2, os.cpu_count() or 1))))
 
 
 @pytest.fixture(scope="session")
