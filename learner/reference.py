@@ -35,8 +35,9 @@ Divergence = Callable[[LoraState], float]
 
 def _widen(*tensors: Tensor) -> list[Tensor]:
     shape = tensors[0].shape
-    if tensors[0].ndim < 1 or any(t.shape != shape for t in tensors):
-        raise ValueError(f"model outputs must share one batched shape, got {[tuple(t.shape) for t in tensors]}")
+    if tensors[0].ndim < 2 or any(t.shape != shape for t in tensors):
+        shapes = [tuple(t.shape) for t in tensors]
+        raise ValueError(f"model outputs must share one batched shape [B, ...], got {shapes}")
     dtype = torch.float32
     for t in tensors:
         dtype = torch.promote_types(dtype, t.dtype)

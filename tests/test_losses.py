@@ -270,3 +270,65 @@ def test_ppo_clip_matches_the_float64_surrogate_and_stops_the_gradient_past_the_
         ppo_clip_loss(new, old, adv, clip_range=1.5)
     with pytest.raises(ValueError, match="advantages has shape"):
         ppo_clip_loss(new, old, adv[:2], clip_range=0.1)
+
+
+# ---- what every loss checks of its inputs, and the precision it computes in (mutation testing, docs/testing.md) --
+def _losses_by_input() -> dict[str, tuple]:
+    """Each loss as (call on its tensor inputs, the names of those inputs in order, input shape)."""
+    adv = torch.tensor([1.0, -1.0, 0.5])
+    return {
+        "dpo_logprob": (lambda w, l: dpo_logprob_loss(w, l, 2.0, ratio_clip=0.5).loss, ("logratio_w", "logratio_l"),
+                        (3,)),
+        "diffusion_dpo": (lambda w, rw, l, rl: diffusion_dpo_loss(w, rw, l, rl, 3.0).loss,
+                          ("mse_w", "mse_ref_w", "mse_l", "mse_ref_l"), (3,)),
+        "dense_dpo": (lambda w, l: dense_dpo_loss(w, l, scale_c=2.0, kappa=None).loss, ("logratio_w", "logratio_l"),
+                      (3, 2)),
+        "ppo_clip": (lambda n, o: ppo_clip_loss(n, o, adv, 0.3), ("logp", "logp_old"), (3, 2)),
+    }
+
+
+@pytest.mark.parametrize("loss", sorted(_losses_by_input()))
+def test_every_input_of_a_loss_is_shape_checked_by_name(loss):
+    call, names, shape = _losses_by_input()[loss]
+    for i, name in enumerate(names):
+        args = [torch.rand(shape) for _ in names]
+        args[i] = torch.rand(shape[0] + 1, *shape[1:])
+        first = names[1] if i == 0 else names[0]
+        expected = rf"^{name} has shape \({shape[0] + 1},.*expected \({shape[0]},.*like {first}$"
+        if i == 0:  # the first input sets the shape: the second is then the one that differs
+            expected = rf"^{names[1]} has shape \({shape[0]},.*expected \({shape[0] + 1},.*like {name}$"
+        with pytest.raises(ValueError, match=expected):
+            call(*args)
+
+
+@pytest.mark.parametrize("loss", sorted(_losses_by_input()))
+def test_a_loss_computes_in_the_widest_dtype_of_its_inputs_and_at_least_float32(loss):
+    """One float64 input, wherever it is, makes the whole loss float64 (equal to the all-float64 loss); bfloat16
+    inputs are computed in float32, not rounded to bfloat16 on the way."""
+    call, names, shape = _losses_by_input()[loss]
+    gen = torch.Generator().manual_seed(3)
+    values = [torch.rand(shape, generator=gen, dtype=F64) * 0.8 for _ in names]  # some past the dpo clamp (0.41)
+    exact = call(*values)
+    for i in range(len(names)):
+        mixed = [v.float() for v in values]
+        mixed[i] = values[i]
+        out = call(*mixed)
+        assert out.dtype == F64, names[i]
+        assert float(out) == pytest.approx(float(call(*[v.double() for v in mixed])), abs=1e-15), names[i]
+    half = [v.to(torch.bfloat16) for v in values]
+    out = call(*half)
+    assert out.dtype == torch.float32
+    assert float(out) == pytest.approx(float(call(*[v.double() for v in half])), rel=1e-6)
+    assert abs(float(exact) - float(out)) < 0.05  # the bfloat16 rounding of the inputs only
+
+
+def test_beta_scale_and_clip_range_bounds_are_exclusive():
+    x = torch.zeros(3)
+    with pytest.raises(ValueError, match=r"^beta_scale must be finite and > 0$"):
+        dpo_logprob_loss(x, x, 1.0, beta_scale=torch.tensor([1.0, 0.0, 1.0]))
+    logp = torch.zeros(3, 2)
+    for bad in (0.0, 1.0):
+        with pytest.raises(ValueError, match=r"^clip_range must be in \(0, 1\)"):
+            ppo_clip_loss(logp, logp, torch.zeros(3), bad)
+    with pytest.raises(ValueError, match=r"^advantages has shape \(2,\), expected \(3,\)$"):
+        ppo_clip_loss(logp, logp, torch.zeros(2), 0.2)

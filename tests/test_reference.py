@@ -213,8 +213,8 @@ def test_ema_blend_formula():
         expected = ema * p2[k] + (1 - ema) * first[k]
         torch.testing.assert_close(ref.state[k], expected, rtol=1e-12, atol=0)
         torch.testing.assert_close(div.seen[0][k], expected, rtol=1e-12, atol=0)  # D is taken of the blend
-    with pytest.raises(ValueError, match="policy keys differ"):
-        ref.maybe_update(3, {"other": torch.zeros(1)}, CountingDivergence([0.0]))
+    with pytest.raises(ValueError, match=r"policy keys differ from the reference's: \['a\.lora_B', 'other'\]$"):
+        ref.maybe_update(3, {"a.lora_A": p2["a.lora_A"], "other": torch.zeros(1)}, CountingDivergence([0.0]))
 
 
 def test_state_dict_round_trip():
@@ -279,3 +279,20 @@ def test_build_reference():
         build_config({"reference": {"strategy": "ema"}})
     with pytest.raises(ConfigError, match=r"^unknown config key 'reference\.tua'; did you mean 'reference\.tau'\?$"):
         build_config({"reference": {"strategy": "frozen", "tua": 3}})
+
+
+def test_divergences_compute_in_at_least_float32_and_take_one_value_per_sample():
+    """bfloat16 model outputs are widened before the squares (the divergence is a small difference of large
+    terms); outputs of one vector per sample are a batch, one number per sample is not."""
+    gen = torch.Generator().manual_seed(0)
+    a, b, target = (torch.randn(4, 3, 8, 8, generator=gen) for _ in range(3))
+    half = [x.to(torch.bfloat16) for x in (a, b, target)]
+    exact_kl = kernel_kl(*(x.double() for x in half[:2]))
+    assert kernel_kl(*half[:2]).dtype == torch.float32
+    assert float(kernel_kl(*half[:2])) == pytest.approx(float(exact_kl), rel=1e-6)
+    exact_eq7 = divergence_estimate(*(x.double() for x in (half[2], half[0], half[1])))
+    assert float(divergence_estimate(half[2], half[0], half[1])) == pytest.approx(float(exact_eq7), rel=1e-5)
+    vectors = kernel_kl(a[:, 0, 0], b[:, 0, 0])
+    assert float(vectors) == pytest.approx(float((a[:, 0, 0] - b[:, 0, 0]).double().square().mean()))
+    with pytest.raises(ValueError, match=r"must share one batched shape \[B, \.\.\.\], got \[\(4,\), \(4,\)\]"):
+        kernel_kl(a[:, 0, 0, 0], b[:, 0, 0, 0])
