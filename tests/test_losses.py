@@ -332,3 +332,19 @@ def test_beta_scale_and_clip_range_bounds_are_exclusive():
             ppo_clip_loss(logp, logp, torch.zeros(3), bad)
     with pytest.raises(ValueError, match=r"^advantages has shape \(2,\), expected \(3,\)$"):
         ppo_clip_loss(logp, logp, torch.zeros(2), 0.2)
+
+
+def test_float64_advantages_and_float32_beta_scales_are_not_rounded_to_the_narrower_input():
+    """PPO's advantages count in the dtype (float64 advantages, float32 log-probs: a float64 loss), and a float32
+    β(t) scale multiplies in the logits' float64, not after rounding β·s to float32."""
+    logp = torch.full((2, 1), 0.1)
+    adv = torch.tensor([1 / 3, -2 / 3], dtype=F64)
+    out = ppo_clip_loss(logp, torch.zeros(2, 1), adv, 0.2)
+    assert out.dtype == F64
+    assert float(out) == pytest.approx(-float((torch.exp(torch.tensor(0.1, dtype=F64).float().double())
+                                                * adv).mean()), abs=1e-15)
+    lw, ll = torch.tensor([0.3, 0.1], dtype=F64), torch.tensor([0.2, 0.4], dtype=F64)
+    scale = torch.tensor([1 / 3, 2 / 3])  # float32
+    got = dpo_logprob_loss(lw, ll, 0.1, beta_scale=scale).loss
+    logits = 0.1 * scale.double() * (lw - ll)
+    assert float(got) == pytest.approx(float(-torch.nn.functional.logsigmoid(logits).mean()), rel=1e-14)

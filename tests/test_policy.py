@@ -221,3 +221,18 @@ def test_collective_transport_round_trip_in_buckets(tiny_model_dir, monkeypatch)
     dst = DiffusionPolicy.from_pretrained(tiny_model_dir, sampler=SamplerConfig(num_steps=4))
     report = link.receive(dst.unet, 5, None, torch.bfloat16)
     assert report.version == 5 and report.checksum == digest and not wire
+
+
+def test_x0_after_step_predicts_at_the_next_timestep_and_is_the_latent_after_the_last(policy):
+    """A child x_{t−1} of step k is scored at timestep k + 1 (the one it will be denoised from); after the last
+    step it is the clean sample itself."""
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(2, *policy.latent_shape, generator=gen)
+    embeds = policy.encode_prompts(["a red circle", "a blue square"])
+    n = len(policy.timesteps)
+    for k in (0, n - 2):
+        x0, eps = policy.x0_after_step(x, k, embeds)
+        want, want_eps = policy.predict_x0(x, policy.timesteps[k + 1], embeds)
+        assert torch.equal(x0, want) and torch.equal(eps, want_eps), k
+    x0, eps = policy.x0_after_step(x, n - 1, embeds)
+    assert torch.equal(x0, x.float()) and eps is None

@@ -246,3 +246,29 @@ def test_ppo_trains_each_chain_against_its_samplers_log_probs_with_the_group_adv
     assert (stub.lw.grad[1:].sum(1) < 0).all() and (stub.ll.grad[1:].sum(1) > 0).all()  # descent raises the winner
     assert stub.lw.grad[0].abs().sum() == 0 and stub.ll.grad[0].abs().sum() == 0
     assert metrics["step_terms"] == 2.0
+
+
+def test_guidance_gets_the_configured_step_and_the_prompts_reach_the_reward(make_config, monkeypatch):
+    """The rollout passes guidance.delta and guidance.max_grad_norm to the step, and the reward it climbs is
+    scored on the chains' own prompts."""
+    import actors.rollout as rollout
+
+    seen: list[dict] = []
+    original = rollout.reward_gradient_step
+
+    def spy(x, reward_fn, eta, **kw):
+        seen.append(kw)
+        return original(x, reward_fn, eta, **kw)
+
+    monkeypatch.setattr(rollout, "reward_gradient_step", spy)
+    cfg = make_config(pairs={"kind": "step_branch", "branch_steps": [0]},
+                      guidance={"kind": "reward_gradient", "delta": 0.25, "max_grad_norm": 7.0})
+    worker = brightness_worker(cfg)
+    prompts_seen = []
+    local = worker.reward.local
+    monkeypatch.setattr(worker.reward, "local", lambda images, prompts: prompts_seen.append(list(prompts))
+                        or local(images, prompts))
+    worker.generate(["a red circle", "a blue square"], [0, 1], [0, 1], 0, 0)
+    assert seen == [{"delta": 0.25, "max_grad_norm": 7.0}]
+    prompts = ["a red circle", "a blue square"]
+    assert prompts_seen[0] == prompts * 2 and prompts_seen[1:] == [prompts, prompts]  # rank both children; guide
