@@ -348,3 +348,7 @@ def test_float64_advantages_and_float32_beta_scales_are_not_rounded_to_the_narro
     got = dpo_logprob_loss(lw, ll, 0.1, beta_scale=scale).loss
     logits = 0.1 * scale.double() * (lw - ll)
     assert float(got) == pytest.approx(float(-torch.nn.functional.logsigmoid(logits).mean()), rel=1e-14)
+    mse = [torch.tensor(v, dtype=F64) for v in ([0.3, 0.1], [0.2, 0.2], [0.25, 0.4], [0.2, 0.2])]
+    got = diffusion_dpo_loss(*mse, 0.1, beta_scale=scale).loss
+    logits = -0.5 * 0.1 * scale.double() * ((mse[0] - mse[1]) - (mse[2] - mse[3]))
+    assert float(got) == pytest.approx(float(-torch.nn.functional.logsigmoid(logits).mean()), rel=1e-14)
