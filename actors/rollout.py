@@ -42,7 +42,6 @@ from rewards.registry import build_reward
 SECOND_CHAIN_SEED_OFFSET = 1_000_003  # trajectory pairs: noise seed of the second chain
 
 
-
 def guidance_delivery(x: torch.Tensor, moved: torch.Tensor, sigma: torch.Tensor, logp: torch.Tensor,
                       moved_logp: torch.Tensor) -> torch.Tensor:
     """[B, 2] float64: how far guidance moved each winner in units of the step's sampling noise, ‖x⁺ − x‖/(σ√D)
@@ -52,6 +51,7 @@ def guidance_delivery(x: torch.Tensor, moved: torch.Tensor, sigma: torch.Tensor,
     delta = (moved.double() - x.double()).flatten(1).norm(dim=1)
     scale = sigma.double().expand_as(x).flatten(1)[:, 0] * math.sqrt(d)
     return torch.stack([delta / scale, logp.double() - moved_logp.double()], dim=1).cpu()
+
 
 class StaleWeightsError(RuntimeError):
     """The worker does not hold the weights version the caller expects."""

@@ -106,9 +106,10 @@ class RolloutStats:
     def guidance_delivery(self) -> dict[str, float | None]:
         """How far guidance moved the winners it moved, in units of the sampling noise, and the log π that cost
         them, each the mean over those winners (None where none moved)."""
-        means = self.moved_sums / self.guided if self.guided else (None, None)
-        return {"guidance_shift": None if means[0] is None else float(means[0]),
-                "guidance_logp_deficit": None if means[1] is None else float(means[1])}
+        names = ("guidance_shift", "guidance_logp_deficit")
+        if not self.guided:
+            return dict.fromkeys(names)
+        return {name: float(mean) for name, mean in zip(names, self.moved_sums / self.guided, strict=True)}
 
     def log(self, step: int, dropped: int) -> None:
         """Log what was added since the last call (nothing when nothing was)."""

@@ -194,6 +194,7 @@ def trained(cell: str) -> Check:
                      ("updates_planned", "nonfinite_skipped"),
                      lambda d: d["optimizer_updates"] == d["updates_planned"] and d["nonfinite_skipped"] == 0)
 
+
 def merge(*trees: Mapping[str, Any]) -> dict[str, Any]:
     """Nested dicts merged left to right (later values win; dicts merge key by key)."""
     out: dict[str, Any] = {}
