@@ -174,9 +174,9 @@ class FlowMatchingSDE(NoiseProcess):
 
     def __init__(self, sigmas: Tensor, train_sigmas: Tensor) -> None:
         grid = torch.as_tensor(sigmas).detach().float().cpu()
-        if grid.ndim != 1 or grid.numel() < 2 or float(grid[-1]) != 0 or not bool((grid[:-1] > 0).all()):
-            raise ValueError(f"flow sigmas must be 1-D, positive and end with the terminal 0, got {grid.tolist()}")
-        if float(grid[0]) > 1 or not bool((grid[1:] < grid[:-1]).all()):
+        if grid.ndim != 1 or grid.numel() < 2 or float(grid[-1]) != 0:
+            raise ValueError(f"flow sigmas must be 1-D, at least two, and end with the terminal 0, got {grid.tolist()}")
+        if float(grid[0]) > 1 or not bool((grid[1:] < grid[:-1]).all()):  # so every σ before the 0 is positive
             raise ValueError(f"flow sigmas must decrease from at most 1, got {grid.tolist()}")
         self.sigmas = grid.double()
         self.timesteps = grid[:-1]

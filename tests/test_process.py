@@ -160,6 +160,41 @@ def test_policy_owns_the_schedulers_process(tiny_model_dir):
     assert pol.process.stride == T // 8 and pol.process.final_alpha_cumprod == float(sched.final_alpha_cumprod)
 
 
+def test_ddim_final_alpha_comes_from_the_scheduler():
+    """set_alpha_to_one=True gives a final ᾱ of 1 (no fallback to ᾱ_0); an explicit value is kept; none means ᾱ_0."""
+    one = DDIMScheduler.from_config(sd15_scheduler().config, set_alpha_to_one=True)
+    assert DDIMEpsilon.from_scheduler(one, 20).final_alpha_cumprod == 1.0
+    ac = ddim().alphas_cumprod
+    assert DDIMEpsilon(ac).final_alpha_cumprod == float(ac[0])
+    assert DDIMEpsilon(ac, final_alpha_cumprod=0.25).final_alpha_cumprod == 0.25
+
+
+def test_ddim_sampler_grid_bounds():
+    """A grid may end at t = 0 (diffusers' steps_offset = 0) and reach T − 1; it must strictly decrease everywhere,
+    not only against its first value."""
+    ac = ddim().alphas_cumprod
+    zero_offset = DDIMScheduler.from_config(sd15_scheduler().config, steps_offset=0)
+    assert DDIMEpsilon.from_scheduler(zero_offset, 20).timesteps[-1] == 0
+    assert DDIMEpsilon(ac, torch.tensor([999, 0])).timesteps.tolist() == [999, 0]
+    for bad in ([500, 500, 1], [900, 500, 700]):
+        with pytest.raises(ValueError, match="strictly decreasing"):
+            DDIMEpsilon(ac, torch.tensor(bad))
+    with pytest.raises(ValueError, match=r"must lie in \[0, 1000\)"):
+        DDIMEpsilon(ac, torch.tensor([1000, 1]))
+
+
+def test_ddim_kernel_broadcasts_over_latents_of_any_rank():
+    """The kernel's coefficients take the latents' rank: a [B, D] batch gives what the same numbers as [B, D, 1, 1]
+    give (a rank-4 shape for every input would broadcast [B, D] into [B, 1, B, D])."""
+    proc = ddim()
+    g = torch.Generator().manual_seed(3)
+    x, eps = torch.randn(3, 5, generator=g), torch.randn(3, 5, generator=g)
+    t = proc.timesteps[[0, 9, 19]]
+    flat, square = proc.kernel(x, t, eps, 1.0), proc.kernel(x.view(3, 5, 1, 1), t, eps.view(3, 5, 1, 1), 1.0)
+    assert flat.mean.shape == flat.x0.shape == (3, 5)
+    torch.testing.assert_close(flat.mean, square.mean.view(3, 5), rtol=0, atol=0)
+
+
 def test_bad_timesteps_raise():
     proc = ddim(10)
     with pytest.raises(ValueError, match=r"timesteps must be in \[0, 1000\), got -1\.\.5"):
@@ -203,6 +238,20 @@ def test_flow_grids_follow_a_dynamic_shift():
     assert torch.equal(proc.train_timesteps, train[1:].float())
     bigger = FlowMatchingSDE.from_scheduler(FlowMatchEulerDiscreteScheduler(**FLUX_SCHEDULER), n, 4096, sigmas)
     assert bool((bigger.timesteps[1:] > proc.timesteps[1:]).all())
+
+
+def test_dynamic_shift_reads_every_shift_setting_from_the_config():
+    """μ is linear in the image tokens between (base_image_seq_len, base_shift) and (max_image_seq_len, max_shift)
+    (FLUX's formula, written out here): a config whose max_shift is not diffusers' default must shift by its own."""
+    config = {**FLUX_SCHEDULER, "base_shift": 0.25, "max_shift": 2.0, "base_image_seq_len": 128,
+              "max_image_seq_len": 2048}
+    n, seq = 10, 1024
+    sigmas = np.linspace(1.0, 1 / n, n)
+    mu = 0.25 + (2.0 - 0.25) * (seq - 128) / (2048 - 128)
+    sched = FlowMatchEulerDiscreteScheduler(**config)
+    sched.set_timesteps(n, sigmas=sigmas, mu=mu)
+    proc = FlowMatchingSDE.from_scheduler(FlowMatchEulerDiscreteScheduler(**config), n, seq, sigmas)
+    torch.testing.assert_close(proc.sigmas, sched.sigmas.double(), rtol=1e-6, atol=0)
 
 
 @pytest.mark.parametrize("a", [0.7, 1.2])
@@ -258,6 +307,7 @@ def test_flow_noising_target_and_snr():
     assert snr.dtype == F64
     torch.testing.assert_close(snr, ((1 - t.double()) / t.double()) ** 2, rtol=1e-15, atol=0)
     assert float(proc.snr(torch.tensor([1.0]))) == 0.0
+    assert torch.equal(proc.add_noise(x0[:1], torch.tensor([0.0]), noise[:1]), x0[:1])  # σ = 0: the clean latent
 
 
 def test_flow_lambda_is_finite_and_grows_with_sigma():
@@ -279,14 +329,21 @@ def test_flow_lambda_is_finite_and_grows_with_sigma():
 
 def test_flow_timesteps_off_the_grid_are_refused():
     proc = sd3_flow(10)
-    with pytest.raises(ValueError, match="points of the sampler grid"):
-        proc.kernel(torch.zeros(1, 4), torch.tensor([0.5]), torch.zeros(1, 4), 0.7)
+    with pytest.raises(ValueError, match="points of the sampler grid") as info:  # one stray t in a batch is enough
+        proc.kernel(torch.zeros(2, 4), torch.tensor([float(proc.timesteps[0]), 0.5]), torch.zeros(2, 4), 0.7)
+    assert str(info.value).endswith("got [0.5]")  # names the stray t, not the good one
+    with pytest.raises(ValueError, match="points of the sampler grid") as info:
+        proc.kernel(torch.zeros(5, 4), torch.tensor([0.5, 0.25, 0.125, 0.0625, 0.03125]), torch.zeros(5, 4), 0.7)
+    assert str(info.value).endswith("got [0.5, 0.25, 0.125, 0.0625]")  # the first four
     with pytest.raises(ValueError, match=r"σ in \[0, 1\]"):
         proc.add_noise(torch.zeros(1, 4), torch.tensor([1.5]), torch.zeros(1, 4))
     with pytest.raises(ValueError, match="terminal 0"):
         FlowMatchingSDE(torch.tensor([1.0, 0.5]), torch.tensor([0.5]))
-    with pytest.raises(ValueError, match="decrease from at most 1"):
-        FlowMatchingSDE(torch.tensor([0.5, 0.8, 0.0]), torch.tensor([0.5]))
+    with pytest.raises(ValueError, match="1-D"):
+        FlowMatchingSDE(torch.tensor([[1.0, 0.0], [0.5, 0.0]]), torch.tensor([0.5]))
+    for bad in ([0.5, 0.8, 0.0], [1.5, 0.5, 0.0], [1.0, 0.5, 0.5, 0.0], [1.0, 0.3, 0.6, 0.0], [1.0, -0.5, 0.0]):
+        with pytest.raises(ValueError, match="decrease from at most 1"):
+            FlowMatchingSDE(torch.tensor(bad), torch.tensor([0.5]))
     with pytest.raises(TypeError, match="no noise process for"):
         process_for(object(), 10, 16)
 

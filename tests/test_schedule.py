@@ -68,6 +68,14 @@ def test_last_step_uses_final_alpha_cumprod():
     assert float(c.sigma) == pytest.approx(np.sqrt((1 - FINAL) / (1 - a_t) * (1 - a_t / FINAL)), rel=1e-10)
 
 
+def test_prev_timestep_zero_gathers_alpha_zero_and_only_negative_ones_the_final_value():
+    """diffusers' DDIM takes ᾱ[prev] for prev >= 0 (a grid with steps_offset = 0 ends its next-to-last step at
+    t = 0) and the final ᾱ only below 0, kept in the schedule's float64."""
+    final = 0.3  # not a float32 value: a final ᾱ rounded through float32 would differ
+    c = step_coefficients(torch.tensor(ABAR), final, torch.tensor([50, 0]), torch.tensor([0, -50]), 1.0)
+    assert c.alpha_prev.flatten().tolist() == [ABAR[0], final]
+
+
 def test_predict_x0_inverts_forward_noising():
     rng = np.random.default_rng(0)
     x0, eps = rng.standard_normal((2, 4, 4, 4)), rng.standard_normal((2, 4, 4, 4))
@@ -120,8 +128,13 @@ def test_set_alpha_to_one_names_the_real_cause():
     with pytest.raises(ValueError, match="set_alpha_to_one=False") as info:
         step_coefficients(torch.tensor(ABAR), 1.0, t, prev, 1.0)
     assert "eta = 1.0" in str(info.value) and "[1]" in str(info.value)
+    message = str(info.value)
+    assert "lands on alpha_cumprod = 1 (a scheduler with set_alpha_to_one=True makes the last DDIM step" in message
+    assert message.endswith("load the scheduler with set_alpha_to_one=False")
     c = step_coefficients(torch.tensor(ABAR), 1.0, t[:1], prev[:1], 1.0)
     assert float(c.sigma) > 0
+    deterministic = step_coefficients(torch.tensor(ABAR), 1.0, t, prev, 0.0)  # η = 0 (plain DDIM) may land on ᾱ = 1
+    assert deterministic.sigma.flatten().tolist() == [0.0, 0.0]
 
 
 def test_bad_reduce_and_negative_eta():

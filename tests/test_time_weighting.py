@@ -122,6 +122,30 @@ def test_sample_weights_and_beta_scales_per_mode():
     assert (s.weight == 1).all()
 
 
+def test_every_mode_returns_float64_scales_and_weights():
+    """The losses widen to the widest dtype they meet: a float32 ``ones`` would round a float64 loss's β scale."""
+    for kw in ({"mode": "uniform"}, {"mode": "discount"}, {"mode": "discount", "discount_as": "weight"},
+               {"mode": "timestep_aware"}):
+        tw = make(**kw)
+        s = tw.sample(5, torch.Generator().manual_seed(0))
+        assert s.beta_scale.dtype == s.weight.dtype == F64, kw
+        assert all(v.dtype == F64 for v in tw.weigh(torch.arange(3))), kw
+
+
+def test_mean_beta_scale_is_lambdas_mean_under_the_draw():
+    """E[β scale] from the definitions in float64: Σ_k p_k λ(t_k) under Cat(γ^k), the plain mean of λ over the grid
+    when steps are drawn uniformly, and 1 outside timestep-aware mode."""
+    ac, grid = sd15_alphas_cumprod(), ddim_grid(10)
+    v = ((1 - ac) / ac).sqrt()
+    lam = 1 + (v[grid] - v.min()) / (v.max() - v.min())
+    p = torch.tensor([0.8**k for k in range(10)], dtype=F64)
+    assert make("timestep_aware", gamma=0.8).mean_beta_scale() == pytest.approx(float((p * lam).sum() / p.sum()),
+                                                                                rel=1e-12)
+    assert make("timestep_aware", gamma=0.8, discount_as="weight").mean_beta_scale() == pytest.approx(
+        float(lam.mean()), rel=1e-12)
+    assert make("uniform").mean_beta_scale() == make("discount", gamma=0.8).mean_beta_scale() == 1.0
+
+
 def test_gamma_one_weights_are_exactly_uniform():
     tw = make("discount", gamma=1.0, discount_as="weight")
     assert torch.equal(tw.sample(30, torch.Generator().manual_seed(3)).weight, torch.ones(30, dtype=F64))
