@@ -95,6 +95,20 @@ def test_low_precision_latents_keep_their_dtype():
     assert out.x.dtype == torch.bfloat16 and out.accepted.all()
 
 
+def test_low_precision_latents_step_in_float32_and_round_once():
+    """bf16 latents: the gradient, its norm clip and x + 2ηδ∇r are computed in float32 and rounded to bf16 once at
+    the end (a step computed in bf16, or a norm taken in bf16, rounds the small step away or rescales it)."""
+    g = torch.Generator().manual_seed(4)
+    x = torch.randn(3, 64, generator=g).to(torch.bfloat16)
+    w = torch.randn(3, 64, generator=g).to(torch.bfloat16)
+    out = reward_gradient_step(x, lambda z: (w * z).sum(1), 0.01, delta=0.5, max_grad_norm=3.0)
+    grad = w.float()
+    scale = (3.0 / grad.norm(dim=1)).clamp(max=1).view(-1, 1)
+    proposal = (x.float() + 2 * 0.5 * 0.01 * grad * scale).to(torch.bfloat16)
+    assert bool((proposal != x).any())  # the step survives the rounding
+    assert torch.equal(out.x, torch.where(out.accepted.view(-1, 1), proposal, x))
+
+
 def test_bad_input_raises():
     x, a = setup()
     r = concave_reward(a)
@@ -120,6 +134,7 @@ def test_eta_schedule_endpoints_monotone_and_formula():
     assert etas[(n - 1) // 2] < 0.15 < etas[n // 2]  # the cosine's midpoint sits at mid-schedule
     assert guidance_eta(0, 1) == 0.1
     assert guidance_eta(4, 5, lo=0.3, hi=0.7) == pytest.approx(0.7)
+    assert [guidance_eta(k, 2, lo=0.0, hi=2.0) for k in (0, 1)] == [0.0, 2.0]  # two steps: lo, then hi; lo may be 0
 
 
 def test_eta_schedule_bad_input_raises():
