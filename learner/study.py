@@ -620,6 +620,17 @@ def cell_stats(records: Sequence[Mapping[str, Any]]) -> dict[str, dict[str, floa
     return out
 
 
+DELIVERED_MEANS = ("optimizer_updates", "trained_step_terms", "net_rows", "ref_replacements", "guidance_accept_rate",
+                   "guidance_shift", "guidance_logp_deficit")
+
+
+def delivered_stats(records: Sequence[Mapping[str, Any]]) -> dict[str, dict[str, float]]:
+    """Mean ± s.e. over the cell's seeds of each delivered count or rate that every run recorded: what the write-ups
+    quote of a treatment (RESULTS.md lists each seed's)."""
+    ds = [delivered(r) for r in records]
+    return {k: over_seeds([d[k] for d in ds]) for k in DELIVERED_MEANS if all(d[k] is not None for d in ds)}
+
+
 def mean_curve(curves: Sequence[Sequence[Sequence[float]]]) -> np.ndarray:
     """[k, 4] (update, mean seconds, mean reward, s.e.) over seeds, on the evaluations all seeds share; one seed
     keeps its own sampling s.e."""
@@ -669,7 +680,8 @@ def write_report(name: str, grid: Grid, out: Path, records: Sequence[Mapping[str
     curves and the sample grids."""
     by_cell = {c: sorted((r for r in records if r["cell"] == c), key=lambda r: r["seed"]) for c in grid.cells}
     by_cell = {c: rs for c, rs in by_cell.items() if rs}
-    cells = {c: {**cell_stats(rs), "by_area": area_stats(rs)} for c, rs in by_cell.items()}
+    cells = {c: {**cell_stats(rs), "by_area": area_stats(rs), "delivered": delivered_stats(rs)}
+             for c, rs in by_cell.items()}
     contrasts = [evaluate_contrast(c, by_cell) for c in grid.contrasts if all(n in by_cell for n in c.weights)]
     result = overall([c["verdict"] for c in contrasts]) if len(contrasts) == len(grid.contrasts) else "incomplete"
     base, ceiling = headroom(grid.world_metrics)

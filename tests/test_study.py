@@ -154,6 +154,9 @@ def test_report_only_rewrites_the_verdicts_from_the_records(tmp_path, seeds, ter
     judge = results["contrasts"][0]["judge"]  # the same paired contrast under the held-out judge, beside it
     assert judge["mean"] == pytest.approx(results["contrasts"][0]["mean"] / 2) and judge["n"] == seeds
     assert results["command"] == COMMAND  # what ran them
+    step_cell = results["cells"]["step_branch"]["delivered"]  # each delivered count, over seeds; none unrecorded
+    assert step_cell["trained_step_terms"] == {"mean": 600.0, "se": 0.0, "n": seeds}
+    assert step_cell["net_rows"]["mean"] == 1200 and "guidance_shift" not in step_cell
     report = (tmp_path / "RESULTS.md").read_text()
     assert "Reproduce: `python -m learner.study --grid tailorpo --updates 7`" in report  # no machine's path
     assert shown in report and report.endswith("## Note added by hand: kept\nWhy it looks so.\n")
