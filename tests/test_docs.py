@@ -8,6 +8,8 @@ import json
 import re
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parent.parent
 README_MAX_LINES = 200
 LINK = re.compile(r"!?\[[^\]]*\]\(([^)\s]+)(?:\s+\"[^\"]*\")?\)")
@@ -122,4 +124,14 @@ def test_the_readme_is_a_front_page_that_indexes_every_doc():
 def test_the_studies_index_is_generated_from_their_results():
     from learner.study_index import main
 
-    assert main(["--check"]) == 0, "docs/study/README.md is stale: run python -m learner.study_index"
+    assert main(["--check"]) == 0, "docs/study/README.md or README.md is stale: run python -m learner.study_index"
+
+
+def test_the_readme_quotes_the_study_table_between_its_markers():
+    from learner.study_index import BEGIN, END, quoted
+
+    text = quoted(f"intro\n{BEGIN}\na stale row\n{END}\noutro\n")
+    assert text.startswith(f"intro\n{BEGIN}\n| study | claim | verdict |") and text.endswith(f"{END}\noutro\n")
+    assert "a stale row" not in text and "| [rethinking](docs/study/rethinking/RESULTS.md) |" in text
+    with pytest.raises(ValueError, match="lacks the study table's markers"):
+        quoted("a README without them")
