@@ -323,6 +323,7 @@ def test_flow_lambda_is_finite_and_grows_with_sigma():
     lam_train = snr_lambda(proc, proc.train_timesteps)
     assert float(lam_train.max()) == 2.0 and float(lam_train.min()) == 1.0
     assert float(snr_lambda(proc, torch.tensor([0.96]))) < 1.01
+    assert float(snr_lambda(proc, torch.tensor([1e-5]))) == 1.0  # below the training σ: λ of that end, not below 1
     tw = TimeWeighting(TimeWeightConfig(mode="timestep_aware"), proc)
     assert torch.equal(tw.weigh(torch.arange(10))[0], snr_lambda(proc, proc.timesteps))
 

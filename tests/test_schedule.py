@@ -115,8 +115,11 @@ def test_matches_diffusers_ddim_step():
 def test_eta_zero_has_no_logprob():
     c = step_coefficients(torch.tensor(ABAR), FINAL, torch.tensor([501]), torch.tensor([451]), 0.0)
     x = torch.zeros(1, 4, 2, 2)
-    with pytest.raises(ValueError, match="eta"):
+    with pytest.raises(ValueError, match="eta") as info:
         gaussian_logprob(x, x, c.sigma, "mean")
+    message = str(info.value)  # names both causes of σ = 0, from its first word to its last
+    assert message.startswith("log-probability needs sigma > 0: DDIM with eta=0 is deterministic")
+    assert message.endswith("(and a scheduler with set_alpha_to_one=False, whose last step keeps sigma > 0)")
     with pytest.raises(ValueError, match="eta"):
         logprob_ratio(x, x, x, c.sigma, "mean")
 

@@ -47,6 +47,12 @@ def test_discount_probs_strictly_decreasing_for_gamma_below_one():
     assert p.sum().item() == pytest.approx(1.0, abs=1e-12)
 
 
+def test_discount_probs_over_one_step_is_certain_and_over_none_refused():
+    assert torch.equal(discount_probs(1, 0.5), torch.ones(1, dtype=F64))
+    with pytest.raises(ValueError, match="num must be >= 1, got 0"):
+        discount_probs(0, 0.5)
+
+
 @pytest.mark.parametrize("gamma", [0.0, -0.5, 1.01])
 def test_discount_probs_bad_gamma_raises(gamma):
     with pytest.raises(ValueError, match="gamma must be in \\(0, 1\\]"):
@@ -79,7 +85,7 @@ def test_snr_lambda_closed_form_on_random_schedule():
 
 def test_snr_lambda_bad_input_raises():
     ac = sd15_alphas_cumprod()
-    with pytest.raises(ValueError, match="norm must be one of"):
+    with pytest.raises(ValueError, match=r"norm must be one of \('minmax', 'max'\), got 'zscore'"):
         snr_lambda(ac, torch.tensor([1]), "zscore")  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="timesteps must be in"):
         snr_lambda(ac, torch.tensor([1000]))
@@ -120,6 +126,13 @@ def test_sample_weights_and_beta_scales_per_mode():
     lam = 1 + (v[grid[s.index]] - v.min()) / (v.max() - v.min())
     torch.testing.assert_close(s.beta_scale, lam, rtol=1e-12, atol=0)
     assert (s.weight == 1).all()
+
+
+def test_the_configured_lambda_norm_reaches_the_weights():
+    tw = make("timestep_aware", lambda_norm="max")
+    want = snr_lambda(sd15_alphas_cumprod(), ddim_grid(10), "max")
+    assert torch.equal(tw.weigh(torch.arange(10))[0], want)
+    assert not torch.equal(want, snr_lambda(sd15_alphas_cumprod(), ddim_grid(10), "minmax"))
 
 
 def test_every_mode_returns_float64_scales_and_weights():
