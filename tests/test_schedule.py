@@ -76,6 +76,17 @@ def test_prev_timestep_zero_gathers_alpha_zero_and_only_negative_ones_the_final_
     assert c.alpha_prev.flatten().tolist() == [ABAR[0], final]
 
 
+def test_half_precision_schedules_gather_in_float32():
+    """A schedule held in float16 (a pipeline loaded in half precision) is widened before σ_t = √(var) is formed:
+    the coefficients come out float32, as float32 arithmetic on its values gives them."""
+    half = torch.tensor(ABAR).half()
+    t, tp = torch.tensor([501, 1]), torch.tensor([451, -49])
+    c = step_coefficients(half, float(half[0]), t, tp, 1.0)
+    want = step_coefficients(half.float(), float(half[0]), t, tp, 1.0)
+    assert c.sigma.dtype == torch.float32
+    assert all(torch.equal(getattr(c, k), getattr(want, k)) for k in ("alpha_t", "alpha_prev", "sigma"))
+
+
 def test_predict_x0_inverts_forward_noising():
     rng = np.random.default_rng(0)
     x0, eps = rng.standard_normal((2, 4, 4, 4)), rng.standard_normal((2, 4, 4, 4))
