@@ -142,6 +142,28 @@ def test_weight_state_dtype_cast_and_full_unet(tiny_model_dir):
     assert load_state(pol.unet, full).keys_matched == len(full.tensors())
 
 
+
+def test_full_training_copies_are_frozen_and_named_loads_report_their_version(tiny_model_dir):
+    """Full training: ``copies()`` lists the frozen whole-UNet copies (the initial model, the reference), never the
+    trained UNet; a load into a named copy reports the version it was given; ``train_mode`` switches the trained
+    UNet only."""
+    pol = DiffusionPolicy.from_pretrained(tiny_model_dir, sampler=SamplerConfig(num_steps=4))
+    pol.train_full()
+    pol.add_copy(REF)
+    copies = pol.copies()
+    ref = pol.place(REF)[0]
+    assert len(copies) == 2 and all(m is not pol.unet for m in copies) and any(m is ref for m in copies)
+    assert not any(p.requires_grad for m in copies for p in m.parameters())
+    tensors = {k: v.detach().clone() for k, v in pol.adapter_parameters(None).items()}
+    report = pol.copy_into(REF, tensors, version=3)
+    assert report.version == 3 and report.keys_matched == len(tensors)
+    assert pol.copy_into(REF, tensors).version == 0
+    pol.train_mode()
+    assert pol.unet.training and not ref.training
+    pol.train_mode(False)
+    assert not pol.unet.training
+
+
 def test_mismatched_states_fail_clearly(tiny_model_dir):
     a = DiffusionPolicy.from_pretrained(tiny_model_dir, sampler=SamplerConfig(num_steps=4))
     a.add_lora(settings=LoraSettings(rank=4))

@@ -272,3 +272,37 @@ def test_guidance_gets_the_configured_step_and_the_prompts_reach_the_reward(make
     assert seen == [{"delta": 0.25, "max_grad_norm": 7.0}]
     prompts = ["a red circle", "a blue square"]
     assert prompts_seen[0] == prompts * 2 and prompts_seen[1:] == [prompts, prompts]  # rank both children; guide
+
+
+@pytest.mark.parametrize("pairs", [{"kind": "trajectory"}, {"kind": "step_branch", "branch_steps": [0, 3]}])
+def test_generate_reports_to_the_driver_what_the_call_made(make_config, pairs):
+    """The stats a generate call returns size the driver's batches and fill its reports: chains sampled (two a
+    trajectory pair), denoising steps, pairs, network rows, elapsed and CPU seconds, the version and summary of the
+    records; each record carries its prompt id, version, actor and round; guided calls add [moved, 2] rows."""
+    import time
+
+    from actors.stored import record_summary
+
+    guided = pairs["kind"] == "step_branch"
+    cfg = make_config(pairs=pairs, **({"guidance": {"kind": "reward_gradient"}} if guided else {}))
+    worker = brightness_worker(cfg)
+    first, _ = worker.generate(["a red circle"], [7], [0], 0)  # the round defaults to 0; the network rows now > 0
+    rows0, t0, cpu0 = worker.policy.net_rows, time.perf_counter(), time.process_time()
+    batch, stats = worker.generate(["a red circle", "a blue square"], [7, 3], [0, 1], 0, round_index=5)
+    elapsed, cpu = time.perf_counter() - t0, time.process_time() - cpu0
+    assert set(first.column("round").to_pylist()) == {0} and rows0 > 0
+    n, steps = 2, cfg.sampler.num_steps
+    assert stats["chains"] == (2 * n if pairs["kind"] == "trajectory" else n) and stats["steps"] == n * steps
+    assert stats["pairs"] == batch.num_rows and stats["net_rows"] == worker.policy.net_rows - rows0 > 0
+    assert 0 < stats["seconds"] <= elapsed and 0 < stats["cpu_seconds"] <= cpu and stats["ref_seconds"] == 0.0
+    assert stats["policy_version"] == 0 and "load" not in stats
+    assert stats["summary"].keys() == record_summary(batch).keys()
+    assert all((stats["summary"][k] == v).all() for k, v in record_summary(batch).items())
+    columns = batch.to_pydict()
+    assert columns["prompt_id"] == [7, 3] * (batch.num_rows // n) and set(columns["round"]) == {5}
+    assert set(columns["policy_version"]) == {0} and "ref_version" not in columns
+    if guided:
+        moves = stats["guide_moves"]
+        assert moves.ndim == 2 and moves.shape[1] == 2 and len(moves) == sum(columns["guided"])
+    else:
+        assert "guide_moves" not in stats
