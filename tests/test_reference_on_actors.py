@@ -45,8 +45,10 @@ def test_stored_reference_logprob_is_the_float64_gaussian_density(make_config, p
     with torch.no_grad():
         worker.policy.copy_into(POLICY, {k: torch.randn_like(p) * 0.05  # a policy unlike the reference
                                          for k, p in worker.policy.adapter_parameters(POLICY).items()})
-        batch = _generate(worker, n=3)
+        records, stats = worker.generate(PROMPTS[:3], [0, 1, 2], [0, 1, 2], expected_version=0)
+        batch = from_table(records)
         stored, want = stored_and_float64_ref_logprobs(worker.policy, batch)
+    assert 0 < stats["ref_seconds"] < stats["seconds"]  # the driver's log π_ref cost, within the call's time
     t = batch.tensors
     if pairs == "trajectory":
         policy_logps = torch.cat([t["logps_w"], t["logps_l"]])
