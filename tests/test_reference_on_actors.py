@@ -5,6 +5,7 @@ since, and a moved reference reaches every rollout actor with a verified checksu
 from __future__ import annotations
 
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -57,6 +58,29 @@ def test_stored_reference_logprob_is_the_float64_gaussian_density(make_config, p
     # float-order spread: max 9.3e-04 over 24 seeds (bench/tolerances.py); bound 5e-03 = 5x
     torch.testing.assert_close(stored, want, rtol=0, atol=tolerance("reference_on_actors.stored_logprob"))
 
+
+
+def test_the_actors_reference_seconds_add_up_over_its_evaluations(make_config, monkeypatch):
+    """``ref_seconds`` sums every log π_ref evaluation of a call (one a branch step), on a clock that ticks once a
+    reading."""
+    import actors.rollout as rollout
+
+    ticks = iter(range(10**6))
+    monkeypatch.setattr(rollout, "time", SimpleNamespace(perf_counter=lambda: float(next(ticks)),
+                                                         process_time=lambda: 0.0))
+    cfg = make_config(pairs={"kind": "step_branch", "branch_steps": [0, 2, 3]}, reference=ON_ACTORS)
+    _, stats = RolloutWorker(cfg.rollout_settings()).generate(PROMPTS[:2], [0, 1], [0, 1], expected_version=0)
+    assert stats["ref_seconds"] == 3.0
+
+
+def test_an_actor_without_a_moving_reference_refuses_one(make_config):
+    """A REF broadcast to an actor that holds no moving reference is a wiring error: one line that says why."""
+    cfg = make_config(reference=ON_ACTORS)  # the frozen reference: the actor keeps the initial model
+    learner, worker = Learner(cfg), RolloutWorker(cfg.rollout_settings())
+    why = (r"^actor 0 holds no moving reference \(reference\.compute_on=actors with strategy stable_update\), "
+           r"so it cannot load one$")
+    with pytest.raises(ValueError, match=why):
+        worker.receive_weights(learner.send_weights(0), OBJECT_STORE, REF)
 
 def test_reference_columns_are_all_or_none_and_old_records_still_read(make_config):
     cfg = make_config(reference=ON_ACTORS)

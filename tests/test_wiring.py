@@ -18,7 +18,7 @@ import torch
 from diffusers import DDIMScheduler
 from helpers import brightness_worker
 
-from actors.records import PairBatch
+from actors.records import PairBatch, from_table
 from learner.methods import find_method
 from learner.methods.context import MethodContext
 from learner.time_weighting import TimeWeightConfig, TimeWeighting
@@ -281,17 +281,22 @@ def test_generate_reports_to_the_driver_what_the_call_made(make_config, pairs):
     records; each record carries its prompt id, version, actor and round; guided calls add [moved, 2] rows."""
     import time
 
+    from actors.reward import RewardClient
+    from actors.rollout import SECOND_CHAIN_SEED_OFFSET
     from actors.stored import record_summary
 
     guided = pairs["kind"] == "step_branch"
     cfg = make_config(pairs=pairs, **({"guidance": {"kind": "reward_gradient"}} if guided else {}))
     worker = brightness_worker(cfg)
+    if not guided:  # the pair's second chain always scores higher, so it must be the winner
+        worker.reward = RewardClient(lambda images, prompts: torch.arange(len(images), dtype=torch.float32))
     first, _ = worker.generate(["a red circle"], [7], [0], 0)  # the round defaults to 0; the network rows now > 0
     rows0, t0, cpu0 = worker.policy.net_rows, time.perf_counter(), time.process_time()
-    batch, stats = worker.generate(["a red circle", "a blue square"], [7, 3], [0, 1], 0, round_index=5)
+    prompts = ["a red circle", "a blue square", "a green triangle", "a blue circle"]
+    batch, stats = worker.generate(prompts, [7, 3, 1, 2], [0, 1, 2, 3], 0, round_index=5)
     elapsed, cpu = time.perf_counter() - t0, time.process_time() - cpu0
     assert set(first.column("round").to_pylist()) == {0} and rows0 > 0
-    n, steps = 2, cfg.sampler.num_steps
+    n, steps = len(prompts), cfg.sampler.num_steps
     assert stats["chains"] == (2 * n if pairs["kind"] == "trajectory" else n) and stats["steps"] == n * steps
     assert stats["pairs"] == batch.num_rows and stats["net_rows"] == worker.policy.net_rows - rows0 > 0
     assert 0 < stats["seconds"] <= elapsed and 0 < stats["cpu_seconds"] <= cpu and stats["ref_seconds"] == 0.0
@@ -299,8 +304,14 @@ def test_generate_reports_to_the_driver_what_the_call_made(make_config, pairs):
     assert stats["summary"].keys() == record_summary(batch).keys()
     assert all((stats["summary"][k] == v).all() for k, v in record_summary(batch).items())
     columns = batch.to_pydict()
-    assert columns["prompt_id"] == [7, 3] * (batch.num_rows // n) and set(columns["round"]) == {5}
+    assert columns["prompt_id"] == [7, 3, 1, 2] * (batch.num_rows // n) and set(columns["round"]) == {5}
     assert set(columns["policy_version"]) == {0} and "ref_version" not in columns
+    assert all(w >= lo for w, lo in zip(columns["reward_w"], columns["reward_l"], strict=True))  # the winner won
+    if pairs["kind"] == "trajectory":  # D3PO: both chains of a pair start from one x_T
+        tensors = from_table(batch).tensors
+        assert torch.equal(tensors["latents_w"][:, 0], tensors["latents_l"][:, 0])
+        assert not torch.equal(tensors["latents_w"][:, -1], tensors["latents_l"][:, -1])
+        assert columns["seed_w"] == [s + SECOND_CHAIN_SEED_OFFSET for s in range(n)]
     if guided:
         moves = stats["guide_moves"]
         assert moves.ndim == 2 and moves.shape[1] == 2 and len(moves) == sum(columns["guided"])
