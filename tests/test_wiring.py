@@ -317,3 +317,17 @@ def test_generate_reports_to_the_driver_what_the_call_made(make_config, pairs):
         assert moves.ndim == 2 and moves.shape[1] == 2 and len(moves) == sum(columns["guided"])
     else:
         assert "guide_moves" not in stats
+
+
+def test_simulated_slow_hardware_sleeps_per_chain_and_step_of_its_actor(make_config, monkeypatch):
+    """``rollout.slowdown_s`` (the scheduling tests' slower actors): actor i sleeps slowdown_s[i mod len] seconds a
+    chain and denoising step of each call."""
+    import actors.rollout as rollout
+
+    slept: list[float] = []
+    monkeypatch.setattr(rollout.time, "sleep", slept.append)
+    cfg = make_config(pairs={"kind": "trajectory"}, rollout={"slowdown_s": [0.5, 0.25]})
+    worker = brightness_worker(cfg)
+    worker.actor_id = 3
+    worker.generate(["a red circle"], [0], [0], 0)
+    assert slept == [pytest.approx(0.25 * 2 * cfg.sampler.num_steps)]
