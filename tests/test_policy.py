@@ -284,3 +284,14 @@ def test_x0_after_step_predicts_at_the_next_timestep_and_is_the_latent_after_the
         assert torch.equal(x0, want) and torch.equal(eps, want_eps), k
     x0, eps = policy.x0_after_step(x, n - 1, embeds)
     assert torch.equal(x0, x.float()) and eps is None
+
+
+def test_decode_maps_the_vae_output_to_images_as_diffusers_does(policy):
+    """Latents → images in [0, 1]: the VAE's [-1, 1] output denormalised as diffusers' ``VaeImageProcessor``."""
+    from diffusers.image_processor import VaeImageProcessor
+
+    z = 3 * torch.randn(2, *policy.latent_shape, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        images, raw = policy.decode(z), policy.c.to_images(z).float()
+    assert raw.min() < -0.1 or raw.max() > 0.1
+    torch.testing.assert_close(images, VaeImageProcessor().denormalize(raw))

@@ -331,3 +331,19 @@ def test_simulated_slow_hardware_sleeps_per_chain_and_step_of_its_actor(make_con
     worker.actor_id = 3
     worker.generate(["a red circle"], [0], [0], 0)
     assert slept == [pytest.approx(0.25 * 2 * cfg.sampler.num_steps)]
+
+
+def test_a_guided_call_that_moved_no_winner_reports_no_moves(make_config, monkeypatch):
+    """Guidance that accepts no step (its reward never rose) still reports its delivery, as zero [0, 2] rows."""
+    import actors.rollout as rollout
+
+    original = rollout.reward_gradient_step
+
+    def refuse_all(x, reward_fn, eta, **kw):
+        res = original(x, reward_fn, eta, **kw)
+        return res._replace(accepted=torch.zeros_like(res.accepted))
+
+    monkeypatch.setattr(rollout, "reward_gradient_step", refuse_all)
+    cfg = make_config(pairs={"kind": "step_branch", "branch_steps": [0, 2]}, guidance={"kind": "reward_gradient"})
+    batch, stats = brightness_worker(cfg).generate(["a red circle"], [0], [0], 0)
+    assert stats["guide_moves"].shape == (0, 2) and not any(batch.column("guided").to_pylist())
