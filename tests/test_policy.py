@@ -79,7 +79,7 @@ def test_branch_children_share_x_t_and_have_exact_logprobs(policy):
 def test_branch_and_x0_prediction_run_the_policy_adapter_and_a_given_eps(tiny_model_dir):
     """``branch`` and ``predict_x0`` evaluate the policy adapter by default, not the base; ``branch`` builds its
     children on the ε it is given (the rollout reuses the winner's ε from the ranking pass), and its first child is
-    the sample ``step`` draws from the same generators."""
+    the sample ``step`` draws from the same generators, with the same Gaussian and x̂_0."""
     pol = DiffusionPolicy.from_pretrained(tiny_model_dir, sampler=SamplerConfig(num_steps=4))
     pol.add_lora(settings=LoraSettings(rank=2))
     _perturb_adapter(pol, "policy", 0)
@@ -91,12 +91,16 @@ def test_branch_and_x0_prediction_run_the_policy_adapter_and_a_given_eps(tiny_mo
         out = pol.branch(x, t, embeds, 2, pol.generators([3, 4]))
         given = pol.branch(x, t, embeds, 2, pol.generators([3, 4]), eps=eps + 0.5)
         stepped = pol.step(x, t, embeds, pol.generators([3, 4]))
+        stepped_given = pol.step(x, t, embeds, pol.generators([3, 4]), eps=eps + 0.5)
         x0_pred, eps_pred = pol.predict_x0(x, t, embeds)
         assert not torch.allclose(mu, pol.mean(x, t, embeds, adapter=None)[0])
         torch.testing.assert_close(given.mean, pol.mean(x, t, embeds, eps=eps + 0.5)[0])
     torch.testing.assert_close(out.mean, mu)
     torch.testing.assert_close(out.x0, x0)
     torch.testing.assert_close(out.x_prev[0], stepped.x_prev)
+    pairs = (stepped.mean, mu), (stepped.sigma, out.sigma), (stepped.x0, x0), (stepped_given.mean, given.mean)
+    for got, want in pairs:
+        torch.testing.assert_close(got, want)
     assert not torch.allclose(given.mean, mu)
     torch.testing.assert_close(eps_pred, eps)
     torch.testing.assert_close(x0_pred, x0)
