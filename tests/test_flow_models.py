@@ -128,11 +128,11 @@ def test_flux_guidance_is_one_conditional_forward_with_the_scale_as_input(reques
     for pol, kind, batch in ((flux, "flux", 2), (sd3, "sd3", 4)):
         seen.clear()
         hook = pol.unet.register_forward_pre_hook(count, with_kwargs=True)
-        x = pol.initial_latents(pol.generators([0, 1]))
+        x, rows = pol.initial_latents(pol.generators([0, 1])), pol.net_rows
         with torch.no_grad():
             a, b = (pol.eps(x, pol.timesteps[1], embeds[kind], guidance_scale=w) for w in (1.5, 4.5))
         hook.remove()
-        assert seen == [batch, batch] and not torch.allclose(a, b)
+        assert seen == [batch, batch] and pol.net_rows - rows == 2 * batch and not torch.allclose(a, b)
 
 
 @pytest.mark.parametrize("kind", KINDS)

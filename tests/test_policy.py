@@ -299,3 +299,26 @@ def test_decode_maps_the_vae_output_to_images_as_diffusers_does(policy):
         images, raw = policy.decode(z), policy.c.to_images(z).float()
     assert raw.min() < -0.1 or raw.max() > 0.1
     torch.testing.assert_close(images, VaeImageProcessor().denormalize(raw))
+
+
+def test_eps_guides_with_the_scale_it_is_given_and_counts_its_network_rows(policy):
+    """Classifier-free guidance f̂ = f_u + w (f_c − f_u) against two separate float64 network outputs, at the
+    sampler's w and at a given one; w = 1 is the plain conditional output in one pass. ``net_rows`` counts every
+    latent through the network (CFG's two halves twice): the compute the studies equalise."""
+    embeds = policy.encode_prompts(PROMPTS[:2])
+    x, t = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(2)), policy.timesteps[2]
+    model_t = policy.process.model_time(torch.as_tensor(t)).reshape(-1).expand(2)
+    with torch.no_grad():
+        f_c, f_u = (policy.c.denoiser(x, model_t, text, net=policy.unet).double()
+                    for text in (embeds.cond, embeds.uncond))
+        rows = policy.net_rows
+        at_sampler_w = policy.eps(x, t, embeds)
+        assert policy.net_rows - rows == 4
+        plain = policy.eps(x, t, embeds, guidance_scale=1.0)
+        assert policy.net_rows - rows == 4 + 2
+        at_2 = policy.eps(x, t, embeds, guidance_scale=2.0)
+    close = {"rtol": 1e-4, "atol": 1e-5}
+    assert policy.sampler.guidance_scale == 4.0 and not torch.allclose(f_c, f_u)
+    torch.testing.assert_close(plain.double(), f_c, **close)
+    torch.testing.assert_close(at_sampler_w.double(), f_u + 4.0 * (f_c - f_u), **close)
+    torch.testing.assert_close(at_2.double(), f_u + 2.0 * (f_c - f_u), **close)
