@@ -188,6 +188,15 @@ def test_full_training_copies_are_frozen_and_named_loads_report_their_version(ti
     report = pol.copy_into(REF, tensors, version=3)
     assert report.version == 3 and report.keys_matched == len(tensors)
     assert pol.copy_into(REF, tensors).version == 0
+    x, t = torch.randn(1, 4, 8, 8), pol.timesteps[1]
+    embeds = pol.encode_prompts(PROMPTS[:1])
+    with torch.no_grad():
+        for p in pol.unet.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+        for w in (4.0, 1.0):  # the reference copy, not the trained UNet, with and without CFG
+            at_ref, initial = (pol.eps(x, t, embeds, adapter=a, guidance_scale=w) for a in (REF, None))
+            torch.testing.assert_close(at_ref, initial)
+            assert not torch.allclose(at_ref, pol.eps(x, t, embeds, guidance_scale=w))
     pol.train_mode()
     assert pol.unet.training and not ref.training
     pol.train_mode(False)
@@ -313,10 +322,10 @@ def test_eps_guides_with_the_scale_it_is_given_and_counts_its_network_rows(polic
                     for text in (embeds.cond, embeds.uncond))
         rows = policy.net_rows
         at_sampler_w = policy.eps(x, t, embeds)
-        assert policy.net_rows - rows == 4
-        plain = policy.eps(x, t, embeds, guidance_scale=1.0)
-        assert policy.net_rows - rows == 4 + 2
         at_2 = policy.eps(x, t, embeds, guidance_scale=2.0)
+        assert policy.net_rows - rows == 4 + 4
+        plain = policy.eps(x, t, embeds, guidance_scale=1.0)
+        assert policy.net_rows - rows == 4 + 4 + 2
     close = {"rtol": 1e-4, "atol": 1e-5}
     assert policy.sampler.guidance_scale == 4.0 and not torch.allclose(f_c, f_u)
     torch.testing.assert_close(plain.double(), f_c, **close)
