@@ -77,9 +77,9 @@ def test_branch_children_share_x_t_and_have_exact_logprobs(policy):
 
 
 def test_branch_and_x0_prediction_run_the_policy_adapter_and_a_given_eps(tiny_model_dir):
-    """``branch`` and ``predict_x0`` evaluate the policy adapter by default, not the base; ``branch`` builds its
-    children on the ε it is given (the rollout reuses the winner's ε from the ranking pass), and its first child is
-    the sample ``step`` draws from the same generators, with the same Gaussian and x̂_0."""
+    """``branch`` and ``predict_x0`` evaluate the policy adapter by default (and the one named), not the base;
+    ``branch`` builds its children on the ε it is given (the rollout reuses the winner's ε from the ranking pass),
+    and its first child is the sample ``step`` draws from the same generators, with the same Gaussian and x̂_0."""
     pol = DiffusionPolicy.from_pretrained(tiny_model_dir, sampler=SamplerConfig(num_steps=4))
     pol.add_lora(settings=LoraSettings(rank=2))
     _perturb_adapter(pol, "policy", 0)
@@ -93,6 +93,8 @@ def test_branch_and_x0_prediction_run_the_policy_adapter_and_a_given_eps(tiny_mo
         stepped = pol.step(x, t, embeds, pol.generators([3, 4]))
         stepped_given = pol.step(x, t, embeds, pol.generators([3, 4]), eps=eps + 0.5)
         x0_pred, eps_pred = pol.predict_x0(x, t, embeds)
+        x0_base = pol.predict_x0(x, t, embeds, adapter=None)[0]
+        torch.testing.assert_close(x0_base, pol.mean(x, t, embeds, adapter=None)[2])
         assert not torch.allclose(mu, pol.mean(x, t, embeds, adapter=None)[0])
         torch.testing.assert_close(given.mean, pol.mean(x, t, embeds, eps=eps + 0.5)[0])
     torch.testing.assert_close(out.mean, mu)
