@@ -14,7 +14,7 @@ from diffusers import FluxPipeline, StableDiffusion3Pipeline
 from helpers import recomputed_logprob
 from safetensors.torch import load_file, save_file
 
-from policy import DiffusionPolicy, LoraSettings, ModelPathError, SamplerConfig
+from policy import POLICY, REF, DiffusionPolicy, LoraSettings, ModelPathError, SamplerConfig
 from policy.components import REQUIRED_FILES, check_model_dir
 from policy.schedule import gaussian_logprob
 
@@ -134,6 +134,23 @@ def test_flux_guidance_is_one_conditional_forward_with_the_scale_as_input(reques
         hook.remove()
         assert seen == [batch, batch] and pol.net_rows - rows == 2 * batch and not torch.allclose(a, b)
 
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_a_whole_network_reference_copy_is_the_network_that_runs(kind, request):
+    """Full training of a transformer: the frozen copy a name denotes (the reference) runs, not the trained
+    network, in FLUX's guidance-as-input call and in SD3's doubled batch alike."""
+    pol = _policy(request, kind)
+    pol.train_full()
+    pol.add_copy(REF)
+    embeds = pol.encode_prompts(PROMPTS)
+    x, t = pol.initial_latents(pol.generators([0, 1])), pol.timesteps[1]
+    with torch.no_grad():
+        for p in pol.unet.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+        at_ref, initial, trained = (pol.eps(x, t, embeds, adapter=a) for a in (REF, None, POLICY))
+    torch.testing.assert_close(at_ref, initial)
+    assert not torch.allclose(at_ref, trained)
 
 @pytest.mark.parametrize("kind", KINDS)
 def test_missing_or_broken_files_fail_in_one_line(kind, request, tmp_path):
